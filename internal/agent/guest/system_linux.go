@@ -1,0 +1,212 @@
+package guest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+	"unsafe"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// LinuxSystem is the real System: it changes the machine it runs on. Only
+// the agent inside a VM should use it.
+type LinuxSystem struct{}
+
+// Now returns the current time.
+func (LinuxSystem) Now() time.Time { return time.Now() }
+
+// SetClock sets CLOCK_REALTIME with clock_settime.
+func (LinuxSystem) SetClock(t time.Time) error {
+	ts := unix.NsecToTimespec(t.UnixNano())
+	if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+		return fmt.Errorf("clock_settime: %w", err)
+	}
+	return nil
+}
+
+// AddEntropy writes seed to the kernel pool with the RNDADDENTROPY ioctl,
+// crediting 8 bits per byte.
+func (LinuxSystem) AddEntropy(seed []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	buf := make([]byte, 8+len(seed)+3)
+	*(*int32)(unsafe.Pointer(&buf[0])) = int32(len(seed) * 8)
+	*(*int32)(unsafe.Pointer(&buf[4])) = int32(len(seed))
+	copy(buf[8:], seed)
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ioErr error
+	if err := rc.Control(func(fd uintptr) {
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
+		if e != 0 {
+			ioErr = fmt.Errorf("RNDADDENTROPY: %w", e)
+		}
+	}); err != nil {
+		return err
+	}
+	return ioErr
+}
+
+// ReseedCRNG forces a CRNG reseed with the RNDRESEEDCRNG ioctl.
+func (LinuxSystem) ReseedCRNG() error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ioErr error
+	if err := rc.Control(func(fd uintptr) {
+		if err := unix.IoctlSetInt(int(fd), unix.RNDRESEEDCRNG, 0); err != nil {
+			ioErr = fmt.Errorf("RNDRESEEDCRNG: %w", err)
+		}
+	}); err != nil {
+		return err
+	}
+	return ioErr
+}
+
+// Hostname returns the kernel hostname.
+func (LinuxSystem) Hostname() (string, error) {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "", err
+	}
+	return unix.ByteSliceToString(u.Nodename[:]), nil
+}
+
+// SetHostname sets the kernel hostname.
+func (LinuxSystem) SetHostname(name string) error {
+	if err := unix.Sethostname([]byte(name)); err != nil {
+		return fmt.Errorf("sethostname: %w", err)
+	}
+	return nil
+}
+
+// NetState reads ifname's MAC, IPv4 addresses and default gateway.
+func (LinuxSystem) NetState(ifname string) (NetState, error) {
+	var st NetState
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return st, fmt.Errorf("finding link %s: %w", ifname, err)
+	}
+	st.MAC = strings.ToLower(link.Attrs().HardwareAddr.String())
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return st, fmt.Errorf("listing addresses of %s: %w", ifname, err)
+	}
+	for _, a := range addrs {
+		st.IPv4 = append(st.IPv4, a.IPNet.String())
+	}
+	routes, err := netlink.RouteList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return st, fmt.Errorf("listing routes of %s: %w", ifname, err)
+	}
+	for _, r := range routes {
+		if (r.Dst == nil || r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask)) && r.Gw != nil {
+			st.Gateway = r.Gw.String()
+		}
+	}
+	return st, nil
+}
+
+func isZeroMask(m net.IPMask) bool {
+	ones, _ := m.Size()
+	return ones == 0
+}
+
+// SetMAC sets ifname's hardware address, taking the link down and up again.
+func (LinuxSystem) SetMAC(ifname, mac string) error {
+	hw, err := net.ParseMAC(mac)
+	if err != nil {
+		return err
+	}
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("finding link %s: %w", ifname, err)
+	}
+	up := link.Attrs().Flags&net.FlagUp != 0
+	// virtio-net without the MAC control feature needs the link down.
+	if err := netlink.LinkSetHardwareAddr(link, hw); err != nil {
+		if err := netlink.LinkSetDown(link); err != nil {
+			return fmt.Errorf("taking %s down: %w", ifname, err)
+		}
+		err = netlink.LinkSetHardwareAddr(link, hw)
+		if up {
+			if uerr := netlink.LinkSetUp(link); uerr != nil && err == nil {
+				err = uerr
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("setting mac of %s: %w", ifname, err)
+		}
+	}
+	return nil
+}
+
+// SetIPv4 makes cidr the only IPv4 address of ifname and brings it up.
+func (LinuxSystem) SetIPv4(ifname, cidr string) error {
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("finding link %s: %w", ifname, err)
+	}
+	want, err := netlink.ParseAddr(cidr)
+	if err != nil {
+		return err
+	}
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("listing addresses of %s: %w", ifname, err)
+	}
+	have := false
+	for _, a := range addrs {
+		if a.IPNet.String() == want.IPNet.String() {
+			have = true
+			continue
+		}
+		if err := netlink.AddrDel(link, &a); err != nil {
+			return fmt.Errorf("removing %s from %s: %w", a.IPNet, ifname, err)
+		}
+	}
+	if !have {
+		if err := netlink.AddrAdd(link, want); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding %s to %s: %w", cidr, ifname, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bringing %s up: %w", ifname, err)
+	}
+	return nil
+}
+
+// SetGateway replaces the IPv4 default route with one via gw on ifname.
+func (LinuxSystem) SetGateway(ifname, gw string) error {
+	link, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("finding link %s: %w", ifname, err)
+	}
+	ip := net.ParseIP(gw)
+	if ip == nil {
+		return fmt.Errorf("bad gateway %q", gw)
+	}
+	r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: ip,
+		Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}}
+	if err := netlink.RouteReplace(r); err != nil {
+		return fmt.Errorf("setting default route via %s: %w", gw, err)
+	}
+	return nil
+}

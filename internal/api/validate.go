@@ -1,0 +1,54 @@
+package api
+
+import (
+	"fmt"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+)
+
+// MaxNameLen is the longest VM or checkpoint name.
+const MaxNameLen = 63
+
+// ValidateVMName checks a VM name: [a-z0-9][a-z0-9-]{0,62}. A single leading
+// underscore marks a temporary system VM (such as "_provision", used by the
+// golden provisioning script) and is also accepted.
+func ValidateVMName(name string) error {
+	n := name
+	if len(n) > 0 && n[0] == '_' {
+		n = n[1:]
+	}
+	if err := checkName(n, false); err != nil {
+		return fmt.Errorf("%w: invalid vm name %q: %s (use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters)",
+			errdefs.ErrInvalidArgument, name, err)
+	}
+	return nil
+}
+
+// ValidateCheckpointName checks a checkpoint name: [a-z0-9][a-z0-9._-]{0,62}.
+func ValidateCheckpointName(name string) error {
+	if err := checkName(name, true); err != nil {
+		return fmt.Errorf("%w: invalid checkpoint name %q: %s (use lowercase letters, digits, '-', '_' and '.', starting with a letter or digit, at most 63 characters)",
+			errdefs.ErrInvalidArgument, name, err)
+	}
+	return nil
+}
+
+func checkName(n string, extended bool) error {
+	if n == "" {
+		return fmt.Errorf("empty")
+	}
+	if len(n) > MaxNameLen {
+		return fmt.Errorf("longer than %d characters", MaxNameLen)
+	}
+	for i := 0; i < len(n); i++ {
+		c := n[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
+		case i > 0 && c == '-':
+		case i > 0 && extended && (c == '_' || c == '.'):
+		default:
+			return fmt.Errorf("character %q at position %d is not allowed", c, i+1)
+		}
+	}
+	return nil
+}

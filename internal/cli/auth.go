@@ -1,0 +1,84 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/pelletier/go-toml/v2"
+	"github.com/spf13/cobra"
+
+	"github.com/noid-vm/noid/client"
+)
+
+func newAuthCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "auth",
+		Short: "Configure how noid reaches a remote server",
+	}
+	var url, token string
+	var skipCheck bool
+	setup := &cobra.Command{
+		Use:   "setup --url URL --token TOKEN",
+		Short: "Save a server URL and token (config file mode 0600)",
+		Long: `Save the server URL and API token to ~/.config/noid/config.toml (mode 0600), after
+checking that they work. NOID_URL and NOID_TOKEN still override the file.`,
+		Example: `  noid auth setup --url https://noid.example.com:7070 --token noid_tok_…`,
+		Args:    exactArgs(0, "no arguments (use --url and --token)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if url == "" {
+				return usagef("auth setup needs --url")
+			}
+			c, err := client.New(url, token)
+			if err != nil {
+				return err
+			}
+			if !skipCheck {
+				w, err := c.WhoAmI(cmd.Context())
+				if err != nil {
+					return fmt.Errorf("checking the server and token: %w", err)
+				}
+				fmt.Fprintf(e.stdout, "authenticated as %s\n", w.User)
+			}
+			path := authConfigPath(e.getenv)
+			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+				return err
+			}
+			b, err := toml.Marshal(authConfig{URL: url, Token: token})
+			if err != nil {
+				return err
+			}
+			tmp := path + ".tmp"
+			if err := os.WriteFile(tmp, b, 0o600); err != nil {
+				return fmt.Errorf("writing %s: %w", path, err)
+			}
+			if err := os.Chmod(tmp, 0o600); err != nil {
+				return err
+			}
+			if err := os.Rename(tmp, path); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "saved %s\n", path)
+			return nil
+		},
+	}
+	setup.Flags().StringVar(&url, "url", "", "server URL (https://host:port, http://… or unix:///path)")
+	setup.Flags().StringVar(&token, "token", "", "API token (noid_tok_…)")
+	setup.Flags().BoolVar(&skipCheck, "no-check", false, "save without contacting the server")
+	logout := &cobra.Command{
+		Use:     "logout",
+		Short:   "Remove the saved server URL and token",
+		Example: `  noid auth logout`,
+		Args:    exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			path := authConfigPath(e.getenv)
+			if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "removed %s\n", path)
+			return nil
+		},
+	}
+	cmd.AddCommand(setup, logout)
+	return cmd
+}

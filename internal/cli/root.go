@@ -1,0 +1,138 @@
+// Package cli implements the noid command line, one file per command. Every
+// command talks to noid-server through the public client package.
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/errdefs"
+)
+
+// Version is the CLI's version, set at build time.
+var Version = "0.1.0-dev"
+
+// exitError carries a process exit code (for exec) without printing anything.
+type exitError struct{ code int }
+
+func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+// usageError marks bad command-line usage (exit code 2).
+type usageError struct{ err error }
+
+func (e *usageError) Error() string { return e.err.Error() }
+func (e *usageError) Unwrap() error { return e.err }
+
+func usagef(format string, a ...any) error { return &usageError{fmt.Errorf(format, a...)} }
+
+// env is what every command needs: streams and a lazily built client.
+type env struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	getenv         func(string) string
+	cl             *client.Client
+	clErr          error
+	resolved       bool
+	target         string
+}
+
+func (e *env) client() (*client.Client, error) {
+	if !e.resolved {
+		e.resolved = true
+		e.cl, e.target, e.clErr = connect(e.getenv)
+	}
+	return e.cl, e.clErr
+}
+
+// exactArgs is cobra.ExactArgs with a usage error and a readable message.
+func exactArgs(n int, names string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usagef("%s needs %s (got %d arguments); see `%s --help`", cmd.Name(), names, len(args), cmd.CommandPath())
+		}
+		return nil
+	}
+}
+
+func rangeArgs(min, max int, names string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < min || len(args) > max {
+			return usagef("%s needs %s (got %d arguments); see `%s --help`", cmd.Name(), names, len(args), cmd.CommandPath())
+		}
+		return nil
+	}
+}
+
+// newRoot builds the command tree.
+func newRoot(e *env) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "noid",
+		Short: "noid: microVMs with instant checkpoint, rewind and clone",
+		Long: `noid gives every agent, test run or developer a real Linux VM that is as cheap as a process.
+
+It talks to noid-server over the local unix socket (no set-up) or over HTTPS
+with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
+		Example: `  noid create dev
+  noid exec dev -- uname -a
+  noid checkpoint dev clean
+  noid restore dev clean`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetIn(e.stdin)
+	root.SetOut(e.stdout)
+	root.SetErr(e.stderr)
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return &usageError{fmt.Errorf("%v; see `%s --help`", err, c.CommandPath())}
+	})
+	root.AddCommand(
+		newCreateCmd(e), newExecCmd(e), newConsoleCmd(e), newListCmd(e), newInfoCmd(e), newDestroyCmd(e),
+		newLogsCmd(e), newCheckpointCmd(e), newCheckpointsCmd(e), newRestoreCmd(e), newWhoamiCmd(e),
+		newAuthCmd(e), newVersionCmd(e),
+	)
+	return root
+}
+
+// Main runs the CLI with os.Args and returns the process exit code.
+func Main() int {
+	e := &env{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
+	return run(e, os.Args[1:])
+}
+
+// Run runs the CLI with explicit streams and environment (tests).
+func Run(args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) int {
+	return run(&env{stdin: stdin, stdout: stdout, stderr: stderr, getenv: getenv}, args)
+}
+
+func run(e *env, args []string) int {
+	root := newRoot(e)
+	root.SetArgs(args)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	fmt.Fprintf(e.stderr, "noid: %s\n", err)
+	if h := errdefs.HintOf(err); h != "" {
+		fmt.Fprintf(e.stderr, "hint: %s\n", h)
+	}
+	var ue *usageError
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
+		return 2
+	}
+	return 1
+}

@@ -1,0 +1,324 @@
+// Package config loads noid-server's TOML configuration and fills in the
+// documented defaults.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+)
+
+// Config is noid-server's configuration. Every field has a documented default;
+// see Default and docs/config.md.
+type Config struct {
+	// DataDir holds the database, images, VMs and checkpoints. Default ~/.noid.
+	DataDir string `toml:"data_dir"`
+	// Socket is the local unix socket. Default /run/noid/noid.sock when
+	// running as root, else <data_dir>/noid.sock.
+	Socket string `toml:"socket"`
+	// Listen is an optional TCP address ("127.0.0.1:7070"); empty means off.
+	Listen string `toml:"listen"`
+	// TLSCert and TLSKey enable HTTPS on Listen when both are set.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// TrustProxy trusts X-Forwarded-For from a reverse proxy on Listen.
+	TrustProxy bool `toml:"trust_proxy"`
+	// Kernel is the guest kernel; empty means the built image's kernel.
+	Kernel string `toml:"kernel"`
+	// Initrd is the initramfs with the agent; empty means the built image's.
+	Initrd string `toml:"initrd"`
+	// Rootfs is the base root filesystem image; empty means the built image's.
+	Rootfs string `toml:"rootfs"`
+	// Image selects the built image when Kernel/Rootfs are unset: "auto"
+	// (debian if built, else tiny), "debian" or "tiny".
+	Image string `toml:"image"`
+	// VMM selects the backend: auto, qemu or firecracker.
+	VMM string `toml:"vmm"`
+	// Accel selects CPU acceleration for QEMU: auto, kvm or tcg.
+	Accel string `toml:"accel"`
+	// QEMUBinary is the qemu-system-x86_64 path. Default from $PATH.
+	QEMUBinary string `toml:"qemu_binary"`
+	// FirecrackerBinary is the firecracker path. Default /usr/local/bin/firecracker.
+	FirecrackerBinary string `toml:"firecracker_binary"`
+	// AgentBinary is the noid-agent used when building images. Default: next
+	// to noid-server, then $PATH.
+	AgentBinary string `toml:"agent_binary"`
+	// LogLevel is debug, info, warn or error. Default info.
+	LogLevel string `toml:"log_level"`
+	// Defaults for new VMs.
+	DefaultVCPUs     int    `toml:"default_vcpus"`
+	DefaultMemoryMiB int    `toml:"default_memory_mib"`
+	DefaultDiskSize  string `toml:"default_disk_size"`
+	// Network configures VM networking.
+	Network Network `toml:"network"`
+	// Quota holds per-user limits applied when a user has no own limits.
+	Quota Quota `toml:"quota"`
+	// Sandbox confines VMM processes.
+	Sandbox Sandbox `toml:"sandbox"`
+}
+
+// Network is the [network] section.
+type Network struct {
+	// Enabled turns VM networking on. Default true.
+	Enabled *bool `toml:"enabled"`
+	// Bridge is the host bridge name. Default noid0.
+	Bridge string `toml:"bridge"`
+	// Pool is the VM address pool; the first address is the gateway. Default 172.16.0.0/16.
+	Pool string `toml:"pool"`
+	// AllowSameUser lets VMs of the same user reach each other. Default false.
+	AllowSameUser bool `toml:"allow_same_user"`
+	// DNSPort is the port of the VM-facing DNS server on the gateway. Default 53.
+	DNSPort int `toml:"dns_port"`
+}
+
+// Quota is the [quota] section; zero means unlimited.
+type Quota struct {
+	MaxVMs             int   `toml:"max_vms"`
+	MaxVCPUs           int   `toml:"max_vcpus"`
+	MaxMemoryMiB       int   `toml:"max_memory_mib"`
+	MaxCheckpointBytes int64 `toml:"max_checkpoint_bytes"`
+}
+
+// Sandbox is the [sandbox] section.
+type Sandbox struct {
+	// Seccomp runs QEMU with -sandbox on. Default true.
+	Seccomp *bool `toml:"seccomp"`
+	// User is the unprivileged user VMMs run as, if it exists. Default "" (root).
+	User string `toml:"user"`
+	// Cgroups places each VMM in its own cgroup with limits. Default true.
+	Cgroups *bool `toml:"cgroups"`
+}
+
+// NetworkEnabled reports whether VM networking is on.
+func (c *Config) NetworkEnabled() bool { return c.Network.Enabled == nil || *c.Network.Enabled }
+
+// SeccompEnabled reports whether QEMU runs with its seccomp sandbox.
+func (c *Config) SeccompEnabled() bool { return c.Sandbox.Seccomp == nil || *c.Sandbox.Seccomp }
+
+// CgroupsEnabled reports whether VMMs get their own cgroups.
+func (c *Config) CgroupsEnabled() bool { return c.Sandbox.Cgroups == nil || *c.Sandbox.Cgroups }
+
+// SystemSocket is the default socket of a noid-server running as root; it is
+// outside root's home so that every local user can reach it.
+const SystemSocket = "/run/noid/noid.sock"
+
+// DefaultDataDir is ~/.noid for the current user.
+func DefaultDataDir() string {
+	if h, err := os.UserHomeDir(); err == nil && h != "" {
+		return filepath.Join(h, ".noid")
+	}
+	return "/var/lib/noid"
+}
+
+// Default returns a configuration with every default filled in.
+func Default() *Config {
+	c := &Config{}
+	c.applyDefaults()
+	return c
+}
+
+func (c *Config) applyDefaults() {
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir()
+	}
+	if c.Socket == "" {
+		if os.Geteuid() == 0 {
+			c.Socket = SystemSocket
+		} else {
+			c.Socket = filepath.Join(c.DataDir, "noid.sock")
+		}
+	}
+	if c.Image == "" {
+		c.Image = "auto"
+	}
+	if c.VMM == "" {
+		c.VMM = "auto"
+	}
+	if c.Accel == "" {
+		c.Accel = "auto"
+	}
+	if c.FirecrackerBinary == "" {
+		c.FirecrackerBinary = "/usr/local/bin/firecracker"
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.DefaultVCPUs == 0 {
+		c.DefaultVCPUs = 1
+	}
+	if c.DefaultMemoryMiB == 0 {
+		c.DefaultMemoryMiB = 2048
+	}
+	if c.Network.Bridge == "" {
+		c.Network.Bridge = "noid0"
+	}
+	if c.Network.Pool == "" {
+		c.Network.Pool = "172.16.0.0/16"
+	}
+	if c.Network.DNSPort == 0 {
+		c.Network.DNSPort = 53
+	}
+}
+
+// Parse decodes TOML text, rejects unknown keys and fills in defaults.
+func Parse(data []byte) (*Config, error) {
+	c := &Config{}
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		var sm *toml.StrictMissingError
+		if errors.As(err, &sm) {
+			return nil, fmt.Errorf("%w: unknown config key: %s", errdefs.ErrInvalidArgument, strings.TrimSpace(sm.String()))
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return nil, fmt.Errorf("%w: config line %d column %d: %s", errdefs.ErrInvalidArgument, row, col, de.Error())
+		}
+		return nil, fmt.Errorf("%w: parsing config: %v", errdefs.ErrInvalidArgument, err)
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Load reads the config file at path. An empty path gives the defaults.
+func Load(path string) (*Config, error) {
+	if path == "" {
+		c := Default()
+		return c, c.Validate()
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config %s: %w", path, err)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Validate checks value ranges and enumerations.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, fmt.Sprintf(format, a...))
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return bad("data_dir must be an absolute path, got %q", c.DataDir)
+	}
+	switch c.VMM {
+	case "auto", "qemu", "firecracker":
+	default:
+		return bad("vmm must be auto, qemu or firecracker, got %q", c.VMM)
+	}
+	switch c.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return bad("accel must be auto, kvm or tcg, got %q", c.Accel)
+	}
+	switch c.Image {
+	case "auto", "debian", "tiny":
+	default:
+		return bad("image must be auto, debian or tiny, got %q", c.Image)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log_level must be debug, info, warn or error, got %q", c.LogLevel)
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		return bad("tls_cert and tls_key must be set together")
+	}
+	if c.DefaultVCPUs < 1 || c.DefaultVCPUs > 64 {
+		return bad("default_vcpus must be 1..64, got %d", c.DefaultVCPUs)
+	}
+	if c.DefaultMemoryMiB < 64 {
+		return bad("default_memory_mib must be at least 64, got %d", c.DefaultMemoryMiB)
+	}
+	if c.DefaultDiskSize != "" {
+		if _, err := ParseSize(c.DefaultDiskSize); err != nil {
+			return bad("default_disk_size: %v", err)
+		}
+	}
+	p, err := netip.ParsePrefix(c.Network.Pool)
+	if err != nil || !p.Addr().Is4() {
+		return bad("network.pool must be an IPv4 prefix like 172.16.0.0/16, got %q", c.Network.Pool)
+	}
+	if p.Bits() > 29 || p.Bits() < 8 {
+		return bad("network.pool prefix length must be between /8 and /29, got /%d", p.Bits())
+	}
+	if len(c.Network.Bridge) == 0 || len(c.Network.Bridge) > 15 {
+		return bad("network.bridge must be 1..15 characters, got %q", c.Network.Bridge)
+	}
+	if c.Network.DNSPort < 1 || c.Network.DNSPort > 65535 {
+		return bad("network.dns_port must be 1..65535")
+	}
+	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
+		return bad("quota values must not be negative")
+	}
+	return nil
+}
+
+// ParseSize parses a byte size such as "4G", "512M", "1.5GiB" or "1073741824".
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	if t == "" {
+		return 0, fmt.Errorf("empty size")
+	}
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	mult := int64(1)
+	switch {
+	case strings.HasSuffix(t, "K"):
+		mult = 1 << 10
+	case strings.HasSuffix(t, "M"):
+		mult = 1 << 20
+	case strings.HasSuffix(t, "G"):
+		mult = 1 << 30
+	case strings.HasSuffix(t, "T"):
+		mult = 1 << 40
+	}
+	if mult > 1 {
+		t = t[:len(t)-1]
+	}
+	var whole, frac int64
+	var fracDigits int64 = 1
+	seenDot := false
+	if t == "" {
+		return 0, fmt.Errorf("invalid size %q", s)
+	}
+	for _, r := range t {
+		switch {
+		case r == '.' && !seenDot:
+			seenDot = true
+		case r >= '0' && r <= '9':
+			if seenDot {
+				if fracDigits < 1e9 {
+					frac = frac*10 + int64(r-'0')
+					fracDigits *= 10
+				}
+			} else {
+				if whole > (1<<62)/10 {
+					return 0, fmt.Errorf("size %q is too large", s)
+				}
+				whole = whole*10 + int64(r-'0')
+			}
+		default:
+			return 0, fmt.Errorf("invalid size %q (use e.g. 4G, 512M)", s)
+		}
+	}
+	if whole > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q is too large", s)
+	}
+	return whole*mult + frac*mult/fracDigits, nil
+}

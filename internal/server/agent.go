@@ -1,0 +1,102 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/store"
+)
+
+// agentClient returns a connected, synchronised agent client for the VM,
+// connecting (hello + sync) if there is none. A new connection always sends
+// the host clock, fresh entropy and the VM's identity, which is what makes
+// restores and clones come back with the right time, RNG state and network.
+func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, error) {
+	rt.mu.Lock()
+	c := rt.agent
+	rt.mu.Unlock()
+	if c != nil && c.Err() == nil {
+		return c, nil
+	}
+	rt.agentMu.Lock()
+	defer rt.agentMu.Unlock()
+	rt.mu.Lock()
+	c = rt.agent
+	rt.mu.Unlock()
+	if c != nil && c.Err() == nil {
+		return c, nil
+	}
+	inst, err := rt.instance()
+	if err != nil {
+		return nil, err
+	}
+	// Abort promptly if the VMM dies while we wait for the guest.
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-inst.Done():
+			cancel()
+		case <-cctx.Done():
+		}
+	}()
+	conn, err := inst.DialAgent(cctx)
+	if err != nil {
+		return nil, err
+	}
+	c, err = client.Connect(cctx, conn, client.Options{})
+	if err != nil {
+		conn.Close()
+		select {
+		case <-inst.Done():
+			return nil, errdefs.ErrNotRunning
+		default:
+		}
+		return nil, fmt.Errorf("%w: connecting to agent: %v", errdefs.ErrUnavailable, err)
+	}
+	if _, err := c.Sync(cctx, rt.s.syncFor(v)); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%w: syncing agent: %v", errdefs.ErrUnavailable, err)
+	}
+	rt.mu.Lock()
+	if rt.inst != inst {
+		rt.mu.Unlock()
+		c.Close()
+		return nil, errdefs.ErrNotRunning
+	}
+	rt.agent = c
+	rt.mu.Unlock()
+	return c, nil
+}
+
+// dropAgent forgets the current agent connection (after a restore).
+func (rt *vmRT) dropAgent() {
+	rt.mu.Lock()
+	c := rt.agent
+	rt.agent = nil
+	rt.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// syncFor builds the sync message: host time, fresh entropy, identity.
+func (s *Server) syncFor(v *store.VM) proto.Sync {
+	ent := make([]byte, 64)
+	rand.Read(ent)
+	host := strings.TrimPrefix(v.Name, "_")
+	id := &proto.Identity{Hostname: host}
+	if v.IP != "" && v.Tap != "" {
+		id.MAC = v.MAC
+		id.IPv4 = v.IP + "/" + fmt.Sprint(s.poolBits())
+		id.Gateway = s.gateway()
+		id.DNS = []string{s.gateway()}
+	}
+	return proto.Sync{TimeUnixNano: time.Now().UnixNano(), Entropy: ent, Identity: id}
+}

@@ -1,0 +1,396 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// classifyIOErr maps disk-full errors to ErrResourceExhausted with a message
+// that says so.
+func classifyIOErr(what string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return errdefs.WithHint(fmt.Errorf("%w: %s: the disk holding the data dir is full: %v", errdefs.ErrResourceExhausted, what, err),
+			"free space, or delete checkpoints with `noid checkpoint rm`")
+	}
+	if errdefs.HTTPStatus(err) != http.StatusInternalServerError {
+		return err
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+func (s *Server) apiCheckpoint(c *store.Checkpoint, vmName string) *api.Checkpoint {
+	return &api.Checkpoint{ID: c.ID, Name: c.Name, Label: c.Label, VM: vmName, CreatedAt: c.CreatedAt, SizeBytes: c.SizeBytes,
+		VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, Backend: c.Backend, PauseMs: float64(c.PauseNs) / 1e6}
+}
+
+// snapshotMeta describes a snapshot the server is about to take of v.
+func (s *Server) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMeta {
+	m := &vmm.SnapshotMeta{Backend: s.backend.Name(), VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Accel: vmm.Accel(v.Accel),
+		HasNet: v.Tap != "", CreatedAt: time.Now().UTC()}
+	m.VMMVersion, _ = s.backend.Version(ctx)
+	m.KernelSHA256 = fileDigest(v.Kernel)
+	m.InitrdSHA256 = fileDigest(v.Initrd)
+	return m
+}
+
+// Checkpoint captures the user's running VM. The checkpoint directory is
+// written under a temporary name, synced, and renamed into place; only then
+// is the row inserted, so a crash never leaves a listed partial checkpoint.
+func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
+	start := time.Now()
+	v, err := s.store.GetVM(ctx, u.ID, vmName)
+	if err != nil {
+		return nil, err
+	}
+	id := newID(4)
+	name := req.Name
+	if name == "" {
+		name = id
+	} else if err := api.ValidateCheckpointName(name); err != nil {
+		return nil, err
+	}
+	if len(req.Label) > 1024 {
+		return nil, fmt.Errorf("%w: label is longer than 1024 bytes", errdefs.ErrInvalidArgument)
+	}
+	if err := s.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
+		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
+	}
+	rt := s.rt(v.ID)
+	rt.op.Lock()
+	defer rt.op.Unlock()
+	if v, err = s.store.GetVM(ctx, u.ID, vmName); err != nil {
+		return nil, err
+	}
+	if v.State != store.StateRunning {
+		return nil, errdefs.WithHint(fmt.Errorf("cannot checkpoint vm %q: it is %s: %w", vmName, v.State, errdefs.ErrNotRunning), "noid info "+vmName)
+	}
+	inst, err := rt.instance()
+	if err != nil {
+		return nil, fmt.Errorf("cannot checkpoint vm %q: %w", vmName, err)
+	}
+	c := &store.Checkpoint{ID: id, VMID: v.ID, UserID: u.ID, Name: name, Label: req.Label, Backend: s.backend.Name(),
+		VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB}
+	dir := s.checkpointDir(c)
+	tmp := filepath.Join(filepath.Dir(dir), ".tmp-"+id)
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return nil, classifyIOErr("creating checkpoint dir", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(tmp)
+		}
+	}()
+	t, err := inst.Checkpoint(ctx, tmp, s.copier)
+	if err != nil {
+		s.metrics.op("checkpoint", start, err)
+		return nil, classifyIOErr("checkpoint of "+vmName, err)
+	}
+	meta := s.snapshotMeta(ctx, v)
+	if err := vmm.WriteMeta(tmp, meta); err != nil {
+		return nil, classifyIOErr("writing checkpoint metadata", err)
+	}
+	if err := syncTree(tmp); err != nil {
+		return nil, classifyIOErr("syncing checkpoint", err)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return nil, classifyIOErr("publishing checkpoint", err)
+	}
+	ok = true
+	storage.FsyncDir(filepath.Dir(dir))
+	c.SizeBytes, _ = storage.DirSize(dir)
+	c.PauseNs = t.Pause.Nanoseconds()
+	lim := s.cfg.Quota.MaxCheckpointBytes
+	if u.MaxCheckpointBytes != nil {
+		lim = *u.MaxCheckpointBytes
+	}
+	err = s.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
+		if lim > 0 && use.CheckpointBytes+c.SizeBytes > lim {
+			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+c.SizeBytes, lim),
+				"delete old checkpoints with `noid checkpoint rm`")
+		}
+		return nil
+	})
+	if err != nil {
+		os.RemoveAll(dir)
+		s.metrics.op("checkpoint", start, err)
+		return nil, err
+	}
+	s.metrics.op("checkpoint", start, nil)
+	s.metrics.checkpointBytes(c.SizeBytes)
+	rt.log.Info("checkpoint taken", "user", u.Name, "checkpoint", name, "pause_ms", ms(t.Pause), "total_ms", ms(time.Since(start)), "bytes", c.SizeBytes)
+	out := s.apiCheckpoint(c, v.Name)
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), PauseMs: ms(t.Pause), CopyMs: ms(t.Copy)}
+	return out, nil
+}
+
+// ListCheckpoints lists a VM's checkpoints.
+func (s *Server) ListCheckpoints(ctx context.Context, u *store.User, vmName string) ([]*api.Checkpoint, error) {
+	v, err := s.store.GetVM(ctx, u.ID, vmName)
+	if err != nil {
+		return nil, err
+	}
+	cps, err := s.store.ListCheckpoints(ctx, u.ID, v.ID)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*api.Checkpoint, 0, len(cps))
+	for _, c := range cps {
+		out = append(out, s.apiCheckpoint(c, v.Name))
+	}
+	return out, nil
+}
+
+// DeleteCheckpoint removes a checkpoint's row and files.
+func (s *Server) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, cpName string) error {
+	v, err := s.store.GetVM(ctx, u.ID, vmName)
+	if err != nil {
+		return err
+	}
+	rt := s.rt(v.ID)
+	rt.op.Lock()
+	defer rt.op.Unlock()
+	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, cpName)
+	if err != nil {
+		return err
+	}
+	// Row first: a crash after it leaves an unlisted dir that start-up sweeps.
+	if err := s.store.DeleteCheckpoint(ctx, c.ID); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(s.checkpointDir(c)); err != nil {
+		return fmt.Errorf("removing checkpoint files: %w", err)
+	}
+	rt.log.Info("checkpoint deleted", "user", u.Name, "checkpoint", c.Name)
+	return nil
+}
+
+// Restore rewinds the VM to a checkpoint, or with req.As clones the
+// checkpoint into a new VM.
+func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req api.RestoreRequest) (*api.VM, error) {
+	v, err := s.store.GetVM(ctx, u.ID, vmName)
+	if err != nil {
+		return nil, err
+	}
+	if req.Checkpoint == "" {
+		return nil, fmt.Errorf("%w: no checkpoint given", errdefs.ErrInvalidArgument)
+	}
+	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+	if err != nil {
+		return nil, err
+	}
+	if req.As != "" {
+		return s.clone(ctx, u, v, c, req.As)
+	}
+	return s.rewind(ctx, u, v, c)
+}
+
+func (s *Server) checkSnapshotFits(dir string, v *store.VM) error {
+	meta, err := vmm.ReadMeta(dir)
+	if err != nil {
+		return err
+	}
+	if meta.Backend != s.backend.Name() {
+		return fmt.Errorf("%w: the checkpoint was taken by the %s backend; this server runs %s", errdefs.ErrInvalidArgument, meta.Backend, s.backend.Name())
+	}
+	if meta.VCPUs != v.VCPUs || meta.MemoryMiB != v.MemoryMiB {
+		return errdefs.WithHint(fmt.Errorf("%w: the checkpoint needs %d vCPUs and %d MiB, but vm %q has %d vCPUs and %d MiB",
+			errdefs.ErrInvalidArgument, meta.VCPUs, meta.MemoryMiB, v.Name, v.VCPUs, v.MemoryMiB), "clone it into a new VM with --as")
+	}
+	if meta.HasNet != (v.Tap != "") {
+		return fmt.Errorf("%w: the checkpoint was taken with network=%s, vm %q has network=%s", errdefs.ErrInvalidArgument, netName(meta.HasNet), v.Name, v.Network)
+	}
+	return nil
+}
+
+func netName(has bool) string {
+	if has {
+		return "default"
+	}
+	return "none"
+}
+
+func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint) (*api.VM, error) {
+	start := time.Now()
+	rt := s.rt(v.ID)
+	rt.op.Lock()
+	defer rt.op.Unlock()
+	v, err := s.store.GetVMByID(ctx, v.ID)
+	if err != nil {
+		return nil, err
+	}
+	dir := s.checkpointDir(c)
+	if err := s.checkSnapshotFits(dir, v); err != nil {
+		return nil, err
+	}
+	if v.State == store.StateDestroying || v.State == store.StateCreating {
+		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
+	}
+	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
+		return nil, err
+	}
+	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = rt.kill(kctx)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	// A dead VM may have lost its TAP; make sure it exists.
+	if err := s.attachNetwork(ctx, v); err != nil {
+		s.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+		return nil, err
+	}
+	inst, t, err := s.backend.Restore(ctx, s.spec(v), dir, s.copier)
+	if err != nil {
+		s.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+		s.metrics.op("restore", start, err)
+		return nil, classifyIOErr("restoring "+v.Name, err)
+	}
+	rt.setInstance(inst)
+	v.PID = inst.Pid()
+	v.State = store.StateRunning
+	v.StateReason = ""
+	v.StartedAt = time.Now().UTC()
+	v.Source = c.Name
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return nil, err
+	}
+	agentStart := time.Now()
+	if _, err := rt.agentClient(ctx, v); err != nil {
+		s.metrics.op("restore", start, err)
+		return nil, fmt.Errorf("%w: vm %q restored but its agent did not answer: %v", errdefs.ErrUnavailable, v.Name, err)
+	}
+	s.metrics.op("restore", start, nil)
+	rt.log.Info("vm rewound", "user", u.Name, "checkpoint", c.Name, "ms", ms(time.Since(start)))
+	out := s.apiVM(ctx, v)
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart))}
+	return out, nil
+}
+
+func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *store.Checkpoint, newName string) (*api.VM, error) {
+	start := time.Now()
+	if err := api.ValidateVMName(newName); err != nil {
+		return nil, err
+	}
+	dir := s.checkpointDir(c)
+	if err := s.checkSnapshotFits(dir, src); err != nil {
+		return nil, err
+	}
+	v := &store.VM{
+		ID: newID(6), UserID: u.ID, Name: newName, State: store.StateCreating, VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB,
+		DiskBytes: src.DiskBytes, VMM: s.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
+		Network: src.Network, AllowPeers: src.AllowPeers, Source: src.Name + "/" + c.Name,
+	}
+	return s.startFromSnapshot(ctx, u, v, dir, start)
+}
+
+// startFromSnapshot inserts v and starts it from the snapshot in dir
+// (clones and golden creates). On any failure everything is removed.
+func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.VM, dir string, start time.Time) (*api.VM, error) {
+	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
+	s.prepareNetwork(v, &opts)
+	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+		return nil, err
+	}
+	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
+	rt := s.rt(v.ID)
+	rt.log = log
+	rt.op.Lock()
+	defer rt.op.Unlock()
+	fail := func(err error) (*api.VM, error) {
+		log.Warn("start from snapshot failed; cleaning up", "err", err)
+		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		s.destroyVM(cctx, v)
+		s.metrics.op(v.BootPath, start, err)
+		return nil, classifyIOErr("starting "+v.Name, err)
+	}
+	if err := os.MkdirAll(s.vmDir(v), 0o700); err != nil {
+		return fail(err)
+	}
+	netStart := time.Now()
+	if err := s.attachNetwork(ctx, v); err != nil {
+		return fail(err)
+	}
+	netDur := time.Since(netStart)
+	inst, t, err := s.backend.Restore(ctx, s.spec(v), dir, s.copier)
+	if err != nil {
+		return fail(err)
+	}
+	rt.setInstance(inst)
+	v.PID = inst.Pid()
+	v.StartedAt = time.Now().UTC()
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return fail(err)
+	}
+	agentStart := time.Now()
+	if _, err := rt.agentClient(ctx, v); err != nil {
+		return fail(fmt.Errorf("%w: the agent did not answer after restore: %v", errdefs.ErrUnavailable, err))
+	}
+	v.State = store.StateRunning
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return fail(err)
+	}
+	s.metrics.op(v.BootPath, start, nil)
+	log.Info("vm started from snapshot", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
+	out := s.apiVM(ctx, v)
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load),
+		AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
+	return out, nil
+}
+
+func (s *Server) hListCheckpoints(w http.ResponseWriter, r *http.Request) error {
+	out, err := s.ListCheckpoints(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, 200, out)
+}
+
+func (s *Server) hCheckpoint(w http.ResponseWriter, r *http.Request) error {
+	var req api.CheckpointRequest
+	if err := decodeJSON(r, &req); err != nil {
+		return err
+	}
+	out, err := s.Checkpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusCreated, out)
+}
+
+func (s *Server) hDeleteCheckpoint(w http.ResponseWriter, r *http.Request) error {
+	if err := s.DeleteCheckpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), r.PathValue("checkpoint")); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) hRestore(w http.ResponseWriter, r *http.Request) error {
+	var req api.RestoreRequest
+	if err := decodeJSON(r, &req); err != nil {
+		return err
+	}
+	out, err := s.Restore(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
+	if err != nil {
+		return err
+	}
+	status := http.StatusOK
+	if req.As != "" {
+		status = http.StatusCreated
+	}
+	return writeJSON(w, status, out)
+}

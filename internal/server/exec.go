@@ -1,0 +1,230 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/store"
+)
+
+// agentFor resolves the user's VM to a connected agent, failing fast when the
+// VM is not running.
+func (s *Server) agentFor(ctx context.Context, u *store.User, name string) (*store.VM, *client.Client, error) {
+	v, err := s.store.GetVM(ctx, u.ID, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	switch v.State {
+	case store.StateRunning, store.StateCreating:
+	default:
+		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q is %s: %w", name, v.State, errdefs.ErrNotRunning), "noid info "+name)
+	}
+	rt := s.rt(v.ID)
+	if _, err := rt.instance(); err != nil {
+		return nil, nil, fmt.Errorf("vm %q: %w", name, err)
+	}
+	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	c, err := rt.agentClient(actx, v)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrNotRunning) {
+			return nil, nil, fmt.Errorf("vm %q: %w", name, errdefs.ErrNotRunning)
+		}
+		return nil, nil, err
+	}
+	return v, c, nil
+}
+
+func (s *Server) hExec(w http.ResponseWriter, r *http.Request) error {
+	return s.serveExec(w, r, false)
+}
+
+func (s *Server) hConsole(w http.ResponseWriter, r *http.Request) error {
+	return s.serveExec(w, r, true)
+}
+
+// serveExec runs one process over a WebSocket. Errors before the upgrade are
+// ordinary HTTP errors; after it they are sent as an error message.
+func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool) error {
+	u := userOf(r.Context())
+	name := r.PathValue("name")
+	_, ac, err := s.agentFor(r.Context(), u, name)
+	if err != nil {
+		return err
+	}
+	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true, CompressionMode: websocket.CompressionDisabled})
+	if err != nil {
+		return nil // Accept already wrote the response.
+	}
+	ws.SetReadLimit(4 << 20)
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	sendErr := func(err error) {
+		code, _ := errdefs.Classify(err)
+		b, _ := json.Marshal(api.StreamMsg{Type: api.MsgError, Error: &api.ErrorDetail{Code: string(code), Message: err.Error(), Hint: errdefs.HintOf(err), RequestID: requestID(ctx)}})
+		ws.Write(ctx, websocket.MessageText, b)
+		ws.Close(websocket.StatusNormalClosure, "")
+	}
+
+	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
+	typ, first, err := ws.Read(rctx)
+	rcancel()
+	if err != nil {
+		ws.Close(websocket.StatusProtocolError, "expected exec request")
+		return nil
+	}
+	var req api.ExecRequest
+	if typ != websocket.MessageText || json.Unmarshal(first, &req) != nil {
+		sendErr(fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument))
+		return nil
+	}
+	if console {
+		req.TTY = true
+		req.Stdin = true
+		if len(req.Argv) == 0 {
+			req.Argv = []string{"/bin/sh", "-l"}
+		}
+	}
+	if len(req.Argv) == 0 {
+		sendErr(errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]"))
+		return nil
+	}
+	if req.TimeoutMs < 0 {
+		sendErr(fmt.Errorf("%w: timeout must not be negative", errdefs.ErrInvalidArgument))
+		return nil
+	}
+	env := make([]string, 0, len(req.Env))
+	for k, v := range req.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			sendErr(fmt.Errorf("%w: invalid environment variable name %q", errdefs.ErrInvalidArgument, k))
+			return nil
+		}
+		env = append(env, k+"="+v)
+	}
+	sort.Strings(env)
+	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
+		sendErr(fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument))
+		return nil
+	}
+	proc, err := ac.Exec(ctx, proto.ExecRequest{
+		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
+		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
+	})
+	if err != nil {
+		sendErr(fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err))
+		return nil
+	}
+	started, _ := json.Marshal(api.StreamMsg{Type: api.MsgStarted})
+	if err := ws.Write(ctx, websocket.MessageText, started); err != nil {
+		proc.Signal(context.Background(), syscall.SIGKILL)
+		return nil
+	}
+
+	// Client → process.
+	go func() {
+		stdin := proc.Stdin()
+		defer func() {
+			if !req.Stdin {
+				return
+			}
+		}()
+		if !req.Stdin {
+			stdin.Close()
+		}
+		for {
+			typ, msg, err := ws.Read(ctx)
+			if err != nil {
+				// The client went away: hang up the process like a terminal would.
+				if ctx.Err() == nil {
+					proc.Signal(context.Background(), syscall.SIGHUP)
+				}
+				stdin.Close()
+				cancel()
+				return
+			}
+			if typ == websocket.MessageBinary {
+				if len(msg) > 1 && msg[0] == api.ChanStdin && req.Stdin {
+					if _, err := stdin.Write(msg[1:]); err != nil {
+						continue
+					}
+				}
+				continue
+			}
+			var m api.StreamMsg
+			if json.Unmarshal(msg, &m) != nil {
+				continue
+			}
+			switch m.Type {
+			case api.MsgStdinEOF:
+				stdin.Close()
+			case api.MsgSignal:
+				if m.Signal > 0 && m.Signal < 65 {
+					proc.Signal(ctx, syscall.Signal(m.Signal))
+				}
+			case api.MsgResize:
+				if m.Rows > 0 && m.Cols > 0 && m.Rows < 10000 && m.Cols < 10000 {
+					proc.Resize(ctx, uint16(m.Rows), uint16(m.Cols))
+				}
+			}
+		}
+	}()
+
+	// Process → client.
+	var wg sync.WaitGroup
+	pump := func(ch byte, rd io.Reader) {
+		defer wg.Done()
+		if rd == nil {
+			return
+		}
+		buf := make([]byte, 32<<10+1)
+		buf[0] = ch
+		for {
+			n, err := rd.Read(buf[1:])
+			if n > 0 {
+				if werr := ws.Write(ctx, websocket.MessageBinary, buf[:n+1]); werr != nil {
+					cancel()
+					io.Copy(io.Discard, rd)
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	wg.Add(2)
+	go pump(api.ChanStdout, proc.Stdout())
+	go pump(api.ChanStderr, proc.Stderr())
+	wg.Wait()
+	ex, err := proc.Wait()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		sendErr(fmt.Errorf("%w: lost the process: %v", errdefs.ErrUnavailable, err))
+		return nil
+	}
+	if ex.Code < 0 && ex.Error != "" {
+		sendErr(fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, ex.Error))
+		return nil
+	}
+	b, _ := json.Marshal(api.StreamMsg{Type: api.MsgExit, Code: ex.Code, ExitSig: ex.Signal, TimedOut: ex.TimedOut})
+	ws.Write(ctx, websocket.MessageText, b)
+	ws.Close(websocket.StatusNormalClosure, "")
+	return nil
+}

@@ -1,0 +1,106 @@
+package server
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/image"
+)
+
+type digestKey struct {
+	path  string
+	size  int64
+	mtime time.Time
+}
+
+var (
+	digestMu    sync.Mutex
+	digestCache = map[digestKey]string{}
+)
+
+// fileDigest returns the sha256 of a file, cached by path, size and mtime.
+func fileDigest(path string) string {
+	if path == "" {
+		return ""
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return ""
+	}
+	k := digestKey{path, fi.Size(), fi.ModTime()}
+	digestMu.Lock()
+	d, ok := digestCache[k]
+	digestMu.Unlock()
+	if ok {
+		return d
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return ""
+	}
+	d = hex.EncodeToString(h.Sum(nil))
+	digestMu.Lock()
+	digestCache[k] = d
+	digestMu.Unlock()
+	return d
+}
+
+// syncTree fsyncs every file in dir and then dir itself.
+func syncTree(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("syncing %s: %w", e.Name(), err)
+		}
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// loadImage finds the built guest image selected by the config.
+func loadImage(cfg *config.Config) (*image.Image, error) {
+	switch cfg.Image {
+	case "tiny":
+		return image.Load(cfg.DataDir, true)
+	case "debian":
+		return image.Load(cfg.DataDir, false)
+	}
+	if img, err := image.Load(cfg.DataDir, false); err == nil {
+		return img, nil
+	}
+	img, err := image.Load(cfg.DataDir, true)
+	if err != nil {
+		return nil, errdefs.WithHint(fmt.Errorf("%w: no guest image is built in %s", errdefs.ErrUnavailable, cfg.DataDir),
+			"run `noid-server image build` (or `noid-server image build --tiny`)")
+	}
+	return img, nil
+}

@@ -1,0 +1,681 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// vmRT is the server's in-memory handle on one VM: its VMM instance and
+// agent connection. The DB row stays the source of truth for metadata.
+type vmRT struct {
+	s  *Server
+	id string
+
+	// op serialises lifecycle operations (checkpoint, restore, destroy).
+	op sync.Mutex
+
+	mu       sync.Mutex
+	inst     vmm.Instance
+	agent    *client.Client
+	agentMu  sync.Mutex // serialises connecting
+	stopping bool       // an intended kill is in progress: don't mark dead
+	startAt  time.Time
+	log      *slog.Logger
+}
+
+func newID(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (s *Server) rt(id string) *vmRT {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rt := s.vms[id]
+	if rt == nil {
+		rt = &vmRT{s: s, id: id, log: s.log.With("vm_id", id)}
+		s.vms[id] = rt
+	}
+	return rt
+}
+
+func (s *Server) dropRT(id string) {
+	s.mu.Lock()
+	delete(s.vms, id)
+	s.mu.Unlock()
+}
+
+// instance returns the running instance or ErrNotRunning.
+func (rt *vmRT) instance() (vmm.Instance, error) {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if rt.inst == nil {
+		return nil, errdefs.WithHint(errdefs.ErrNotRunning, "noid info <vm> shows why; destroy it or restore a checkpoint")
+	}
+	select {
+	case <-rt.inst.Done():
+		return nil, errdefs.WithHint(errdefs.ErrNotRunning, "its VMM process exited; destroy it or restore a checkpoint")
+	default:
+	}
+	return rt.inst, nil
+}
+
+// setInstance installs inst and starts watching it for an unexpected exit.
+func (rt *vmRT) setInstance(inst vmm.Instance) {
+	rt.mu.Lock()
+	old := rt.inst
+	rt.inst = inst
+	rt.stopping = false
+	rt.startAt = time.Now()
+	rt.mu.Unlock()
+	if old != nil && old != inst {
+		old.Close()
+	}
+	go rt.watch(inst)
+}
+
+func (rt *vmRT) watch(inst vmm.Instance) {
+	<-inst.Done()
+	rt.mu.Lock()
+	current := rt.inst == inst
+	intended := rt.stopping
+	ag := rt.agent
+	if current {
+		rt.agent = nil
+	}
+	rt.mu.Unlock()
+	if !current || intended {
+		return
+	}
+	if ag != nil {
+		ag.Close()
+	}
+	select {
+	case <-rt.s.closed:
+		return
+	default:
+	}
+	rt.log.Warn("vmm process exited unexpectedly", "pid", inst.Pid())
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if v, err := rt.s.store.GetVMByID(ctx, rt.id); err == nil && v.State == store.StateRunning {
+		rt.s.store.SetVMState(ctx, rt.id, store.StateDead, "vmm process exited unexpectedly", 0)
+		rt.s.metrics.vmDied()
+	}
+}
+
+// kill stops the instance on purpose (destroy, restore).
+func (rt *vmRT) kill(ctx context.Context) error {
+	rt.mu.Lock()
+	inst := rt.inst
+	ag := rt.agent
+	rt.agent = nil
+	rt.stopping = true
+	rt.mu.Unlock()
+	if ag != nil {
+		ag.Close()
+	}
+	if inst == nil {
+		return nil
+	}
+	return inst.Kill(ctx)
+}
+
+// release drops host-side handles without stopping the VM (server shutdown).
+func (rt *vmRT) release() {
+	rt.mu.Lock()
+	inst, ag := rt.inst, rt.agent
+	rt.stopping = true
+	rt.agent = nil
+	rt.mu.Unlock()
+	if ag != nil {
+		ag.Close()
+	}
+	if inst != nil {
+		inst.Close()
+	}
+}
+
+// spec builds the VMM spec of a stored VM.
+func (s *Server) spec(v *store.VM) vmm.Spec {
+	dir := s.vmDir(v)
+	sp := vmm.Spec{
+		ID:        v.ID,
+		Name:      v.Name,
+		Dir:       dir,
+		RunDir:    s.runDir(),
+		VCPUs:     v.VCPUs,
+		MemoryMiB: v.MemoryMiB,
+		Kernel:    v.Kernel,
+		Initrd:    v.Initrd,
+		Disk:      filepath.Join(dir, "disk.ext4"),
+		MemFile:   filepath.Join(dir, "mem.raw"),
+		Accel:     vmm.Accel(v.Accel),
+		SerialLog: filepath.Join(dir, "serial.log"),
+	}
+	if v.Tap != "" {
+		sp.Net = &vmm.NetSpec{Tap: v.Tap, MAC: v.MAC}
+	}
+	if s.cfg.SeccompEnabled() {
+		sp.Sandbox = &vmm.Sandbox{Seccomp: true}
+	}
+	return sp
+}
+
+// recover reconciles the DB with the processes and disk after a start-up:
+// running VMs are re-adopted, vanished ones are marked dead, half-created
+// VMs and half-written checkpoints are removed.
+func (s *Server) recover(ctx context.Context) error {
+	vms, err := s.store.ListVMs(ctx, -1)
+	if err != nil {
+		return fmt.Errorf("listing vms: %w", err)
+	}
+	for _, v := range vms {
+		log := s.log.With("vm", v.Name, "vm_id", v.ID, "user_id", v.UserID)
+		switch v.State {
+		case store.StateCreating:
+			// The create never returned success; finish it off.
+			log.Warn("removing vm left half-created by a crash")
+			rt := s.rt(v.ID)
+			if inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID); err == nil {
+				rt.setInstance(inst)
+			}
+			s.destroyVM(ctx, v)
+			continue
+		case store.StateDestroying:
+			log.Warn("finishing a destroy interrupted by a crash")
+			rt := s.rt(v.ID)
+			if inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID); err == nil {
+				rt.setInstance(inst)
+			}
+			s.destroyVM(ctx, v)
+			continue
+		case store.StateRunning, store.StateRestoring:
+			inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID)
+			if err != nil {
+				reason := "vmm process exited while the server was down"
+				if v.State == store.StateRestoring {
+					reason = "server stopped during a restore; restore again or destroy"
+				}
+				if !errors.Is(err, vmm.ErrGone) {
+					reason = "could not re-adopt vmm process: " + err.Error()
+				}
+				log.Warn("vm is dead", "reason", reason)
+				s.store.SetVMState(ctx, v.ID, store.StateDead, reason, 0)
+				continue
+			}
+			rt := s.rt(v.ID)
+			rt.setInstance(inst)
+			if v.State == store.StateRestoring {
+				s.store.SetVMState(ctx, v.ID, store.StateRunning, "", v.PID)
+			}
+			log.Info("re-adopted vm", "pid", v.PID)
+		case store.StateDead:
+			s.rt(v.ID)
+		}
+	}
+	// Remove checkpoint directories that never completed, and directories
+	// without a DB row (a crash between rename and insert).
+	users, err := os.ReadDir(filepath.Join(s.cfg.DataDir, "users"))
+	if err == nil {
+		for _, u := range users {
+			s.sweepCheckpoints(ctx, filepath.Join(s.cfg.DataDir, "users", u.Name(), "checkpoints"))
+			s.sweepVMDirs(ctx, filepath.Join(s.cfg.DataDir, "users", u.Name(), "vms"))
+		}
+	}
+	return nil
+}
+
+func (s *Server) sweepCheckpoints(ctx context.Context, dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	cps, err := s.store.ListCheckpoints(ctx, -1, "")
+	if err != nil {
+		return
+	}
+	known := map[string]bool{}
+	for _, c := range cps {
+		known[c.ID] = true
+	}
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		s.log.Warn("removing incomplete or orphaned checkpoint directory", "dir", filepath.Join(dir, e.Name()))
+		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+func (s *Server) sweepVMDirs(ctx context.Context, dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		id := strings.TrimPrefix(e.Name(), ".tmp-")
+		if _, err := s.store.GetVMByID(ctx, id); err == nil && id == e.Name() {
+			continue
+		}
+		s.log.Warn("removing orphaned vm directory", "dir", filepath.Join(dir, e.Name()))
+		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+// bootFiles are the kernel, initrd and base rootfs new VMs use.
+type bootFiles struct {
+	Kernel, Initrd, Rootfs string
+}
+
+func (s *Server) resolveBootFiles() (bootFiles, error) {
+	bf := bootFiles{Kernel: s.cfg.Kernel, Initrd: s.cfg.Initrd, Rootfs: s.cfg.Rootfs}
+	if bf.Kernel == "" || bf.Initrd == "" || bf.Rootfs == "" {
+		img, err := loadImage(s.cfg)
+		if err != nil {
+			return bf, err
+		}
+		if bf.Kernel == "" {
+			bf.Kernel = img.Kernel
+		}
+		if bf.Initrd == "" {
+			bf.Initrd = img.Initrd
+		}
+		if bf.Rootfs == "" {
+			bf.Rootfs = img.Rootfs
+		}
+	}
+	for _, f := range []struct{ key, path string }{{"kernel", bf.Kernel}, {"initrd", bf.Initrd}, {"rootfs", bf.Rootfs}} {
+		if _, err := os.Stat(f.path); err != nil {
+			return bf, errdefs.WithHint(fmt.Errorf("%w: %s %s is missing", errdefs.ErrUnavailable, f.key, f.path),
+				"run `noid-server image build` or set "+f.key+" in the config")
+		}
+	}
+	return bf, nil
+}
+
+// createParams is a validated create request.
+type createParams struct {
+	user      *store.User
+	name      string
+	vcpus     int
+	memMiB    int
+	diskBytes int64
+	network   string
+	allowPeer bool
+	noWait    bool
+	coldBoot  bool
+}
+
+func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*createParams, error) {
+	if err := api.ValidateVMName(req.Name); err != nil {
+		return nil, err
+	}
+	p := &createParams{user: u, name: req.Name, vcpus: req.VCPUs, memMiB: req.MemoryMiB, network: req.Network,
+		allowPeer: req.AllowPeers, noWait: req.NoWait, coldBoot: req.ColdBoot}
+	if p.vcpus == 0 {
+		p.vcpus = s.cfg.DefaultVCPUs
+	}
+	if p.memMiB == 0 {
+		p.memMiB = s.cfg.DefaultMemoryMiB
+	}
+	maxV, maxM := hostLimits()
+	if p.vcpus < 1 || p.vcpus > maxV {
+		return nil, fmt.Errorf("%w: vcpus must be between 1 and %d (this host's CPU count), got %d", errdefs.ErrInvalidArgument, maxV, p.vcpus)
+	}
+	if p.memMiB < 64 || p.memMiB > maxM {
+		return nil, fmt.Errorf("%w: memory must be between 64 and %d MiB (this host's RAM), got %d", errdefs.ErrInvalidArgument, maxM, p.memMiB)
+	}
+	disk := req.DiskSize
+	if disk == "" {
+		disk = s.cfg.DefaultDiskSize
+	}
+	if disk != "" {
+		n, err := config.ParseSize(disk)
+		if err != nil {
+			return nil, fmt.Errorf("%w: disk size: %v", errdefs.ErrInvalidArgument, err)
+		}
+		if n < 64<<20 || n > 16<<40 {
+			return nil, fmt.Errorf("%w: disk size must be between 64M and 16T, got %s", errdefs.ErrInvalidArgument, disk)
+		}
+		p.diskBytes = n
+	}
+	switch p.network {
+	case "", "default":
+		p.network = "default"
+		if !s.cfg.NetworkEnabled() {
+			p.network = "none"
+		}
+	case "none":
+	default:
+		return nil, fmt.Errorf("%w: network must be \"default\" or \"none\", got %q", errdefs.ErrInvalidArgument, p.network)
+	}
+	return p, nil
+}
+
+func (s *Server) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(store.Usage) error {
+	lim := func(override *int64, def int) int64 {
+		if override != nil {
+			return *override
+		}
+		return int64(def)
+	}
+	return func(use store.Usage) error {
+		if m := lim(u.MaxVMs, s.cfg.Quota.MaxVMs); m > 0 && int64(use.VMs+addVMs) > m {
+			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, m, use.VMs)
+		}
+		if m := lim(u.MaxVCPUs, s.cfg.Quota.MaxVCPUs); m > 0 && int64(use.VCPUs+addVCPUs) > m {
+			return fmt.Errorf("%w: user %s may use at most %d vCPUs in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, m, use.VCPUs, addVCPUs)
+		}
+		if m := lim(u.MaxMemoryMiB, s.cfg.Quota.MaxMemoryMiB); m > 0 && int64(use.MemoryMiB+addMem) > m {
+			return fmt.Errorf("%w: user %s may use at most %d MiB of memory in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, m, use.MemoryMiB, addMem)
+		}
+		return nil
+	}
+}
+
+// CreateVM creates and boots a VM and, unless NoWait, waits for its agent.
+func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRequest) (*api.VM, error) {
+	p, err := s.validateCreate(u, req)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.backend.Check(ctx); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	bf, err := s.resolveBootFiles()
+	if err != nil {
+		return nil, err
+	}
+	v := &store.VM{
+		ID: newID(6), UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
+		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "cold", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		Network: p.network, AllowPeers: p.allowPeer,
+	}
+	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, p.vcpus, p.memMiB)}
+	s.prepareNetwork(v, &opts)
+	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+		return nil, err
+	}
+	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
+	rt := s.rt(v.ID)
+	rt.log = log
+	rt.op.Lock()
+	defer rt.op.Unlock()
+
+	fail := func(err error) (*api.VM, error) {
+		log.Warn("create failed; cleaning up", "err", err)
+		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		s.destroyVM(cctx, v)
+		s.metrics.op("create", start, err)
+		return nil, err
+	}
+
+	dir := s.vmDir(v)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fail(fmt.Errorf("creating vm dir: %w", err))
+	}
+	sp := s.spec(v)
+	if err := s.copier.CopyFile(ctx, bf.Rootfs, sp.Disk); err != nil {
+		return fail(fmt.Errorf("copying rootfs: %w", err))
+	}
+	if p.diskBytes > 0 {
+		if err := growDisk(ctx, sp.Disk, p.diskBytes); err != nil {
+			return fail(err)
+		}
+	}
+	if fi, err := os.Stat(sp.Disk); err == nil {
+		v.DiskBytes = fi.Size()
+	}
+	netStart := time.Now()
+	if err := s.attachNetwork(ctx, v); err != nil {
+		return fail(err)
+	}
+	netDur := time.Since(netStart)
+	sp = s.spec(v)
+	inst, err := s.backend.Boot(ctx, sp)
+	if err != nil {
+		return fail(err)
+	}
+	rt.setInstance(inst)
+	v.PID = inst.Pid()
+	v.StartedAt = time.Now().UTC()
+	if p.noWait {
+		v.State = store.StateRunning
+		if err := s.store.UpdateVM(ctx, v); err != nil {
+			return fail(err)
+		}
+		s.metrics.op("create", start, nil)
+		log.Info("vm created (not waiting for agent)", "pid", v.PID)
+		out := s.apiVM(ctx, v)
+		out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), NetMs: ms(netDur)}
+		go s.connectAgentAsync(v.ID)
+		return out, nil
+	}
+	// Record the pid before waiting, so a crash now leaves a VM that the
+	// next server can clean up.
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return fail(err)
+	}
+	agentStart := time.Now()
+	if _, err := rt.agentClient(ctx, v); err != nil {
+		return fail(fmt.Errorf("%w: the vm's agent did not answer: %v%s", errdefs.ErrUnavailable, err, s.serialTail(v)))
+	}
+	v.State = store.StateRunning
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return fail(err)
+	}
+	s.metrics.op("create", start, nil)
+	log.Info("vm created", "pid", v.PID, "boot", v.BootPath, "ms", ms(time.Since(start)))
+	out := s.apiVM(ctx, v)
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
+	return out, nil
+}
+
+func (s *Server) connectAgentAsync(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	v, err := s.store.GetVMByID(ctx, id)
+	if err != nil {
+		return
+	}
+	s.rt(id).agentClient(ctx, v)
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// serialTail returns the end of the VM's serial log for error messages.
+func (s *Server) serialTail(v *store.VM) string {
+	b, err := readTail(filepath.Join(s.vmDir(v), "serial.log"), 1500)
+	if err != nil || len(b) == 0 {
+		return ""
+	}
+	return "\n--- last lines of the serial console ---\n" + strings.TrimSpace(string(b))
+}
+
+func readTail(path string, n int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	off := fi.Size() - n
+	if off < 0 || n <= 0 {
+		off = 0
+	}
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		return nil, err
+	}
+	return io.ReadAll(f)
+}
+
+// growDisk enlarges a raw ext4 image and its filesystem.
+func growDisk(ctx context.Context, path string, size int64) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if size < fi.Size() {
+		return fmt.Errorf("%w: disk size %d is smaller than the image (%d bytes)", errdefs.ErrInvalidArgument, size, fi.Size())
+	}
+	if size == fi.Size() {
+		return nil
+	}
+	if err := os.Truncate(path, size); err != nil {
+		return fmt.Errorf("growing disk: %w", err)
+	}
+	out, err := exec.CommandContext(ctx, "resize2fs", "-f", path).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("resizing filesystem (resize2fs from e2fsprogs): %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// destroyVM stops the VM, removes its network, files, checkpoints and rows.
+// It never blocks on a hung VMM for long and is safe to repeat.
+func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
+	rt := s.rt(v.ID)
+	if v.State != store.StateDestroying {
+		s.store.SetVMState(ctx, v.ID, store.StateDestroying, "", v.PID)
+	}
+	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := rt.kill(kctx)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("stopping vmm of %s: %w", v.Name, err)
+	}
+	s.detachNetwork(ctx, v)
+	cps, _ := s.store.ListCheckpoints(ctx, v.UserID, v.ID)
+	for _, c := range cps {
+		if err := os.RemoveAll(s.checkpointDir(c)); err != nil {
+			return 0, fmt.Errorf("removing checkpoint %s: %w", c.Name, err)
+		}
+	}
+	if err := os.RemoveAll(s.vmDir(v)); err != nil {
+		return 0, fmt.Errorf("removing vm dir: %w", err)
+	}
+	sp := s.spec(v)
+	os.Remove(filepath.Join(sp.RunDir, v.ID+".qmp"))
+	os.Remove(filepath.Join(sp.RunDir, v.ID+".agent"))
+	if err := s.store.DeleteVM(ctx, v.ID); err != nil {
+		return 0, err
+	}
+	s.dropRT(v.ID)
+	return len(cps), nil
+}
+
+// DestroyVM destroys the user's named VM and its checkpoints.
+func (s *Server) DestroyVM(ctx context.Context, u *store.User, name string) (*api.DestroyResult, error) {
+	v, err := s.store.GetVM(ctx, u.ID, name)
+	if err != nil {
+		return nil, err
+	}
+	rt := s.rt(v.ID)
+	// Destroy must never be blocked by a stuck operation for long: take the
+	// op lock with a deadline, then proceed regardless.
+	locked := make(chan struct{})
+	go func() { rt.op.Lock(); close(locked) }()
+	select {
+	case <-locked:
+		defer rt.op.Unlock()
+	case <-time.After(30 * time.Second):
+		go func() { <-locked; rt.op.Unlock() }()
+	}
+	// Re-read: the VM may have changed while we waited.
+	if v, err = s.store.GetVM(ctx, u.ID, name); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	n, err := s.destroyVM(ctx, v)
+	s.metrics.op("destroy", start, err)
+	if err != nil {
+		return nil, err
+	}
+	rt.log.Info("vm destroyed", "user", u.Name, "checkpoints_removed", n)
+	return &api.DestroyResult{Name: name, Checkpoints: n}, nil
+}
+
+// apiVM converts a stored VM for the API, with a live state check.
+func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
+	out := &api.VM{
+		Name: v.Name, ID: v.ID, State: v.State, StateReason: v.StateReason, PID: v.PID, VCPUs: v.VCPUs,
+		MemoryMiB: v.MemoryMiB, DiskBytes: v.DiskBytes, CreatedAt: v.CreatedAt, StartedAt: v.StartedAt, IP: v.IP, MAC: v.MAC,
+		Network: v.Network, VMM: v.VMM, Accel: v.Accel, BootPath: v.BootPath, BootReason: v.BootReason, Source: v.Source,
+	}
+	if v.State == store.StateRunning {
+		if _, err := s.rt(v.ID).instance(); err != nil {
+			out.State = store.StateDead
+			out.StateReason = "vmm process exited unexpectedly"
+		}
+	}
+	if out.State == store.StateDead {
+		out.PID = 0
+	}
+	if out.State == store.StateRunning && !v.StartedAt.IsZero() {
+		out.UptimeSeconds = time.Since(v.StartedAt).Seconds()
+	}
+	if cps, err := s.store.ListCheckpoints(ctx, v.UserID, v.ID); err == nil {
+		out.Checkpoints = len(cps)
+	}
+	return out
+}
+
+// ListVMs lists the user's VMs.
+func (s *Server) ListVMs(ctx context.Context, u *store.User) ([]*api.VM, error) {
+	vms, err := s.store.ListVMs(ctx, u.ID)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*api.VM, 0, len(vms))
+	for _, v := range vms {
+		out = append(out, s.apiVM(ctx, v))
+	}
+	return out, nil
+}
+
+// GetVM returns one of the user's VMs.
+func (s *Server) GetVM(ctx context.Context, u *store.User, name string) (*api.VM, error) {
+	v, err := s.store.GetVM(ctx, u.ID, name)
+	if err != nil {
+		return nil, err
+	}
+	return s.apiVM(ctx, v), nil
+}
+
+// Logs returns up to tail bytes of the VM's serial console log.
+func (s *Server) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
+	v, err := s.store.GetVM(ctx, u.ID, name)
+	if err != nil {
+		return nil, err
+	}
+	b, err := readTail(filepath.Join(s.vmDir(v), "serial.log"), tail)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	return b, err
+}

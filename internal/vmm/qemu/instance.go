@@ -1,0 +1,334 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// Instance is one running QEMU process. It implements vmm.Instance.
+type Instance struct {
+	spec vmm.Spec
+	pid  int
+	qmp  *QMP
+	done chan struct{}
+
+	pidfd *os.File
+
+	mu sync.Mutex // serialises state-changing operations (checkpoint, pause, resume)
+}
+
+var _ vmm.Instance = (*Instance)(nil)
+
+// attach watches pid and connects to its QMP socket.
+func attach(ctx context.Context, spec vmm.Spec, pid int) (*Instance, error) {
+	inst := &Instance{spec: spec, pid: pid, done: make(chan struct{})}
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("watching qemu pid %d: %w", pid, err)
+	}
+	inst.pidfd = os.NewFile(uintptr(fd), "pidfd")
+	go inst.watch()
+
+	// The QMP socket was created before QEMU started, so connecting never
+	// races with start-up: the greeting arrives once QEMU is ready. If QEMU
+	// dies first, its listening socket closes and the dial fails.
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-inst.done:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	q, err := DialQMP(dctx, qmpPath(spec))
+	if err != nil {
+		select {
+		case <-inst.done:
+			return nil, fmt.Errorf("qemu pid %d exited during start-up", pid)
+		default:
+		}
+		return nil, fmt.Errorf("connecting to qemu pid %d: %w", pid, err)
+	}
+	inst.qmp = q
+	return inst, nil
+}
+
+// watch closes done when the process exits. The pidfd is pollable, so this
+// waits in the runtime's poller rather than on an OS thread.
+func (i *Instance) watch() {
+	rc, err := i.pidfd.SyscallConn()
+	if err != nil {
+		close(i.done)
+		return
+	}
+	rc.Read(func(fd uintptr) bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, 0)
+		if err == unix.EINTR {
+			return false
+		}
+		return err != nil || n > 0
+	})
+	close(i.done)
+}
+
+// Pid returns QEMU's pid.
+func (i *Instance) Pid() int { return i.pid }
+
+// Done is closed when QEMU has exited.
+func (i *Instance) Done() <-chan struct{} { return i.done }
+
+// DialAgent connects to the guest agent's virtio-serial chardev socket.
+func (i *Instance) DialAgent(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", agentPath(i.spec))
+	if err != nil {
+		return nil, fmt.Errorf("connecting to agent socket of vm %s: %w", i.spec.Name, err)
+	}
+	return c, nil
+}
+
+func (i *Instance) alive() error {
+	select {
+	case <-i.done:
+		return fmt.Errorf("qemu for vm %s has exited", i.spec.Name)
+	default:
+		return nil
+	}
+}
+
+// Pause stops the vCPUs.
+func (i *Instance) Pause(ctx context.Context) error {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.qmp.Execute(ctx, "stop", nil, nil)
+}
+
+// Resume restarts the vCPUs.
+func (i *Instance) Resume(ctx context.Context) error {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.qmp.Execute(ctx, "cont", nil, nil)
+}
+
+func (i *Instance) setMigrationCaps(ctx context.Context) error {
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+	if err := i.qmp.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+		return err
+	}
+	// Device state is small; never let the default 32 MiB/s limit pace it.
+	return i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil)
+}
+
+// waitMigration polls query-migrate until the migration finishes.
+func (i *Instance) waitMigration(ctx context.Context, cmd string) error {
+	delay := 200 * time.Microsecond
+	for {
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		q := "query-migrate"
+		if err := i.qmp.Execute(ctx, q, nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			if st.ErrorDesc == "" {
+				st.ErrorDesc = st.Status
+			}
+			return fmt.Errorf("%s: %s", cmd, st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-i.done:
+			return fmt.Errorf("%s: qemu exited", cmd)
+		case <-time.After(delay):
+		}
+		if delay < 5*time.Millisecond {
+			delay *= 2
+		}
+	}
+}
+
+// incoming loads device state from path into a QEMU started with
+// -incoming defer and resumes the vCPUs.
+func (i *Instance) incoming(ctx context.Context, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", path, err)
+	}
+	defer f.Close()
+	if err := i.setMigrationCaps(ctx); err != nil {
+		return err
+	}
+	if err := i.qmp.SendFD(ctx, "vmstate", f); err != nil {
+		return err
+	}
+	if err := i.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:vmstate"}, nil); err != nil {
+		return err
+	}
+	if err := i.waitIncoming(ctx); err != nil {
+		return err
+	}
+	return i.qmp.Execute(ctx, "cont", nil, nil)
+}
+
+// waitIncoming waits until the incoming migration has loaded and the VM is paused.
+func (i *Instance) waitIncoming(ctx context.Context) error {
+	delay := 200 * time.Microsecond
+	for {
+		var st struct {
+			Status  string `json:"status"`
+			Running bool   `json:"running"`
+		}
+		if err := i.qmp.Execute(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "paused", "postmigrate", "running":
+			return nil
+		case "inmigrate":
+		default:
+			if st.Status == "internal-error" || st.Status == "shutdown" || st.Status == "guest-panicked" {
+				return fmt.Errorf("incoming migration ended in state %s", st.Status)
+			}
+		}
+		var mig struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := i.qmp.Execute(ctx, "query-migrate", nil, &mig); err == nil && mig.Status == "failed" {
+			return fmt.Errorf("incoming migration failed: %s", mig.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-i.done:
+			return errors.New("qemu exited while loading the snapshot (state file corrupt or mismatched?)")
+		case <-time.After(delay):
+		}
+		if delay < 5*time.Millisecond {
+			delay *= 2
+		}
+	}
+}
+
+// Checkpoint pauses the VM, writes its device state, copies RAM and disk into
+// dir, writes meta.json and resumes. The vCPUs are always resumed.
+func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t vmm.Timings, err error) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if err := i.alive(); err != nil {
+		return t, err
+	}
+	start := time.Now()
+	if err := i.setMigrationCaps(ctx); err != nil {
+		return t, fmt.Errorf("preparing migration: %w", err)
+	}
+	// Start write-back of dirty RAM pages while the guest still runs, so
+	// the copy during the pause finds little left to do.
+	if f, err := os.Open(i.spec.MemFile); err == nil {
+		unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+		f.Close()
+	}
+	stateFile, err := os.OpenFile(filepath.Join(dir, vmm.SnapState), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return t, fmt.Errorf("creating state file: %w", err)
+	}
+	defer stateFile.Close()
+
+	pauseStart := time.Now()
+	if err := i.qmp.Execute(ctx, "stop", nil, nil); err != nil {
+		return t, fmt.Errorf("pausing vm: %w", err)
+	}
+	defer func() {
+		// Resume even if ctx was cancelled: a VM must never stay paused.
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if rerr := i.qmp.Execute(rctx, "cont", nil, nil); rerr != nil && err == nil {
+			err = fmt.Errorf("resuming vm after checkpoint: %w", rerr)
+		}
+		t.Pause = time.Since(pauseStart)
+		t.Total = time.Since(start)
+	}()
+	if err := i.qmp.SendFD(ctx, "vmstate", stateFile); err != nil {
+		return t, err
+	}
+	if err := i.qmp.Execute(ctx, "migrate", map[string]any{"uri": "fd:vmstate"}, nil); err != nil {
+		return t, fmt.Errorf("saving device state: %w", err)
+	}
+	if err := i.waitMigration(ctx, "saving device state"); err != nil {
+		return t, err
+	}
+	if err := stateFile.Sync(); err != nil {
+		return t, fmt.Errorf("syncing state file: %w", err)
+	}
+	copyStart := time.Now()
+	if err := cp.CopyFile(ctx, i.spec.MemFile, filepath.Join(dir, vmm.SnapMemory)); err != nil {
+		return t, fmt.Errorf("copying memory: %w", err)
+	}
+	if err := cp.CopyFile(ctx, i.spec.Disk, filepath.Join(dir, vmm.SnapDisk)); err != nil {
+		return t, fmt.Errorf("copying disk: %w", err)
+	}
+	t.Copy = time.Since(copyStart)
+	return t, nil
+}
+
+// Kill stops QEMU with SIGKILL and waits until it is gone.
+func (i *Instance) Kill(ctx context.Context) error {
+	if i.qmp != nil {
+		i.qmp.Close()
+	}
+	if err := i.alive(); err != nil {
+		return nil
+	}
+	// The pidfd makes the signal race-free against pid reuse.
+	if err := unix.PidfdSendSignal(int(i.pidfd.Fd()), unix.SIGKILL, nil, 0); err != nil && err != unix.ESRCH {
+		return fmt.Errorf("killing qemu pid %d: %w", i.pid, err)
+	}
+	select {
+	case <-i.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for qemu pid %d to exit: %w", i.pid, ctx.Err())
+	}
+}
+
+// Close releases the QMP connection and the pid watch without stopping QEMU.
+func (i *Instance) Close() error {
+	if i.qmp != nil {
+		i.qmp.Close()
+	}
+	return nil
+}
+
+func killPid(pid int) {
+	syscall.Kill(pid, syscall.SIGKILL)
+}
+
+// chownForSandbox gives the sandbox uid access to the VM's own files.
+func chownForSandbox(spec vmm.Spec) {
+	uid, gid := spec.Sandbox.UID, spec.Sandbox.GID
+	for _, p := range []string{spec.Dir, spec.Disk, spec.MemFile, spec.SerialLog, spec.RunDir} {
+		if p != "" && !strings.HasPrefix(p, "/dev/") {
+			os.Chown(p, uid, gid)
+		}
+	}
+}

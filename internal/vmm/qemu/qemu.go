@@ -1,0 +1,389 @@
+// Package qemu is the QEMU backend: it runs each VM as a daemonized
+// qemu-system-x86_64 process on the microvm machine, with guest RAM in a
+// shared file mapping so that checkpoints only write device state (the
+// x-ignore-shared migration capability) and copy the RAM file.
+//
+// VMM processes run in their own session, outside the server's process
+// group: a server restart or crash leaves them running and the next server
+// re-adopts them by pid and QMP socket.
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"syscall"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// Name is the backend's name, as stored in VMs and snapshots.
+const Name = "qemu"
+
+// Options configure the backend.
+type Options struct {
+	// Binary is the qemu-system-x86_64 path; empty searches $PATH.
+	Binary string
+}
+
+// Backend runs VMs under QEMU. It implements vmm.Backend.
+type Backend struct {
+	bin string
+
+	verOnce sync.Once
+	ver     string
+	verErr  error
+}
+
+var _ vmm.Backend = (*Backend)(nil)
+
+// New returns a QEMU backend.
+func New(opts Options) *Backend {
+	bin := opts.Binary
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	return &Backend{bin: bin}
+}
+
+// Name returns "qemu".
+func (b *Backend) Name() string { return Name }
+
+// Binary returns the resolved QEMU binary path, or an error saying what to install.
+func (b *Backend) Binary() (string, error) {
+	p, err := exec.LookPath(b.bin)
+	if err != nil {
+		return "", fmt.Errorf("%w: %s not found; install it with `apt-get install qemu-system-x86` or set qemu_binary in the config", errdefs.ErrUnavailable, b.bin)
+	}
+	return p, nil
+}
+
+// Version returns QEMU's version string, e.g. "7.2.22".
+func (b *Backend) Version(ctx context.Context) (string, error) {
+	b.verOnce.Do(func() {
+		bin, err := b.Binary()
+		if err != nil {
+			b.verErr = err
+			return
+		}
+		out, err := exec.CommandContext(ctx, bin, "--version").Output()
+		if err != nil {
+			b.verErr = fmt.Errorf("running %s --version: %w", bin, err)
+			return
+		}
+		f := strings.Fields(string(out))
+		for i, w := range f {
+			if w == "version" && i+1 < len(f) {
+				b.ver = f[i+1]
+				return
+			}
+		}
+		b.verErr = fmt.Errorf("cannot parse qemu version from %q", strings.SplitN(string(out), "\n", 2)[0])
+	})
+	return b.ver, b.verErr
+}
+
+// Check verifies the QEMU binary runs.
+func (b *Backend) Check(ctx context.Context) error {
+	_, err := b.Version(ctx)
+	return err
+}
+
+// socket paths for a VM.
+func qmpPath(spec vmm.Spec) string   { return filepath.Join(spec.RunDir, spec.ID+".qmp") }
+func agentPath(spec vmm.Spec) string { return filepath.Join(spec.RunDir, spec.ID+".agent") }
+func pidPath(spec vmm.Spec) string   { return filepath.Join(spec.Dir, "qemu.pid") }
+
+// processName tags the QEMU process so Adopt can verify a pid really is ours.
+func processName(spec vmm.Spec) string { return "noid-" + spec.ID }
+
+// Args returns the QEMU command line for spec. incoming adds -incoming defer.
+// The QMP and agent sockets are listening sockets the server creates and
+// passes as fds 3 and 4, so they exist before QEMU starts and nobody polls
+// for them.
+func Args(spec vmm.Spec, incoming bool) []string {
+	mem := strconv.Itoa(spec.MemoryMiB) + "M"
+	cmdline := "console=ttyS0 reboot=t panic=-1 noid.transport=virtio-serial"
+	if spec.Accel != vmm.AccelKVM {
+		// Under TCG the guest TSC runs at the host's TSC rate. Calibrating it
+		// against the emulated PIT fails on a busy host and can stall the
+		// boot, so tell the kernel the rate and trust it.
+		if khz := hostTSCkHz(); khz > 0 {
+			cmdline += " tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable"
+		}
+	}
+	if spec.Cmdline != "" {
+		cmdline += " " + spec.Cmdline
+	}
+	a := []string{
+		"-name", processName(spec) + ",debug-threads=off",
+		"-M", "microvm,x-option-roms=off,rtc=on,acpi=on,pit=on,pic=on,isa-serial=on,memory-backend=ram",
+		"-m", mem,
+		"-smp", strconv.Itoa(spec.VCPUs),
+		"-object", "memory-backend-file,id=ram,size=" + mem + ",mem-path=" + spec.MemFile + ",share=on",
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-chardev", "file,id=serial0,path=" + spec.SerialLog + ",append=on",
+		"-serial", "chardev:serial0",
+		"-kernel", spec.Kernel,
+		"-initrd", spec.Initrd,
+		"-append", cmdline,
+		"-drive", "id=root,file=" + spec.Disk + ",format=raw,if=none,cache=writeback,discard=unmap,aio=threads",
+		"-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-serial-device,max_ports=2",
+		"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=noid.agent",
+		"-object", "rng-random,id=rng0,filename=/dev/urandom",
+		"-device", "virtio-rng-device,rng=rng0",
+		"-chardev", "socket,id=qmp,fd=3,server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
+	}
+	switch spec.Accel {
+	case vmm.AccelKVM:
+		a = append(a, "-accel", "kvm", "-cpu", "host")
+	default:
+		a = append(a, "-accel", "tcg", "-cpu", "max")
+	}
+	if spec.Net != nil {
+		a = append(a,
+			"-netdev", "tap,id=net0,ifname="+spec.Net.Tap+",script=no,downscript=no",
+			"-device", "virtio-net-device,netdev=net0,mac="+spec.Net.MAC)
+	}
+	if spec.Sandbox != nil {
+		if spec.Sandbox.Seccomp {
+			a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+		}
+		if spec.Sandbox.UID != 0 {
+			a = append(a, "-runas", strconv.Itoa(spec.Sandbox.UID)+":"+strconv.Itoa(spec.Sandbox.GID))
+		}
+	}
+	if incoming {
+		a = append(a, "-incoming", "defer")
+	}
+	return a
+}
+
+var (
+	tscOnce sync.Once
+	tscKHz  int
+)
+
+// hostTSCkHz reads the host CPU's frequency in kHz from /proc/cpuinfo.
+func hostTSCkHz() int {
+	tscOnce.Do(func() {
+		b, err := os.ReadFile("/proc/cpuinfo")
+		if err != nil {
+			return
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
+				if mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && mhz > 100 {
+					tscKHz = int(mhz * 1000)
+				}
+				return
+			}
+		}
+	})
+	return tscKHz
+}
+
+// listenFile creates a listening unix socket at path and returns it as a
+// file to pass to QEMU. The path stays after our copy is closed.
+func listenFile(path string) (*os.File, error) {
+	os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("creating socket %s: %w", path, err)
+	}
+	l.SetUnlinkOnClose(false)
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		return nil, fmt.Errorf("creating socket %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// spawn starts QEMU in its own session, detached from the server: a server
+// restart or crash leaves it running, and the next server re-adopts it.
+func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Instance, error) {
+	bin, err := b.Binary()
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range []struct{ what, path string }{{"kernel", spec.Kernel}, {"initrd", spec.Initrd}, {"disk", spec.Disk}} {
+		if _, err := os.Stat(f.path); err != nil {
+			return nil, fmt.Errorf("%w: %s %s: %v", errdefs.ErrUnavailable, f.what, f.path, err)
+		}
+	}
+	if err := os.MkdirAll(spec.RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating run dir: %w", err)
+	}
+	qmpF, err := listenFile(qmpPath(spec))
+	if err != nil {
+		return nil, err
+	}
+	defer qmpF.Close()
+	agentF, err := listenFile(agentPath(spec))
+	if err != nil {
+		return nil, err
+	}
+	defer agentF.Close()
+	logPath := filepath.Join(spec.Dir, "qemu.log")
+	logF, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening qemu log: %w", err)
+	}
+	defer logF.Close()
+	if spec.Sandbox != nil && spec.Sandbox.UID != 0 {
+		chownForSandbox(spec)
+	}
+	logStart, _ := logF.Seek(0, io.SeekEnd)
+	cmd := exec.Command(bin, Args(spec, incoming)...)
+	cmd.Stdin = nil
+	cmd.Stdout = logF
+	cmd.Stderr = logF
+	cmd.Dir = spec.Dir
+	cmd.ExtraFiles = []*os.File{qmpF, agentF}
+	// A new session: terminal signals and the server's exit don't reach it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s for vm %s: %w", bin, spec.Name, err)
+	}
+	pid := cmd.Process.Pid
+	// Reap it if it exits while we are its parent.
+	go cmd.Wait()
+	if err := os.WriteFile(pidPath(spec), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
+		killPid(pid)
+		return nil, fmt.Errorf("writing pid file: %w", err)
+	}
+	inst, err := attach(ctx, spec, pid)
+	if err != nil {
+		killPid(pid)
+		if msg := qemuLog(logPath, logStart); msg != "" {
+			return nil, fmt.Errorf("starting qemu for vm %s: %s", spec.Name, msg)
+		}
+		return nil, err
+	}
+	return inst, nil
+}
+
+// qemuLog returns what QEMU wrote to its log since offset.
+func qemuLog(path string, offset int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	f.Seek(offset, io.SeekStart)
+	b, _ := io.ReadAll(io.LimitReader(f, 4096))
+	return strings.TrimSpace(string(b))
+}
+
+// Boot cold-boots spec.
+func (b *Backend) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+	inst, err := b.spawn(ctx, spec, false)
+	if err != nil {
+		return nil, err
+	}
+	return inst, nil
+}
+
+// Restore starts spec from the snapshot in dir: it copies the snapshot's RAM
+// and disk into the VM's own files, starts QEMU waiting for an incoming
+// migration, streams the device state in, and resumes.
+func (b *Backend) Restore(ctx context.Context, spec vmm.Spec, dir string, cp vmm.Copier) (vmm.Instance, vmm.Timings, error) {
+	var t vmm.Timings
+	start := time.Now()
+	meta, err := vmm.ReadMeta(dir)
+	if err != nil {
+		return nil, t, err
+	}
+	if meta.Backend != Name {
+		return nil, t, fmt.Errorf("%w: snapshot was taken by the %s backend and cannot be restored under qemu", errdefs.ErrInvalidArgument, meta.Backend)
+	}
+	if meta.VCPUs != spec.VCPUs || meta.MemoryMiB != spec.MemoryMiB {
+		return nil, t, fmt.Errorf("%w: snapshot needs %d vCPUs and %d MiB, the VM has %d vCPUs and %d MiB",
+			errdefs.ErrInvalidArgument, meta.VCPUs, meta.MemoryMiB, spec.VCPUs, spec.MemoryMiB)
+	}
+	if meta.HasNet != (spec.Net != nil) {
+		return nil, t, fmt.Errorf("%w: snapshot and VM differ in network devices (snapshot has NIC: %v)", errdefs.ErrInvalidArgument, meta.HasNet)
+	}
+	if meta.Accel != "" && meta.Accel != spec.Accel {
+		return nil, t, fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
+	}
+	if ver, err := b.Version(ctx); err == nil && meta.VMMVersion != "" && meta.VMMVersion != ver {
+		return nil, t, fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
+	}
+	copyStart := time.Now()
+	os.Remove(spec.MemFile)
+	os.Remove(spec.Disk)
+	if err := cp.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), spec.MemFile); err != nil {
+		return nil, t, fmt.Errorf("copying snapshot memory: %w", err)
+	}
+	if err := cp.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), spec.Disk); err != nil {
+		return nil, t, fmt.Errorf("copying snapshot disk: %w", err)
+	}
+	t.Copy = time.Since(copyStart)
+
+	spawnStart := time.Now()
+	inst, err := b.spawn(ctx, spec, true)
+	if err != nil {
+		return nil, t, err
+	}
+	t.Spawn = time.Since(spawnStart)
+	loadStart := time.Now()
+	if err := inst.incoming(ctx, filepath.Join(dir, vmm.SnapState)); err != nil {
+		inst.Kill(context.Background())
+		return nil, t, fmt.Errorf("loading snapshot state: %w", err)
+	}
+	t.Load = time.Since(loadStart)
+	t.Total = time.Since(start)
+	return inst, t, nil
+}
+
+// Adopt reattaches to a QEMU started by an earlier server.
+func (b *Backend) Adopt(ctx context.Context, spec vmm.Spec, pid int) (vmm.Instance, error) {
+	if pid <= 0 || !isOurs(pid, spec) {
+		return nil, vmm.ErrGone
+	}
+	inst, err := attach(ctx, spec, pid)
+	if err != nil {
+		if !isOurs(pid, spec) {
+			return nil, vmm.ErrGone
+		}
+		return nil, err
+	}
+	return inst, nil
+}
+
+// isOurs reports whether pid is alive and is the QEMU of spec (guards against pid reuse).
+func isOurs(pid int, spec vmm.Spec) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(b, []byte(processName(spec)+",")) && !isZombie(pid)
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	// pid (comm) S ...; comm may contain spaces, so find the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return true
+	}
+	return b[i+2] == 'Z' || b[i+2] == 'X'
+}

@@ -1,0 +1,259 @@
+//go:build e2e
+
+// Package e2e boots real VMs under QEMU through a real noid-server process
+// and the real noid CLI. Run with `go test -tags e2e ./test/e2e` as root;
+// scripts/test.sh does.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/testutil"
+)
+
+// Env is one noid-server process with its own data dir.
+type Env struct {
+	t       *testing.T
+	Dir     string
+	Config  string
+	Socket  string
+	Bins    testutil.Binaries
+	Client  *client.Client
+	cmd     *exec.Cmd
+	logMu   sync.Mutex
+	log     bytes.Buffer
+	exited  chan struct{}
+	extraCf string
+}
+
+// Option adjusts the server config.
+type Option func(*Env)
+
+// WithConfig appends raw TOML to the config.
+func WithConfig(toml string) Option { return func(e *Env) { e.extraCf += toml + "\n" } }
+
+// NewEnv starts a noid-server on a fresh data dir with the tiny image.
+func NewEnv(t *testing.T, opts ...Option) *Env {
+	t.Helper()
+	testutil.RequireRoot(t)
+	bins := testutil.Build(t)
+	img := testutil.TinyImage(t)
+	dir, err := os.MkdirTemp("", "noid-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Env{t: t, Dir: dir, Bins: bins, Socket: filepath.Join(dir, "noid.sock")}
+	for _, o := range opts {
+		o(e)
+	}
+	e.Config = filepath.Join(dir, "config.toml")
+	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
+		filepath.Join(dir, "data"), e.Socket, img.Kernel, img.Initrd, img.Rootfs)
+	if !strings.Contains(e.extraCf, "[network]") {
+		cfg += e.extraCf + "\n[network]\nenabled = false\n"
+	} else {
+		cfg += e.extraCf
+	}
+	if err := os.WriteFile(e.Config, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	c, err := client.New("unix://"+e.Socket, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Client = c
+	t.Cleanup(e.cleanup)
+	return e
+}
+
+// Start launches noid-server and waits until it logs that it is listening.
+func (e *Env) Start() {
+	e.t.Helper()
+	cmd := exec.Command(e.Bins.Server, "serve", "--config", e.Config)
+	pr, pw := io.Pipe()
+	cmd.Stdout = pw
+	cmd.Stderr = pw
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.cmd = cmd
+	e.exited = make(chan struct{})
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		once := sync.Once{}
+		for sc.Scan() {
+			line := sc.Text()
+			e.logMu.Lock()
+			e.log.WriteString(line + "\n")
+			e.logMu.Unlock()
+			if strings.Contains(line, "msg=listening") {
+				once.Do(func() { close(ready) })
+			}
+		}
+	}()
+	go func() { cmd.Wait(); pw.Close(); close(e.exited) }()
+	select {
+	case <-ready:
+	case <-e.exited:
+		e.t.Fatalf("noid-server exited during start-up:\n%s", e.Log())
+	case <-time.After(60 * time.Second):
+		e.t.Fatalf("noid-server did not start listening:\n%s", e.Log())
+	}
+}
+
+// Log returns everything the server has logged.
+func (e *Env) Log() string {
+	e.logMu.Lock()
+	defer e.logMu.Unlock()
+	return e.log.String()
+}
+
+// Kill9 kills the server with SIGKILL (VMs keep running) and waits for it.
+func (e *Env) Kill9() {
+	e.cmd.Process.Signal(syscall.SIGKILL)
+	<-e.exited
+}
+
+// Stop sends SIGTERM and waits for a graceful exit.
+func (e *Env) Stop() {
+	e.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-e.exited:
+	case <-time.After(30 * time.Second):
+		e.t.Errorf("noid-server did not stop on SIGTERM")
+		e.Kill9()
+	}
+}
+
+// cleanup destroys every VM through the server, stops it and removes the dir.
+func (e *Env) cleanup() {
+	select {
+	case <-e.exited:
+		e.Start()
+	default:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if vms, err := e.Client.ListVMs(ctx); err == nil {
+		for _, v := range vms {
+			e.Client.DestroyVM(ctx, v.Name)
+		}
+	}
+	e.Stop()
+	if e.t.Failed() {
+		e.t.Logf("server log:\n%s", lastLines(e.Log(), 80))
+	}
+	// Anything still running from this data dir is a leak.
+	if out, _ := exec.Command("pgrep", "-f", e.Dir).Output(); len(bytes.TrimSpace(out)) > 0 {
+		e.t.Errorf("processes left running after cleanup: %s", out)
+		exec.Command("pkill", "-9", "-f", e.Dir).Run()
+	}
+	os.RemoveAll(e.Dir)
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Result is a finished CLI invocation.
+type Result struct {
+	Stdout, Stderr string
+	Code           int
+}
+
+// CLI runs the noid binary against this server.
+func (e *Env) CLI(stdin string, args ...string) Result {
+	e.t.Helper()
+	cmd := exec.Command(e.Bins.Noid, args...)
+	cmd.Env = append(os.Environ(), "NOID_URL=unix://"+e.Socket)
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	var out, errb bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		e.t.Fatalf("running noid %v: %v", args, err)
+	}
+	return Result{Stdout: out.String(), Stderr: errb.String(), Code: code}
+}
+
+// MustCLI runs the CLI and fails the test on a non-zero exit.
+func (e *Env) MustCLI(args ...string) string {
+	e.t.Helper()
+	r := e.CLI("", args...)
+	if r.Code != 0 {
+		e.t.Fatalf("noid %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.Code, r.Stdout, r.Stderr)
+	}
+	return r.Stdout
+}
+
+// Exec runs a command in vm through the client and returns its output.
+func (e *Env) Exec(vm string, argv ...string) (string, string, int) {
+	e.t.Helper()
+	var out, errb bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := e.Client.Exec(ctx, vm, client.ExecRequest{Argv: argv}, client.ExecIO{Stdout: &out, Stderr: &errb})
+	if err != nil {
+		e.t.Fatalf("exec %v in %s: %v", argv, vm, err)
+	}
+	return out.String(), errb.String(), st.Code
+}
+
+// MustExec runs a command in vm and fails on a non-zero exit.
+func (e *Env) MustExec(vm string, argv ...string) string {
+	e.t.Helper()
+	out, errs, code := e.Exec(vm, argv...)
+	if code != 0 {
+		e.t.Fatalf("exec %v in %s: exit %d\nstdout: %s\nstderr: %s", argv, vm, code, out, errs)
+	}
+	return out
+}
+
+// Create creates a VM through the client with the test defaults.
+func (e *Env) Create(name string, mut ...func(*client.CreateVMRequest)) *client.VM {
+	e.t.Helper()
+	req := client.CreateVMRequest{Name: name}
+	for _, m := range mut {
+		m(&req)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	vm, err := e.Client.CreateVM(ctx, req)
+	if err != nil {
+		e.t.Fatalf("create %s: %v", name, err)
+	}
+	return vm
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	return c
+}
