@@ -295,3 +295,33 @@ func (c *Client) RemoveUser(ctx context.Context, name string) (int, error) {
 	err := c.do(ctx, "DELETE", "/v1/users/"+url.PathEscape(name), nil, &r)
 	return r.VMs, err
 }
+
+// ListGolden lists the caller's golden snapshots and the system ones.
+func (c *Client) ListGolden(ctx context.Context) ([]*Golden, error) {
+	var gs []*Golden
+	return gs, c.do(ctx, "GET", "/v1/golden", nil, &gs)
+}
+
+// PromoteGolden turns a checkpoint into the golden snapshot for its spec.
+// vm may be empty when checkpoint is a checkpoint id.
+func (c *Client) PromoteGolden(ctx context.Context, vm, checkpoint string) (*Golden, error) {
+	var g Golden
+	return &g, c.do(ctx, "POST", "/v1/golden", api.GoldenPromoteRequest{VM: vm, Checkpoint: checkpoint}, &g)
+}
+
+// RemoveGolden deletes the caller's golden snapshot for a spec (zero values:
+// the server's default spec).
+func (c *Client) RemoveGolden(ctx context.Context, vcpus, memoryMiB int) error {
+	q := url.Values{}
+	if vcpus > 0 {
+		q.Set("vcpus", strconv.Itoa(vcpus))
+	}
+	if memoryMiB > 0 {
+		q.Set("memory_mib", strconv.Itoa(memoryMiB))
+	}
+	p := "/v1/golden"
+	if len(q) > 0 {
+		p += "?" + q.Encode()
+	}
+	return c.do(ctx, "DELETE", p, nil, nil)
+}

@@ -27,12 +27,13 @@ import (
 func main() {
 	pid1 := os.Getpid() == 1
 	var listen, port, level string
-	var version bool
+	var version, applySync bool
 	fs := flag.NewFlagSet("noid-agent", flag.ContinueOnError)
 	fs.StringVar(&listen, "listen", "", "serve host connections on unix:/path or vsock:PORT instead of the virtio-serial port")
 	fs.StringVar(&port, "port", "", "serve on this character device, fifo or socket path instead of the virtio-serial port")
 	fs.StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	fs.BoolVar(&version, "version", false, "print the version and exit")
+	fs.BoolVar(&applySync, "sync", false, "let sync change this machine's clock, RNG, hostname and network (always on as PID 1)")
 	if !pid1 {
 		if err := fs.Parse(os.Args[1:]); err != nil {
 			os.Exit(2)
@@ -51,6 +52,9 @@ func main() {
 	log = log.With("agent", "noid-agent")
 
 	cfg := guest.Config{Logger: log, Init: pid1, ReapAll: pid1}
+	if !pid1 && !applySync {
+		cfg.System = guest.DisabledSystem{}
+	}
 	cmd := guest.Cmdline{}
 	if pid1 {
 		initSignals(log)

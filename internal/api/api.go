@@ -88,6 +88,9 @@ type VM struct {
 	Source        string  `json:"source,omitempty"`
 	Owner         string  `json:"owner,omitempty"`
 	Checkpoints   int     `json:"checkpoints"`
+	// Warnings are one-line notices for the user about the operation that
+	// returned this VM (for example a stale golden snapshot).
+	Warnings []string `json:"warnings,omitempty"`
 	// Timings of the operation that returned this VM, when it was a create or restore.
 	Timings *Timings `json:"timings,omitempty"`
 }

@@ -32,6 +32,9 @@ from it instead of booting.`,
 			if err != nil {
 				return err
 			}
+			for _, w := range vm.Warnings {
+				fmt.Fprintf(e.stderr, "warning: %s\n", w)
+			}
 			if asJSON {
 				return printJSON(e.stdout, vm)
 			}

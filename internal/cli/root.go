@@ -97,7 +97,7 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 	root.AddCommand(
 		newCreateCmd(e), newExecCmd(e), newConsoleCmd(e), newListCmd(e), newInfoCmd(e), newDestroyCmd(e),
 		newLogsCmd(e), newCheckpointCmd(e), newCheckpointsCmd(e), newRestoreCmd(e), newWhoamiCmd(e),
-		newAuthCmd(e), newVersionCmd(e),
+		newAuthCmd(e), newVersionCmd(e), newGoldenCmd(e),
 	)
 	return root
 }

@@ -77,6 +77,12 @@ type Network struct {
 	AllowSameUser bool `toml:"allow_same_user"`
 	// DNSPort is the port of the VM-facing DNS server on the gateway. Default 53.
 	DNSPort int `toml:"dns_port"`
+	// GatewayTCPPorts are host TCP ports on the gateway address that VMs may
+	// reach (a package cache, a test server). Default none: only DNS.
+	GatewayTCPPorts []int `toml:"gateway_tcp_ports"`
+	// BlockedNets are extra destination prefixes VMs may never reach, on top
+	// of link-local and cloud metadata addresses (for example your LAN).
+	BlockedNets []string `toml:"blocked_nets"`
 }
 
 // Quota is the [quota] section; zero means unlimited.
@@ -263,6 +269,16 @@ func (c *Config) Validate() error {
 	}
 	if c.Network.DNSPort < 1 || c.Network.DNSPort > 65535 {
 		return bad("network.dns_port must be 1..65535")
+	}
+	for _, p := range c.Network.GatewayTCPPorts {
+		if p < 1 || p > 65535 {
+			return bad("network.gateway_tcp_ports: %d is not a port", p)
+		}
+	}
+	for _, b := range c.Network.BlockedNets {
+		if _, err := netip.ParsePrefix(b); err != nil {
+			return bad("network.blocked_nets: %q is not a prefix", b)
+		}
 	}
 	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
 		return bad("quota values must not be negative")

@@ -18,18 +18,58 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sha256File returns the hex SHA-256 of a file's content.
+// sha256File returns the hex SHA-256 of a file's content. Holes of sparse
+// files are hashed as the zeros they read as, without reading them.
 func sha256File(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("hash %s: %w", path, err)
 	}
 	defer f.Close()
-	h := sha256.New()
-	if _, err := io.CopyBuffer(h, f, make([]byte, 1<<20)); err != nil {
+	st, err := f.Stat()
+	if err != nil {
 		return "", fmt.Errorf("hash %s: %w", path, err)
 	}
+	h := sha256.New()
+	buf := make([]byte, 1<<20)
+	size := st.Size()
+	var off int64
+	for off < size {
+		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) { // the rest is a hole
+			data = size
+		} else if err != nil { // no SEEK_DATA: read everything
+			data = off
+		}
+		if err := hashZeros(h, data-off); err != nil {
+			return "", err
+		}
+		if data >= size {
+			break
+		}
+		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			hole = size
+		}
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(f, data, hole-data), buf); err != nil {
+			return "", fmt.Errorf("hash %s: %w", path, err)
+		}
+		off = hole
+	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+var zeroBlock = make([]byte, 1<<20)
+
+func hashZeros(h io.Writer, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeroBlock)))
+		if _, err := h.Write(zeroBlock[:k]); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
 }
 
 // hashStrings returns a hex SHA-256 over the parts, unambiguously separated.

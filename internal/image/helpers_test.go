@@ -143,9 +143,18 @@ func linkTree(src, dst string) error {
 
 var (
 	standinOnce sync.Once
+	standinDir  string
 	standinPath string
 	standinErr  error
 )
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if standinDir != "" {
+		os.RemoveAll(standinDir)
+	}
+	os.Exit(code)
+}
 
 // standinAgent builds testdata/standin-init, a static Go program that plays
 // the agent's role as /init: it loads the modules, mounts /dev/vda, prints a
@@ -158,6 +167,7 @@ func standinAgent(t testing.TB) string {
 			standinErr = err
 			return
 		}
+		standinDir = dir
 		standinPath = filepath.Join(dir, "standin-init")
 		standinErr = goBuildStatic("./testdata/standin-init", standinPath)
 	})

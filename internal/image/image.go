@@ -26,6 +26,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -172,6 +173,8 @@ type rootfsInfo struct {
 	Source   string   `json:"source_sha256"` // busybox binary or debootstrap key
 	Size     int64    `json:"size"`
 }
+
+var suiteRE = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]*$`)
 
 func imageName(tiny bool) string {
 	if tiny {
@@ -329,6 +332,9 @@ func Build(ctx context.Context, opts BuildOptions) (*Image, error) {
 		if opts.Tiny {
 			opts.RootfsSize = DefaultTinyRootfsSize
 		}
+	}
+	if !suiteRE.MatchString(opts.Suite) {
+		return nil, fmt.Errorf("build image: %w: bad suite name %q", errdefs.ErrInvalidArgument, opts.Suite)
 	}
 	if opts.RootfsSize < 32<<20 {
 		return nil, fmt.Errorf("build image: %w: RootfsSize %d is below 32 MiB", errdefs.ErrInvalidArgument, opts.RootfsSize)
@@ -489,7 +495,7 @@ func (b *builder) build(ctx context.Context) (*Image, error) {
 	}
 
 	if !reuse(FileRootfs) {
-		if err := b.buildRootfs(ctx, src, tmp, filepath.Join(tmp, FileRootfs)); err != nil {
+		if err := b.buildRootfs(ctx, src, filepath.Join(tmp, FileRootfs)); err != nil {
 			return nil, fmt.Errorf("rootfs: %w", err)
 		}
 		if err := record(FileRootfs); err != nil {

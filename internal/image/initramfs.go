@@ -43,6 +43,7 @@ func writeInitramfs(dst string, k *kernelEntry, agentPath string) error {
 //	/lib/modules/<release>/...    the guest modules, uncompressed
 //	/etc/noid/modules             their load order, one absolute path per line
 //	/dev/console, /dev/null       device nodes, so /init has stdio before devtmpfs
+//	/etc/noid/kernel-release      the kernel release, one line
 //	/proc /sys /run /tmp /newroot mount points
 func buildInitramfs(w io.Writer, k *kernelEntry, agentPath, compression string) error {
 	agent, err := os.ReadFile(agentPath)
@@ -63,7 +64,7 @@ func buildInitramfs(w io.Writer, k *kernelEntry, agentPath, compression string) 
 		return fmt.Errorf("unknown initramfs compression %q", compression)
 	}
 	c := newCpioWriter(out)
-	for _, d := range []string{"dev", "proc", "sys", "run", "newroot", "etc/noid", "bin", "sbin", "usr", "lib", "mnt"} {
+	for _, d := range []string{"dev", "proc", "sys", "run", GuestNewRoot, "etc/noid", "bin", "sbin", "usr", "lib", "mnt"} {
 		if err := c.Dir(d, 0o755); err != nil {
 			return err
 		}

@@ -106,7 +106,12 @@ func (b *builder) kernel(ctx context.Context) (*kernelEntry, error) {
 	}
 	deb, err := b.downloadKernel(ctx, pkg, ver)
 	if err != nil {
-		return nil, err
+		// Offline, or the lists name a version the mirror no longer has.
+		if k := newestKernelEntry(b.root); k != nil && ctx.Err() == nil {
+			b.p.Printf("kernel: download failed (%v); using cached %s %s", err, k.Package, k.Version)
+			return k, nil
+		}
+		return nil, fmt.Errorf("%w (or set %s to a linux-image .deb)", err, KernelDebEnv)
 	}
 	return b.kernelFromDeb(ctx, deb)
 }

@@ -110,7 +110,7 @@ func (b *builder) findBusybox(ctx context.Context) (string, error) {
 }
 
 // buildRootfs assembles the root tree and makes dst, an ext4 image, from it.
-func (b *builder) buildRootfs(ctx context.Context, src *rootfsSource, _ string, dst string) error {
+func (b *builder) buildRootfs(ctx context.Context, src *rootfsSource, dst string) error {
 	tree, err := os.MkdirTemp(b.root, ".tmp-tree-")
 	if err != nil {
 		return err
@@ -133,6 +133,11 @@ func (b *builder) buildRootfs(ctx context.Context, src *rootfsSource, _ string, 
 		}
 		t = time.Now()
 		if err := extractTarball(ctx, src.tarball, tree); err != nil {
+			if ctx.Err() == nil {
+				// A damaged cache entry must not wedge every later build.
+				os.Remove(src.tarball)
+				return fmt.Errorf("%w (removed the cached tarball; the next build runs debootstrap again)", err)
+			}
 			return err
 		}
 	}
@@ -151,7 +156,8 @@ func (b *builder) buildRootfs(ctx context.Context, src *rootfsSource, _ string, 
 	if err := mkfsExt4(ctx, tree, dst, size); err != nil {
 		return err
 	}
-	b.p.Printf("rootfs: %s ext4, %d MiB of files in a %d MiB sparse image (%s)", src.info.Kind, used>>20, size>>20, since(t))
+	kind := map[string]string{"busybox": "busybox", "debootstrap": "Debian " + src.info.Suite}[src.info.Kind]
+	b.p.Printf("rootfs: %s ext4, %d MiB of files in a %d MiB sparse image (%s)", kind, used>>20, size>>20, since(t))
 	return nil
 }
 
@@ -328,7 +334,7 @@ func (b *builder) debootstrap(ctx context.Context, src *rootfsSource) error {
 	if len(src.info.Packages) > 0 {
 		extra = " + " + strings.Join(src.info.Packages, ", ")
 	}
-	b.p.Printf("rootfs: debootstrap %s minbase%s (about 45-60 s)…", src.info.Suite, extra)
+	b.p.Printf("rootfs: running debootstrap %s minbase%s (about 1 min)…", src.info.Suite, extra)
 	if err := runDebootstrap(ctx, args, b.p); err != nil {
 		return err
 	}
@@ -372,7 +378,10 @@ func runDebootstrap(ctx context.Context, args []string, p progress) error {
 	go func() {
 		defer wg.Done()
 		sc := bufio.NewScanner(pr)
-		lastPhase := ""
+		// debootstrap prints a Retrieving/Validating/Extracting line per
+		// package; report the first of each kind and every other step.
+		perPackage := map[string]bool{"Retrieving": true, "Validating": true, "Extracting": true}
+		seen := map[string]bool{}
 		for sc.Scan() {
 			line := sc.Text()
 			mu.Lock()
@@ -382,11 +391,15 @@ func runDebootstrap(ctx context.Context, args []string, p progress) error {
 			}
 			mu.Unlock()
 			if msg, ok := strings.CutPrefix(line, "I: "); ok {
-				phase, _, _ := strings.Cut(msg, " ")
-				if phase != lastPhase {
-					lastPhase = phase
-					p.Printf("rootfs:   %s", msg)
+				verb, _, _ := strings.Cut(msg, " ")
+				if perPackage[verb] {
+					if seen[verb] {
+						continue
+					}
+					seen[verb] = true
+					msg += " …"
 				}
+				p.Printf("rootfs:   %s", msg)
 			}
 		}
 		io.Copy(io.Discard, pr)

@@ -293,8 +293,11 @@ type VMNet struct {
 	TapGID uint32
 }
 
-// normalize fills defaults and validates v against the pool.
-func (c Config) normalize(v VMNet) (VMNet, error) {
+// NormalizeVM validates v against c and returns it with its defaults
+// filled in (TapName, MAC), as AddVM will install it. The server can use it
+// to learn the TAP name and MAC to hand to the VMM. Errors wrap
+// errdefs.ErrInvalidArgument.
+func (c Config) NormalizeVM(v VMNet) (VMNet, error) {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("vm %q network: "+format+": %w", append([]any{v.ID}, append(a, errdefs.ErrInvalidArgument)...)...)
 	}

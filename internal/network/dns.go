@@ -129,6 +129,14 @@ func (s *DNSServer) Serve(pc net.PacketConn, ln net.Listener) error {
 	if s.closed {
 		return errors.New("dns: server closed")
 	}
+	// Our own addresses are never upstreams (no forwarding loops). Set
+	// before any handler can run.
+	if pc != nil {
+		s.self = append(s.self, pc.LocalAddr().String())
+	}
+	if ln != nil {
+		s.self = append(s.self, ln.Addr().String())
+	}
 	h := dns.HandlerFunc(s.handle)
 	var started []chan error
 	start := func(srv *dns.Server) {
@@ -149,11 +157,9 @@ func (s *DNSServer) Serve(pc net.PacketConn, ln net.Listener) error {
 		started = append(started, ch)
 	}
 	if pc != nil {
-		s.self = append(s.self, pc.LocalAddr().String())
 		start(&dns.Server{PacketConn: pc, Net: "udp"})
 	}
 	if ln != nil {
-		s.self = append(s.self, ln.Addr().String())
 		start(&dns.Server{Listener: ln, Net: "tcp"})
 	}
 	var errs []error

@@ -48,6 +48,7 @@ func fakeUpstream(t *testing.T, ns netns.NsHandle) string {
 		return err
 	})
 	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait) // after the Shutdowns below (cleanups are LIFO)
 	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
 		started := make(chan struct{})
 		srv.NotifyStartedFunc = func() { close(started) }
@@ -56,7 +57,6 @@ func fakeUpstream(t *testing.T, ns netns.NsHandle) string {
 		<-started
 		t.Cleanup(func() { _ = srv.Shutdown() })
 	}
-	t.Cleanup(wg.Wait)
 	return pc.LocalAddr().String()
 }
 
@@ -208,6 +208,7 @@ func TestDNS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		s.dial = nsDialer(e.host)
 		var pc net.PacketConn
 		inside(t, e.host, func() (err error) {
 			pc, err = net.ListenPacket("udp4", hostPort(e.cfg.Gateway(), 5354))

@@ -20,7 +20,8 @@ import (
 //	  chain forward     VM port → VM port: accepted only for peers, else drop
 //
 //	table inet noid   — layer 3, sees what is routed or delivered to the host
-//	  chain input       VM → host: only DNS to the gateway (and replies)
+//	  chain input       VM → host: only DNS to the gateway (and replies);
+//	                    outsiders → gateway address: dropped
 //	  chain forward     MSS clamping; VM → VM routed through the gateway
 //	                    (or bridged, when br_netfilter hands bridged IPv4 to
 //	                    the IP hooks): peers only; VM → blocked ranges: drop;
@@ -228,6 +229,14 @@ func ctStateIn(bits uint32) []expr.Any {
 	}
 }
 
+func ctStateNotIn(bits uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: reg00, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: reg00, DestRegister: reg00, Len: 4, Mask: binaryNative(bits), Xor: binaryNative(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg00, Data: binaryNative(0)},
+	}
+}
+
 func binaryNative(v uint32) []byte {
 	b := make([]byte, 4)
 	binary.NativeEndian.PutUint32(b, v)
@@ -337,6 +346,13 @@ func (m *Manager) queueRuleset(c *nftables.Conn, fresh bool) error {
 		add(inInput, toGateway(unix.IPPROTO_TCP, p))
 	}
 	add(inInput, join(fromBr, one(verdictDrop)))
+	// The gateway address (and the DNS forwarder on it) is for VMs and the
+	// host only: nobody routing to it from another interface may open a
+	// connection to it (no open resolver for the LAN).
+	add(inInput, join(ifnameNot(expr.MetaKeyIIFNAME, cfg.Bridge), ifnameNot(expr.MetaKeyIIFNAME, "lo"), isIPv4(),
+		one(payload(expr.PayloadBaseNetworkHeader, 16, 4, reg00), &expr.Cmp{Op: expr.CmpOpEq, Register: reg00, Data: keyIP(cfg.Gateway())}),
+		ctStateNotIn(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED),
+		one(verdictDrop)))
 
 	inFwd := chain(it, chainForward, nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
 	// TCP MSS clamping to the route's MTU on SYNs to and from VMs.

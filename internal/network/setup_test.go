@@ -6,6 +6,9 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 )
 
 func TestSetupIdempotent(t *testing.T) {
@@ -70,5 +73,34 @@ func TestSetupIdempotent(t *testing.T) {
 	})
 	if strings.TrimSpace(string(fwd)) != "1" {
 		t.Errorf("ip_forward = %q, want 1", fwd)
+	}
+}
+
+// TestSetupReplacesIncompatibleTable: a "noid" table left by something
+// incompatible (here: "input" as a regular chain, which cannot become a
+// base chain in place) is recreated, and ends up identical to a fresh one.
+func TestSetupReplacesIncompatibleTable(t *testing.T) {
+	requireRoot(t)
+	fresh := newNS(t)
+	mf := newTestManager(t, fresh, testConfig())
+	if err := mf.Setup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	want := dumpNFT(t, fresh)
+
+	ns := newNS(t)
+	c := nftConn(t, ns)
+	tb := c.AddTable(&nftables.Table{Name: TableName, Family: nftables.TableFamilyINet})
+	ch := c.AddChain(&nftables.Chain{Name: chainInput, Table: tb})
+	c.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}})
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	m := newTestManager(t, ns, testConfig())
+	if err := m.Setup(context.Background()); err != nil {
+		t.Fatalf("Setup over an incompatible table: %v", err)
+	}
+	if got := dumpNFT(t, ns); !reflect.DeepEqual(got, want) {
+		t.Errorf("ruleset differs from a fresh Setup:\ngot  %+v\nwant %+v", got, want)
 	}
 }

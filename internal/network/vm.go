@@ -90,7 +90,7 @@ func isNotFound(err error) bool {
 // IP, MAC or TAP name, errdefs.ErrInvalidArgument for a bad VMNet and
 // errdefs.ErrUnavailable before Setup.
 func (m *Manager) AddVM(ctx context.Context, v VMNet) error {
-	v, err := m.cfg.normalize(v)
+	v, err := m.cfg.NormalizeVM(v)
 	if err != nil {
 		return err
 	}
@@ -320,7 +320,7 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 	wanted := map[string]bool{}
 	var keep []VMNet
 	for _, v := range want {
-		nv, err := m.cfg.normalize(v)
+		nv, err := m.cfg.NormalizeVM(v)
 		if err == nil {
 			if _, dup := next[nv.ID]; dup {
 				err = fmt.Errorf("vm %q listed twice: %w", nv.ID, errdefs.ErrInvalidArgument)

@@ -404,3 +404,51 @@ func BenchmarkAddVM(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// TestAllowSameUser: with the config switch every VM of an owner joins
+// the owner's peer group; VMs without an owner never do.
+func TestAllowSameUser(t *testing.T) {
+	cfg := testConfig()
+	cfg.AllowSameUser = true
+	ns, h, m := setupHost(t, cfg)
+	ctx := context.Background()
+	for i, owner := range []string{"alice", "alice", ""} {
+		if err := m.AddVM(ctx, vmNet(t, m.Config(), fmt.Sprintf("s%d", i), owner, i, false)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := dumpNFT(t, ns)
+	for i, want := range []int{4, 4, 2} {
+		tap := TapName(fmt.Sprintf("s%d", i))
+		if got := st.elementsMentioning(keyIfname(tap)); got != want {
+			t.Errorf("s%d: %d bridge elements, want %d", i, got, want)
+		}
+		l, _ := h.LinkByName(tap)
+		pi, _ := h.LinkGetProtinfo(l)
+		if pi.Isolated != (want == 2) {
+			t.Errorf("s%d: isolated=%v", i, pi.Isolated)
+		}
+	}
+}
+
+// TestReconcilePartial: a bad or conflicting wanted VM is reported and
+// skipped; the others are applied.
+func TestReconcilePartial(t *testing.T) {
+	ns, h, m := setupHost(t, testConfig())
+	cfg := m.Config()
+	good := vmNet(t, cfg, "good", "alice", 0, false)
+	dupIP := vmNet(t, cfg, "dup", "alice", 0, false)
+	bad := VMNet{ID: "bad", IP: cfg.Gateway()}
+	err := m.Reconcile(context.Background(), []VMNet{good, dupIP, bad})
+	if !errors.Is(err, errdefs.ErrConflict) || !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("Reconcile error = %v, want both a conflict and an invalid argument", err)
+	}
+	if _, err := h.LinkByName(TapName("good")); err != nil {
+		t.Errorf("good VM not applied: %v", err)
+	}
+	linkGone(t, h, TapName("dup"))
+	linkGone(t, h, TapName("bad"))
+	if n := dumpNFT(t, ns).noidElements(); n != 2 {
+		t.Errorf("%d elements, want 2", n)
+	}
+}

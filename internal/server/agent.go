@@ -50,6 +50,7 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 	if err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
 	c, err = client.Connect(cctx, conn, client.Options{})
 	if err != nil {
 		conn.Close()
@@ -60,10 +61,13 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 		}
 		return nil, fmt.Errorf("%w: connecting to agent: %v", errdefs.ErrUnavailable, err)
 	}
-	if _, err := c.Sync(cctx, rt.s.syncFor(v)); err != nil {
+	t1 := time.Now()
+	res, err := c.Sync(cctx, rt.s.syncFor(v))
+	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("%w: syncing agent: %v", errdefs.ErrUnavailable, err)
 	}
+	rt.log.Debug("agent connected", "hello_ms", ms(t1.Sub(t0)), "sync_ms", ms(time.Since(t1)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
 	rt.mu.Lock()
 	if rt.inst != inst {
 		rt.mu.Unlock()

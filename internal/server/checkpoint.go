@@ -40,8 +40,8 @@ func (s *Server) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMet
 	m := &vmm.SnapshotMeta{Backend: s.backend.Name(), VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Accel: vmm.Accel(v.Accel),
 		HasNet: v.Tap != "", CreatedAt: time.Now().UTC()}
 	m.VMMVersion, _ = s.backend.Version(ctx)
-	m.KernelSHA256 = fileDigest(v.Kernel)
-	m.InitrdSHA256 = fileDigest(v.Initrd)
+	m.KernelSHA256 = fingerprint(v.Kernel)
+	m.InitrdSHA256 = fingerprint(v.Initrd)
 	return m
 }
 
@@ -98,7 +98,12 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 		s.metrics.op("checkpoint", start, err)
 		return nil, classifyIOErr("checkpoint of "+vmName, err)
 	}
+	// The backend may have written its own metadata; complete it.
 	meta := s.snapshotMeta(ctx, v)
+	if bm, err := vmm.ReadMeta(tmp); err == nil {
+		bm.KernelSHA256, bm.InitrdSHA256 = meta.KernelSHA256, meta.InitrdSHA256
+		meta = bm
+	}
 	if err := vmm.WriteMeta(tmp, meta); err != nil {
 		return nil, classifyIOErr("writing checkpoint metadata", err)
 	}
@@ -188,6 +193,12 @@ func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req 
 		return nil, fmt.Errorf("%w: no checkpoint given", errdefs.ErrInvalidArgument)
 	}
 	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		// A checkpoint id of another of the user's VMs is accepted too.
+		if c2, err2 := s.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint); err2 == nil {
+			c, err = c2, nil
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -285,6 +296,15 @@ func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *sto
 		return nil, err
 	}
 	dir := s.checkpointDir(c)
+	// The clone takes its spec from the checkpoint's own VM, which may be
+	// another of the user's VMs when the checkpoint was given by id.
+	if c.VMID != src.ID {
+		owner, err := s.store.GetVMByID(ctx, c.VMID)
+		if err != nil {
+			return nil, err
+		}
+		src = owner
+	}
 	if err := s.checkSnapshotFits(dir, src); err != nil {
 		return nil, err
 	}

@@ -96,11 +96,8 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	if console {
 		req.TTY = true
 		req.Stdin = true
-		if len(req.Argv) == 0 {
-			req.Argv = []string{"/bin/sh", "-l"}
-		}
 	}
-	if len(req.Argv) == 0 {
+	if len(req.Argv) == 0 && !console {
 		sendErr(errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]"))
 		return nil
 	}
@@ -121,10 +118,16 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		sendErr(fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument))
 		return nil
 	}
-	proc, err := ac.Exec(ctx, proto.ExecRequest{
+	preq := proto.ExecRequest{
 		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
 		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
-	})
+	}
+	var proc *client.Process
+	if console && len(req.Argv) == 0 {
+		proc, err = ac.Console(ctx, preq)
+	} else {
+		proc, err = ac.Exec(ctx, preq)
+	}
 	if err != nil {
 		sendErr(fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err))
 		return nil
@@ -135,16 +138,30 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		return nil
 	}
 
-	// Client → process.
+	// Client → process. Stdin goes through its own goroutine: a process
+	// that does not read its input must not hold up signals and resizes.
+	stdinCh := make(chan []byte, 16)
 	go func() {
 		stdin := proc.Stdin()
-		defer func() {
-			if !req.Stdin {
+		defer stdin.Close()
+		for b := range stdinCh {
+			if _, err := stdin.Write(b); err != nil {
+				for range stdinCh {
+				}
 				return
 			}
-		}()
+		}
+	}()
+	go func() {
+		stdinOpen := req.Stdin
+		closeStdin := func() {
+			if stdinOpen {
+				stdinOpen = false
+				close(stdinCh)
+			}
+		}
 		if !req.Stdin {
-			stdin.Close()
+			close(stdinCh)
 		}
 		for {
 			typ, msg, err := ws.Read(ctx)
@@ -153,14 +170,15 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 				if ctx.Err() == nil {
 					proc.Signal(context.Background(), syscall.SIGHUP)
 				}
-				stdin.Close()
+				closeStdin()
 				cancel()
 				return
 			}
 			if typ == websocket.MessageBinary {
-				if len(msg) > 1 && msg[0] == api.ChanStdin && req.Stdin {
-					if _, err := stdin.Write(msg[1:]); err != nil {
-						continue
+				if len(msg) > 1 && msg[0] == api.ChanStdin && stdinOpen {
+					select {
+					case stdinCh <- msg[1:]:
+					case <-ctx.Done():
 					}
 				}
 				continue
@@ -171,7 +189,7 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 			}
 			switch m.Type {
 			case api.MsgStdinEOF:
-				stdin.Close()
+				closeStdin()
 			case api.MsgSignal:
 				if m.Signal > 0 && m.Signal < 65 {
 					proc.Signal(ctx, syscall.Signal(m.Signal))

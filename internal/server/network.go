@@ -2,19 +2,150 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"strconv"
+	"strings"
 
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/network"
 	"github.com/noid-vm/noid/internal/store"
 )
 
-// prepareNetwork adds IP allocation to a VM insert when the VM gets a NIC.
-func (s *Server) prepareNetwork(v *store.VM, opts *store.CreateOpts) {}
+// netConfig turns the [network] config section into the network package's.
+func (s *Server) netConfig() (network.Config, error) {
+	p, err := netip.ParsePrefix(s.cfg.Network.Pool)
+	if err != nil {
+		return network.Config{}, fmt.Errorf("%w: network.pool: %v", errdefs.ErrInvalidArgument, err)
+	}
+	nc := network.Config{Bridge: s.cfg.Network.Bridge, Pool: p, AllowSameUser: s.cfg.Network.AllowSameUser, DNSPort: uint16(s.cfg.Network.DNSPort)}
+	for _, port := range s.cfg.Network.GatewayTCPPorts {
+		nc.GatewayTCPPorts = append(nc.GatewayTCPPorts, uint16(port))
+	}
+	for _, b := range s.cfg.Network.BlockedNets {
+		bp, err := netip.ParsePrefix(b)
+		if err != nil {
+			return network.Config{}, fmt.Errorf("%w: network.blocked_nets: %v", errdefs.ErrInvalidArgument, err)
+		}
+		nc.BlockedNets = append(nc.BlockedNets, bp)
+	}
+	return nc.WithDefaults(), nil
+}
 
-// attachNetwork creates the VM's TAP and rules.
-func (s *Server) attachNetwork(ctx context.Context, v *store.VM) error { return nil }
+// setupNetwork creates the bridge, the nftables tables and the DNS server,
+// and re-applies every existing VM's TAP and rules (idempotently), removing
+// orphans left by a crash.
+func (s *Server) setupNetwork(ctx context.Context) error {
+	if !s.cfg.NetworkEnabled() {
+		s.log.Info("networking disabled; VMs get no NIC")
+		return nil
+	}
+	nc, err := s.netConfig()
+	if err != nil {
+		return err
+	}
+	m, err := network.New(ctx, nc, s.log)
+	if err != nil {
+		return err
+	}
+	if err := m.Setup(ctx); err != nil {
+		m.Close()
+		return fmt.Errorf("setting up networking (set [network] enabled = false to run without): %w", err)
+	}
+	vms, err := s.store.ListVMs(ctx, -1)
+	if err != nil {
+		m.Close()
+		return err
+	}
+	var want []network.VMNet
+	for _, v := range vms {
+		if v.Tap == "" || v.State == store.StateDestroying {
+			continue
+		}
+		if vn, err := s.vmNet(m, v); err == nil {
+			want = append(want, vn)
+		}
+	}
+	if err := m.Reconcile(ctx, want); err != nil {
+		s.log.Warn("reconciling VM networks", "err", err)
+	}
+	dns, err := m.StartDNS(ctx, network.ResolverFunc(s.lookupVM), network.DNSOptions{Domain: "noid"})
+	if err != nil {
+		m.Close()
+		return fmt.Errorf("starting the VM DNS server: %w", err)
+	}
+	s.net, s.dns = m, dns
+	s.log.Info("networking ready", "bridge", nc.Bridge, "pool", nc.Pool.String(), "gateway", nc.Gateway().String(), "vms", len(want))
+	return nil
+}
+
+func (s *Server) vmNet(m *network.Manager, v *store.VM) (network.VMNet, error) {
+	ip, err := netip.ParseAddr(v.IP)
+	if err != nil {
+		return network.VMNet{}, fmt.Errorf("vm %s has no valid ip %q", v.Name, v.IP)
+	}
+	return m.Config().NormalizeVM(network.VMNet{ID: v.ID, IP: ip, Owner: strconv.FormatInt(v.UserID, 10), AllowPeers: v.AllowPeers})
+}
+
+// lookupVM answers "<vm>.noid" for the VM at asker's address, scoped to
+// its owner.
+func (s *Server) lookupVM(ctx context.Context, asker netip.Addr, name string) (netip.Addr, bool) {
+	from, err := s.store.GetVMByIP(ctx, asker.String())
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	v, err := s.store.GetVM(ctx, from.UserID, strings.ToLower(name))
+	if err != nil || v.IP == "" || v.State == store.StateDestroying {
+		return netip.Addr{}, false
+	}
+	a, err := netip.ParseAddr(v.IP)
+	return a, err == nil
+}
+
+// prepareNetwork adds IP allocation to a VM insert when the VM gets a NIC.
+func (s *Server) prepareNetwork(v *store.VM, opts *store.CreateOpts) {
+	if v.Network == "none" || s.net == nil {
+		v.Network = "none"
+		return
+	}
+	nc := s.net.Config()
+	opts.AllocIP = func(used map[string]bool) (string, error) {
+		for n := 0; n < nc.PoolSize(); n++ {
+			a, _ := nc.NthHost(n)
+			if !used[a.String()] {
+				return a.String(), nil
+			}
+		}
+		return "", errdefs.WithHint(fmt.Errorf("%w: the address pool %s is exhausted (%d VMs)", errdefs.ErrResourceExhausted, nc.Pool, nc.PoolSize()),
+			"destroy VMs, or configure a larger [network] pool")
+	}
+}
+
+// attachNetwork creates the VM's TAP and rules and records its TAP and MAC.
+func (s *Server) attachNetwork(ctx context.Context, v *store.VM) error {
+	if v.Network == "none" || s.net == nil || v.IP == "" {
+		return nil
+	}
+	vn, err := s.vmNet(s.net, v)
+	if err != nil {
+		return err
+	}
+	if err := s.net.AddVM(ctx, vn); err != nil {
+		return fmt.Errorf("creating network for vm %s: %w", v.Name, err)
+	}
+	v.Tap, v.MAC = vn.TapName, vn.MAC.String()
+	return nil
+}
 
 // detachNetwork removes the VM's TAP and rules.
-func (s *Server) detachNetwork(ctx context.Context, v *store.VM) {}
+func (s *Server) detachNetwork(ctx context.Context, v *store.VM) {
+	if s.net == nil || v.IP == "" {
+		return
+	}
+	if err := s.net.RemoveVM(ctx, v.ID); err != nil {
+		s.log.Warn("removing vm network", "vm", v.Name, "err", err)
+	}
+}
 
 func (s *Server) poolPrefix() netip.Prefix {
 	p, _ := netip.ParsePrefix(s.cfg.Network.Pool)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/network"
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -60,6 +61,12 @@ type Server struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	limiter   *authLimiter
+
+	net *network.Manager
+	dns *network.DNSServer
+
+	goldenMu    sync.Mutex
+	goldenLocks map[string]*sync.RWMutex
 }
 
 // New opens the store, selects the backend and re-adopts the VMs an earlier
@@ -106,7 +113,12 @@ func New(ctx context.Context, opts Options) (*Server, error) {
 	} else {
 		log.Info("storage: sparse copies (no reflink on this filesystem; see `noid-server storage setup-reflink`)", "dir", filepath.Join(cfg.DataDir, "users"))
 	}
+	if err := s.setupNetwork(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
 	if err := s.recover(ctx); err != nil {
+		s.closeNetwork()
 		st.Close()
 		return nil, err
 	}
@@ -277,9 +289,21 @@ func (s *Server) Close() error {
 		for _, rt := range rts {
 			rt.release()
 		}
+		s.closeNetwork()
 		s.store.Close()
 	})
 	return nil
+}
+
+// closeNetwork stops the DNS server. TAPs and rules stay: VMs keep their
+// connectivity while the server is down.
+func (s *Server) closeNetwork() {
+	if s.dns != nil {
+		s.dns.Close()
+	}
+	if s.net != nil {
+		s.net.Close()
+	}
 }
 
 // hostLimits are the ranges accepted for vcpus and memory.

@@ -407,9 +407,22 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	if err != nil {
 		return nil, err
 	}
+	var warnings []string
+	reason := "custom disk size"
+	if p.diskBytes == 0 {
+		var dir string
+		dir, reason = s.pickGolden(ctx, u, p, bf)
+		if dir != "" {
+			return s.createFromGolden(ctx, u, p, bf, dir, start)
+		}
+		if strings.Contains(reason, "stale") || strings.Contains(reason, "made with") {
+			s.log.Warn("not using golden snapshot", "user", u.Name, "vm", p.name, "reason", reason)
+			warnings = append(warnings, reason+"; cold-booting")
+		}
+	}
 	v := &store.VM{
 		ID: newID(6), UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
-		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "cold", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "cold", BootReason: reason, Kernel: bf.Kernel, Initrd: bf.Initrd,
 		Network: p.network, AllowPeers: p.allowPeer,
 	}
 	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, p.vcpus, p.memMiB)}
@@ -469,6 +482,7 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 		s.metrics.op("create", start, nil)
 		log.Info("vm created (not waiting for agent)", "pid", v.PID)
 		out := s.apiVM(ctx, v)
+		out.Warnings = warnings
 		out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), NetMs: ms(netDur)}
 		go s.connectAgentAsync(v.ID)
 		return out, nil
@@ -489,6 +503,7 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	s.metrics.op("create", start, nil)
 	log.Info("vm created", "pid", v.PID, "boot", v.BootPath, "ms", ms(time.Since(start)))
 	out := s.apiVM(ctx, v)
+	out.Warnings = warnings
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
 	return out, nil
 }

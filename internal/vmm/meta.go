@@ -9,9 +9,17 @@ import (
 	"github.com/noid-vm/noid/internal/errdefs"
 )
 
-// ReadMeta reads a snapshot directory's meta.json.
+// GoldenConfig is the metadata file of a golden snapshot directory; it holds
+// a SnapshotMeta plus golden-only fields, so ReadMeta accepts it too.
+const GoldenConfig = "config.json"
+
+// ReadMeta reads a snapshot directory's meta.json, or config.json in a golden
+// snapshot directory.
 func ReadMeta(dir string) (*SnapshotMeta, error) {
 	b, err := os.ReadFile(filepath.Join(dir, SnapMeta))
+	if os.IsNotExist(err) {
+		b, err = os.ReadFile(filepath.Join(dir, GoldenConfig))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading snapshot metadata: %w", err)
 	}

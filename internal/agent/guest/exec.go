@@ -306,7 +306,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 // after the process exited expires; then it drains whatever is immediately
 // available (bounded to one second) and returns.
 func copyOutput(st *proto.Stream, ch uint8, f *os.File) {
-	buf := make([]byte, 32<<10)
+	buf := make([]byte, 128<<10)
 	var drainEnd time.Time
 	for {
 		if !drainEnd.IsZero() {

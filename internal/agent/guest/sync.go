@@ -100,6 +100,10 @@ func (a *Agent) applySync(req proto.Sync) proto.SyncResult {
 
 func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail func(string, ...any)) {
 	sys := a.sys
+	writeIfChanged := writeIfChanged
+	if d, ok := sys.(interface{ Disabled() bool }); ok && d.Disabled() {
+		writeIfChanged = func(string, []byte) (bool, error) { return false, ErrSyncDisabled }
+	}
 	changed := func(what string) { res.Changed = append(res.Changed, what) }
 	if id.Hostname != "" {
 		if cur, err := sys.Hostname(); err != nil || cur != id.Hostname {

@@ -210,3 +210,35 @@ func (LinuxSystem) SetGateway(ifname, gw string) error {
 	}
 	return nil
 }
+
+// ErrSyncDisabled is returned by DisabledSystem for every change.
+var ErrSyncDisabled = errors.New("sync is disabled: the agent is not init (start it with --sync to allow it)")
+
+// DisabledSystem reports the real state but refuses every change. The agent
+// uses it when it is not PID 1, so that running it on a workstation for
+// development never changes that machine's clock, RNG or network.
+type DisabledSystem struct{ LinuxSystem }
+
+// Disabled tells the agent not to write /etc files either.
+func (DisabledSystem) Disabled() bool { return true }
+
+// SetClock refuses.
+func (DisabledSystem) SetClock(time.Time) error { return ErrSyncDisabled }
+
+// AddEntropy refuses.
+func (DisabledSystem) AddEntropy([]byte) error { return ErrSyncDisabled }
+
+// ReseedCRNG refuses.
+func (DisabledSystem) ReseedCRNG() error { return ErrSyncDisabled }
+
+// SetHostname refuses.
+func (DisabledSystem) SetHostname(string) error { return ErrSyncDisabled }
+
+// SetMAC refuses.
+func (DisabledSystem) SetMAC(string, string) error { return ErrSyncDisabled }
+
+// SetIPv4 refuses.
+func (DisabledSystem) SetIPv4(string, string) error { return ErrSyncDisabled }
+
+// SetGateway refuses.
+func (DisabledSystem) SetGateway(string, string) error { return ErrSyncDisabled }

@@ -20,10 +20,10 @@ const (
 	MaxPayload = 1 << 20
 	// MaxDataChunk is the largest DATA payload this implementation sends.
 	// Receivers accept up to MaxPayload.
-	MaxDataChunk = 64 << 10
+	MaxDataChunk = 256 << 10
 	// InitialWindow is the flow-control credit each direction of a stream
 	// starts with, in bytes.
-	InitialWindow = 256 << 10
+	InitialWindow = 1 << 20
 	// Version is the protocol version carried in HELLO and HELLO_ACK.
 	Version = 1
 )
@@ -96,9 +96,13 @@ func (f Frame) String() string {
 
 // Header is a decoded frame header.
 type Header struct {
-	Type   Type
-	Flags  uint8
+	// Type is the frame type.
+	Type Type
+	// Flags is the channel for DATA, EOF and WINDOW, else 0.
+	Flags uint8
+	// Stream is the stream id.
 	Stream uint32
+	// Length is the payload length.
 	Length uint32
 }
 

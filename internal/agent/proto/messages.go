@@ -3,7 +3,6 @@ package proto
 import (
 	"encoding/json"
 	"fmt"
-	"time"
 )
 
 // Hello opens a host connection. ID is a fresh random id for every new
@@ -70,8 +69,9 @@ type ExecRequest struct {
 	// TTY runs the process on a new pseudo-terminal. Output then arrives on
 	// stdout only.
 	TTY bool `json:"tty,omitempty"`
-	// Rows and Cols set the initial terminal size when TTY is set.
+	// Rows is the initial terminal height when TTY is set (default 24).
 	Rows uint16 `json:"rows,omitempty"`
+	// Cols is the initial terminal width when TTY is set (default 80).
 	Cols uint16 `json:"cols,omitempty"`
 	// TimeoutMS, when positive, kills the process group with SIGKILL after
 	// that many milliseconds; the exit code is then 124.
@@ -85,8 +85,10 @@ type ExecRequest struct {
 type Control struct {
 	// Signal, when non-zero, is sent to the process group.
 	Signal int `json:"signal,omitempty"`
-	// Rows and Cols, when both non-zero, resize the terminal.
+	// Rows is the new terminal height; with Cols, both non-zero, it
+	// resizes the terminal.
 	Rows uint16 `json:"rows,omitempty"`
+	// Cols is the new terminal width.
 	Cols uint16 `json:"cols,omitempty"`
 }
 
@@ -221,6 +223,3 @@ func Unmarshal(p []byte, v any) error {
 	}
 	return nil
 }
-
-// Duration converts TimeoutMS-style milliseconds to a time.Duration.
-func Duration(ms int64) time.Duration { return time.Duration(ms) * time.Millisecond }

@@ -26,6 +26,9 @@ type Instance struct {
 
 	pidfd *os.File
 
+	preMu   sync.Mutex
+	preconn net.Conn // agent connection made at spawn, handed out once
+
 	mu sync.Mutex // serialises state-changing operations (checkpoint, pause, resume)
 }
 
@@ -85,6 +88,33 @@ func (i *Instance) watch() {
 	close(i.done)
 }
 
+// ensureRunning resumes a VM that an earlier server left paused, for example
+// by dying in the middle of a checkpoint. A VM still waiting for its
+// incoming state never got it, so it is reported as broken.
+func (i *Instance) ensureRunning(ctx context.Context) error {
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := i.qmp.Execute(ctx, "query-status", nil, &st); err != nil {
+		return err
+	}
+	switch st.Status {
+	case "running":
+		return nil
+	case "inmigrate":
+		return fmt.Errorf("the vm was being restored when the server stopped and never received its state")
+	case "finish-migrate":
+		// A checkpoint was writing its state; let it finish first.
+		if err := i.waitMigration(ctx, "finishing an interrupted checkpoint"); err != nil {
+			return err
+		}
+	}
+	if err := i.qmp.Execute(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("resuming vm left in state %s: %w", st.Status, err)
+	}
+	return nil
+}
+
 // Pid returns QEMU's pid.
 func (i *Instance) Pid() int { return i.pid }
 
@@ -93,6 +123,13 @@ func (i *Instance) Done() <-chan struct{} { return i.done }
 
 // DialAgent connects to the guest agent's virtio-serial chardev socket.
 func (i *Instance) DialAgent(ctx context.Context) (net.Conn, error) {
+	i.preMu.Lock()
+	pre := i.preconn
+	i.preconn = nil
+	i.preMu.Unlock()
+	if pre != nil {
+		return pre, nil
+	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", agentPath(i.spec))
 	if err != nil {
@@ -311,11 +348,17 @@ func (i *Instance) Kill(ctx context.Context) error {
 	}
 }
 
-// Close releases the QMP connection and the pid watch without stopping QEMU.
+// Close releases the QMP connection without stopping QEMU.
 func (i *Instance) Close() error {
 	if i.qmp != nil {
 		i.qmp.Close()
 	}
+	i.preMu.Lock()
+	if i.preconn != nil {
+		i.preconn.Close()
+		i.preconn = nil
+	}
+	i.preMu.Unlock()
 	return nil
 }
 

@@ -11,16 +11,16 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
-	"syscall"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/noid-vm/noid/internal/errdefs"
@@ -118,8 +118,8 @@ func Args(spec vmm.Spec, incoming bool) []string {
 		// Under TCG the guest TSC runs at the host's TSC rate. Calibrating it
 		// against the emulated PIT fails on a busy host and can stall the
 		// boot, so tell the kernel the rate and trust it.
-		if khz := hostTSCkHz(); khz > 0 {
-			cmdline += " tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable"
+		if args := vmm.TCGKernelArgs(); len(args) > 0 {
+			cmdline += " " + strings.Join(args, " ")
 		}
 	}
 	if spec.Cmdline != "" {
@@ -155,7 +155,7 @@ func Args(spec vmm.Spec, incoming bool) []string {
 	}
 	if spec.Net != nil {
 		a = append(a,
-			"-netdev", "tap,id=net0,ifname="+spec.Net.Tap+",script=no,downscript=no",
+			"-netdev", "tap,id=net0,ifname="+spec.Net.Tap+",script=no,downscript=no,vnet_hdr=on",
 			"-device", "virtio-net-device,netdev=net0,mac="+spec.Net.MAC)
 	}
 	if spec.Sandbox != nil {
@@ -170,30 +170,6 @@ func Args(spec vmm.Spec, incoming bool) []string {
 		a = append(a, "-incoming", "defer")
 	}
 	return a
-}
-
-var (
-	tscOnce sync.Once
-	tscKHz  int
-)
-
-// hostTSCkHz reads the host CPU's frequency in kHz from /proc/cpuinfo.
-func hostTSCkHz() int {
-	tscOnce.Do(func() {
-		b, err := os.ReadFile("/proc/cpuinfo")
-		if err != nil {
-			return
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
-				if mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && mhz > 100 {
-					tscKHz = int(mhz * 1000)
-				}
-				return
-			}
-		}
-	})
-	return tscKHz
 }
 
 // listenFile creates a listening unix socket at path and returns it as a
@@ -266,7 +242,16 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 		killPid(pid)
 		return nil, fmt.Errorf("writing pid file: %w", err)
 	}
+	// Connect to the agent's port right away: QEMU accepts the connection
+	// while it sets up the chardev, so a restored guest never sees its host
+	// side go away and the first HELLO is delivered the moment it runs.
+	pre, preErr := net.Dial("unix", agentPath(spec))
 	inst, err := attach(ctx, spec, pid)
+	if err == nil && preErr == nil {
+		inst.preconn = pre
+	} else if pre != nil {
+		pre.Close()
+	}
 	if err != nil {
 		killPid(pid)
 		if msg := qemuLog(logPath, logStart); msg != "" {
@@ -361,6 +346,10 @@ func (b *Backend) Adopt(ctx context.Context, spec vmm.Spec, pid int) (vmm.Instan
 		if !isOurs(pid, spec) {
 			return nil, vmm.ErrGone
 		}
+		return nil, err
+	}
+	if err := inst.ensureRunning(ctx); err != nil {
+		inst.Kill(context.Background())
 		return nil, err
 	}
 	return inst, nil

@@ -1,0 +1,103 @@
+package cli
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+)
+
+func newGoldenCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "golden",
+		Short: "Manage golden snapshots (pre-booted VMs that `noid create` restores)",
+		Long: `A golden snapshot is a checkpoint of a fully booted VM that ` + "`noid create`" + ` restores
+instead of booting, when the requested vCPUs and memory match. There is one per
+(vCPUs, memory). Root's goldens are used by every user; a user's own goldens take
+precedence for them. scripts/provision-golden.sh builds one end to end.`,
+		Example: `  noid golden promote builder ready
+  noid golden list
+  noid golden rm --vcpus 2 --memory 4096`,
+	}
+	var cpID string
+	promote := &cobra.Command{
+		Use:   "promote <vm> <checkpoint> | --checkpoint-id ID",
+		Short: "Make a checkpoint the golden snapshot for its vCPUs and memory",
+		Example: `  noid golden promote builder ready
+  noid golden promote --checkpoint-id 3fa9c2d1`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var vm, cp string
+			switch {
+			case cpID != "" && len(args) == 0:
+				cp = cpID
+			case cpID == "" && len(args) == 2:
+				vm, cp = args[0], args[1]
+			default:
+				return usagef("golden promote needs <vm> <checkpoint>, or --checkpoint-id ID")
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			g, err := c.PromoteGolden(cmd.Context(), vm, cp)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "golden snapshot for %d vCPU/%d MiB promoted from %s (%s)\n", g.VCPUs, g.MemoryMiB, g.Source, bytesHuman(g.SizeBytes))
+			return nil
+		},
+	}
+	promote.Flags().StringVar(&cpID, "checkpoint-id", "", "promote the checkpoint with this id")
+	var asJSON bool
+	list := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List golden snapshots",
+		Example: `  noid golden list --json`,
+		Args:    exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			gs, err := c.ListGolden(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(e.stdout, gs)
+			}
+			t := newTable(e.stdout, "SPEC", "OWNER", "STATUS", "SOURCE", "SIZE", "CREATED")
+			for _, g := range gs {
+				status := "ready"
+				if g.Stale {
+					status = "STALE: " + g.StaleWhy
+				}
+				t.row(fmt.Sprintf("%d vCPU/%d MiB", g.VCPUs, g.MemoryMiB), g.Owner, status, orDash(g.Source), bytesHuman(g.SizeBytes), ago(g.CreatedAt))
+			}
+			return t.flush()
+		},
+	}
+	list.Flags().BoolVar(&asJSON, "json", false, "print a JSON array")
+	var vcpus, mem int
+	rm := &cobra.Command{
+		Use:     "rm",
+		Short:   "Delete a golden snapshot (default: the server's default spec)",
+		Example: `  noid golden rm --vcpus 1 --memory 2048`,
+		Args:    exactArgs(0, "no arguments (use --vcpus and --memory)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			if err := c.RemoveGolden(cmd.Context(), vcpus, mem); err != nil {
+				return err
+			}
+			fmt.Fprintln(e.stdout, "golden snapshot removed")
+			return nil
+		},
+	}
+	rm.Flags().IntVar(&vcpus, "vcpus", 0, "vCPUs of the golden to remove")
+	rm.Flags().IntVar(&mem, "memory", 0, "memory (MiB) of the golden to remove")
+	cmd.AddCommand(promote, list, rm)
+	return cmd
+}

@@ -1,0 +1,410 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// Golden snapshots let `noid create` restore a pre-booted VM instead of
+// booting one. Each is a self-contained directory holding rootfs.ext4,
+// memory.snap, vmstate.snap and config.json, one per (vCPUs, memory):
+//
+//	<data_dir>/golden/<vcpus>x<memory_mib>/             system goldens (promoted by an admin), used by every user
+//	<data_dir>/users/<uid>/golden/<vcpus>x<memory_mib>/ a user's own goldens, preferred over the system ones
+//
+// Nothing in a golden refers to the VM or checkpoint it came from, so
+// destroying those breaks nothing.
+
+// goldenConfig is config.json: the snapshot metadata plus the fingerprints
+// that decide staleness.
+type goldenConfig struct {
+	vmm.SnapshotMeta
+	// RootfsFingerprint identifies the base rootfs new VMs were built from.
+	RootfsFingerprint string `json:"rootfs_fingerprint"`
+	// Source names the VM and checkpoint it was promoted from (informational).
+	Source string `json:"source"`
+	// PromotedAt is when it was promoted.
+	PromotedAt time.Time `json:"promoted_at"`
+}
+
+const goldenBackups = 3
+
+func (s *Server) systemGoldenRoot() string { return filepath.Join(s.cfg.DataDir, "golden") }
+
+// goldenRoot is where u's promotions go: admins publish system goldens.
+func (s *Server) goldenRoot(u *store.User) string {
+	if u.IsAdmin {
+		return s.systemGoldenRoot()
+	}
+	return filepath.Join(s.userDir(u.ID), "golden")
+}
+
+func specDirName(vcpus, mem int) string { return fmt.Sprintf("%dx%d", vcpus, mem) }
+
+// goldenLock returns the lock guarding one golden directory: creates read
+// it, promotion and removal replace it.
+func (s *Server) goldenLock(dir string) *sync.RWMutex {
+	s.goldenMu.Lock()
+	defer s.goldenMu.Unlock()
+	if s.goldenLocks == nil {
+		s.goldenLocks = map[string]*sync.RWMutex{}
+	}
+	l := s.goldenLocks[dir]
+	if l == nil {
+		l = &sync.RWMutex{}
+		s.goldenLocks[dir] = l
+	}
+	return l
+}
+
+func readGoldenConfig(dir string) (*goldenConfig, error) {
+	b, err := os.ReadFile(filepath.Join(dir, vmm.GoldenConfig))
+	if err != nil {
+		return nil, err
+	}
+	var c goldenConfig
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("golden %s: corrupt config.json: %w", dir, err)
+	}
+	return &c, nil
+}
+
+// fingerprint identifies a boot file. Small files are hashed whole; large
+// ones (root filesystems) by size, mtime and their first and last MiB.
+func fingerprint(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return ""
+	}
+	if fi.Size() <= 64<<20 {
+		return fileDigest(path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	h := sha256.New()
+	fmt.Fprintf(h, "large:%d:%d:", fi.Size(), fi.ModTime().UnixNano())
+	io.Copy(h, io.LimitReader(f, 1<<20))
+	f.Seek(-1<<20, io.SeekEnd)
+	io.Copy(h, f)
+	return "meta:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// staleReason says why a golden cannot be used with the current boot files
+// and VMM, or "" when it is fresh.
+func (s *Server) staleReason(ctx context.Context, c *goldenConfig, bf bootFiles) string {
+	var why []string
+	if c.Backend != s.backend.Name() {
+		why = append(why, "it was made by the "+c.Backend+" backend")
+	}
+	if c.Accel != s.accel {
+		why = append(why, fmt.Sprintf("it was made under %s, this host uses %s", c.Accel, s.accel))
+	}
+	if v, _ := s.backend.Version(ctx); v != "" && c.VMMVersion != v {
+		why = append(why, fmt.Sprintf("the VMM changed (%s → %s)", c.VMMVersion, v))
+	}
+	if c.KernelSHA256 != fingerprint(bf.Kernel) {
+		why = append(why, "the kernel changed")
+	}
+	if c.InitrdSHA256 != fingerprint(bf.Initrd) {
+		why = append(why, "the initramfs (agent) changed")
+	}
+	if c.RootfsFingerprint != fingerprint(bf.Rootfs) {
+		why = append(why, "the base rootfs changed")
+	}
+	return strings.Join(why, ", ")
+}
+
+// pickGolden finds a usable golden for a create, or explains why none is.
+func (s *Server) pickGolden(ctx context.Context, u *store.User, p *createParams, bf bootFiles) (dir string, reason string) {
+	if p.coldBoot {
+		return "", "cold boot requested"
+	}
+	name := specDirName(p.vcpus, p.memMiB)
+	var candidates []string
+	if !u.IsAdmin {
+		candidates = append(candidates, filepath.Join(s.goldenRoot(u), name))
+	}
+	candidates = append(candidates, filepath.Join(s.systemGoldenRoot(), name))
+	var stale []string
+	for _, d := range candidates {
+		c, err := readGoldenConfig(d)
+		if err != nil {
+			continue
+		}
+		if c.HasNet != (p.network != "none") {
+			stale = append(stale, fmt.Sprintf("golden %s was made with network=%s", name, netName(c.HasNet)))
+			continue
+		}
+		if why := s.staleReason(ctx, c, bf); why != "" {
+			stale = append(stale, fmt.Sprintf("golden snapshot for %d vCPU/%d MiB is stale: %s", p.vcpus, p.memMiB, why))
+			continue
+		}
+		return d, ""
+	}
+	if len(stale) > 0 {
+		return "", strings.Join(stale, "; ")
+	}
+	return "", fmt.Sprintf("no golden snapshot for %d vCPU/%d MiB", p.vcpus, p.memMiB)
+}
+
+// createFromGolden starts a new VM from a golden directory.
+func (s *Server) createFromGolden(ctx context.Context, u *store.User, p *createParams, bf bootFiles, dir string, start time.Time) (*api.VM, error) {
+	l := s.goldenLock(dir)
+	l.RLock()
+	defer l.RUnlock()
+	// Re-check under the lock: it may have been removed meanwhile.
+	if _, err := readGoldenConfig(dir); err != nil {
+		return nil, fmt.Errorf("%w: golden snapshot disappeared", errdefs.ErrConflict)
+	}
+	src := "system"
+	if strings.HasPrefix(dir, s.userDir(u.ID)) {
+		src = "user"
+	}
+	v := &store.VM{
+		ID: newID(6), UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
+		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "golden", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		Network: p.network, AllowPeers: p.allowPeer, Source: "golden:" + src + ":" + filepath.Base(dir),
+	}
+	if fi, err := os.Stat(filepath.Join(dir, vmm.SnapDisk)); err == nil {
+		v.DiskBytes = fi.Size()
+	}
+	return s.startFromSnapshot(ctx, u, v, dir, start)
+}
+
+// PromoteGolden copies a checkpoint into a golden snapshot for its spec,
+// replacing (and backing up) an existing one.
+func (s *Server) PromoteGolden(ctx context.Context, u *store.User, req api.GoldenPromoteRequest) (*api.Golden, error) {
+	var c *store.Checkpoint
+	var vmName string
+	if req.VM == "" {
+		if req.Checkpoint == "" {
+			return nil, fmt.Errorf("%w: give a vm and checkpoint, or a checkpoint id", errdefs.ErrInvalidArgument)
+		}
+		cp, err := s.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint)
+		if err != nil {
+			return nil, errdefs.WithHint(err, "noid checkpoints <vm> lists checkpoint ids")
+		}
+		c = cp
+		if v, err := s.store.GetVMByID(ctx, cp.VMID); err == nil {
+			vmName = v.Name
+		}
+	} else {
+		v, err := s.store.GetVM(ctx, u.ID, req.VM)
+		if err != nil {
+			return nil, err
+		}
+		cp, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+		if err != nil {
+			return nil, err
+		}
+		c, vmName = cp, v.Name
+	}
+	bf, err := s.resolveBootFiles()
+	if err != nil {
+		return nil, err
+	}
+	cpDir := s.checkpointDir(c)
+	meta, err := vmm.ReadMeta(cpDir)
+	if err != nil {
+		return nil, err
+	}
+	root := s.goldenRoot(u)
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	final := filepath.Join(root, specDirName(c.VCPUs, c.MemoryMiB))
+	tmp := filepath.Join(root, ".tmp-"+newID(4))
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return nil, classifyIOErr("creating golden dir", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(tmp)
+		}
+	}()
+	// Hold the checkpoint still while copying it.
+	rt := s.rt(c.VMID)
+	rt.op.Lock()
+	for _, f := range []string{vmm.SnapMemory, vmm.SnapState, vmm.SnapDisk} {
+		if err := s.copier.CopyFile(ctx, filepath.Join(cpDir, f), filepath.Join(tmp, f)); err != nil {
+			rt.op.Unlock()
+			return nil, classifyIOErr("copying "+f+" into the golden snapshot", err)
+		}
+	}
+	rt.op.Unlock()
+	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
+	if gc.KernelSHA256 == "" {
+		gc.KernelSHA256 = fingerprint(bf.Kernel)
+	}
+	if gc.InitrdSHA256 == "" {
+		gc.InitrdSHA256 = fingerprint(bf.Initrd)
+	}
+	b, _ := json.MarshalIndent(gc, "", "  ")
+	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {
+		return nil, classifyIOErr("writing golden config", err)
+	}
+	if err := syncTree(tmp); err != nil {
+		return nil, classifyIOErr("syncing golden snapshot", err)
+	}
+	l := s.goldenLock(final)
+	l.Lock()
+	defer l.Unlock()
+	if _, err := os.Stat(final); err == nil {
+		bdir := filepath.Join(root, ".backup")
+		os.MkdirAll(bdir, 0o700)
+		if err := os.Rename(final, filepath.Join(bdir, filepath.Base(final)+"-"+time.Now().UTC().Format("20060102T150405.000"))); err != nil {
+			return nil, fmt.Errorf("backing up the previous golden snapshot: %w", err)
+		}
+		s.pruneBackups(bdir, filepath.Base(final))
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return nil, fmt.Errorf("publishing golden snapshot: %w", err)
+	}
+	ok = true
+	storage.FsyncDir(root)
+	s.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
+	return s.apiGolden(ctx, final, &gc, u, bf), nil
+}
+
+func (s *Server) pruneBackups(bdir, spec string) {
+	ents, _ := os.ReadDir(bdir)
+	var mine []string
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), spec+"-") {
+			mine = append(mine, e.Name())
+		}
+	}
+	sort.Strings(mine)
+	for len(mine) > goldenBackups {
+		os.RemoveAll(filepath.Join(bdir, mine[0]))
+		mine = mine[1:]
+	}
+}
+
+func (s *Server) apiGolden(ctx context.Context, dir string, c *goldenConfig, u *store.User, bf bootFiles) *api.Golden {
+	g := &api.Golden{VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, CreatedAt: c.PromotedAt, Backend: c.Backend, Source: c.Source, KernelHash: c.KernelSHA256}
+	g.SizeBytes, _ = storage.DirSize(dir)
+	g.Owner = u.Name
+	if strings.HasPrefix(dir, s.systemGoldenRoot()) {
+		g.Owner = "system"
+	}
+	if why := s.staleReason(ctx, c, bf); why != "" {
+		g.Stale, g.StaleWhy = true, why
+	}
+	return g
+}
+
+// ListGolden lists the user's own goldens and the system ones.
+func (s *Server) ListGolden(ctx context.Context, u *store.User) ([]*api.Golden, error) {
+	bf, _ := s.resolveBootFiles()
+	roots := []string{s.goldenRoot(u)}
+	if !u.IsAdmin {
+		roots = append(roots, s.systemGoldenRoot())
+	}
+	out := []*api.Golden{}
+	for _, root := range roots {
+		ents, err := os.ReadDir(root)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+				continue
+			}
+			d := filepath.Join(root, e.Name())
+			c, err := readGoldenConfig(d)
+			if err != nil {
+				continue
+			}
+			out = append(out, s.apiGolden(ctx, d, c, u, bf))
+		}
+	}
+	return out, nil
+}
+
+// RemoveGolden deletes the user's golden for a spec (admins: the system one).
+func (s *Server) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem int) error {
+	d := filepath.Join(s.goldenRoot(u), specDirName(vcpus, mem))
+	l := s.goldenLock(d)
+	l.Lock()
+	defer l.Unlock()
+	if _, err := os.Stat(filepath.Join(d, vmm.GoldenConfig)); err != nil {
+		return errdefs.WithHint(fmt.Errorf("golden snapshot for %d vCPU/%d MiB: %w", vcpus, mem, errdefs.ErrNotFound), "noid golden list")
+	}
+	if err := os.RemoveAll(d); err != nil {
+		return fmt.Errorf("removing golden snapshot: %w", err)
+	}
+	s.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d))
+	return nil
+}
+
+// removeUserGolden deletes a removed user's own goldens.
+func (s *Server) removeUserGolden(ctx context.Context, u *store.User) error {
+	if u.IsAdmin {
+		return nil
+	}
+	return os.RemoveAll(s.goldenRoot(u))
+}
+
+func (s *Server) hListGolden(w http.ResponseWriter, r *http.Request) error {
+	out, err := s.ListGolden(r.Context(), userOf(r.Context()))
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, 200, out)
+}
+
+func (s *Server) hPromoteGolden(w http.ResponseWriter, r *http.Request) error {
+	var req api.GoldenPromoteRequest
+	if err := decodeJSON(r, &req); err != nil {
+		return err
+	}
+	g, err := s.PromoteGolden(r.Context(), userOf(r.Context()), req)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusCreated, g)
+}
+
+func (s *Server) hRemoveGolden(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	vcpus, mem := s.cfg.DefaultVCPUs, s.cfg.DefaultMemoryMiB
+	var err error
+	if v := q.Get("vcpus"); v != "" {
+		if vcpus, err = strconv.Atoi(v); err != nil || vcpus < 1 {
+			return fmt.Errorf("%w: vcpus must be a positive number", errdefs.ErrInvalidArgument)
+		}
+	}
+	if m := q.Get("memory_mib"); m != "" {
+		if mem, err = strconv.Atoi(m); err != nil || mem < 1 {
+			return fmt.Errorf("%w: memory_mib must be a positive number", errdefs.ErrInvalidArgument)
+		}
+	}
+	if err := s.RemoveGolden(r.Context(), userOf(r.Context()), vcpus, mem); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}

@@ -1,0 +1,357 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/noid-vm/noid/client"
+)
+
+// counter reads the guest's in-memory counter from its tmpfs file.
+func counter(t *testing.T, e *Env, vm string) int {
+	t.Helper()
+	out := strings.TrimSpace(e.MustExec(vm, "cat", "/tmp/counter"))
+	n, err := strconv.Atoi(out)
+	if err != nil {
+		t.Fatalf("counter %q: %v", out, err)
+	}
+	return n
+}
+
+// waitCounter waits until the guest counter reaches at least n.
+func waitCounter(t *testing.T, e *Env, vm string, n int) int {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		out, _, _ := e.Exec(vm, "cat", "/tmp/counter")
+		if c, err := strconv.Atoi(strings.TrimSpace(out)); err == nil && c >= n {
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counter stuck at %q, waiting for %d", out, n)
+		}
+		e.MustExec(vm, "sleep", "0.3")
+	}
+}
+
+const counterScript = `i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done`
+
+// TestCheckpointRewind: memory, CPU and disk state survive (acceptance 1),
+// the clock is right after a restore (3), and rewinding twice works.
+func TestCheckpointRewind(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("rw")
+	e.MustExec("rw", "sh", "-c", "setsid sh -c '"+counterScript+"' </dev/null >/dev/null 2>&1 &")
+	waitCounter(t, e, "rw", 5)
+	e.MustExec("rw", "sh", "-c", "echo before > /root/before && sync")
+	c0 := counter(t, e, "rw")
+	cp, err := e.Client.Checkpoint(ctx(t), "rw", client.CheckpointRequest{Name: "c1", Label: "counter test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1 := counter(t, e, "rw")
+	t.Logf("checkpoint %s: pause %.1f ms, total %.1f ms, %d bytes; counter %d..%d", cp.Name, cp.PauseMs, cp.Timings.TotalMs, cp.SizeBytes, c0, c1)
+	later := waitCounter(t, e, "rw", c1+25)
+	e.MustExec("rw", "sh", "-c", "echo after > /root/after && sync")
+
+	// Let the clock run on so a stale guest clock would be visible.
+	time.Sleep(10 * time.Second)
+	for round := 1; round <= 2; round++ {
+		vm, err := e.Client.Restore(ctx(t), "rw", "c1")
+		if err != nil {
+			t.Fatalf("rewind %d: %v", round, err)
+		}
+		t.Logf("rewind %d: %+v", round, *vm.Timings)
+		host := time.Now().Unix()
+		guest, _ := strconv.ParseInt(strings.TrimSpace(e.MustExec("rw", "date", "+%s")), 10, 64)
+		if d := guest - host; d < -2 || d > 2 {
+			t.Errorf("rewind %d: guest clock is %d s off the host's", round, d)
+		}
+		got := counter(t, e, "rw")
+		if got < c0 || got >= later {
+			t.Errorf("rewind %d: counter %d, want about %d..%d (not 0, not the later %d)", round, got, c0, c1, later)
+		}
+		// It keeps counting from there.
+		waitCounter(t, e, "rw", got+3)
+		if out := e.MustExec("rw", "cat", "/root/before"); out != "before\n" {
+			t.Errorf("rewind %d: /root/before = %q", round, out)
+		}
+		if _, _, code := e.Exec("rw", "test", "-e", "/root/after"); code == 0 {
+			t.Errorf("rewind %d: /root/after, written after the checkpoint, survived", round)
+		}
+		e.MustExec("rw", "sh", "-c", "echo after > /root/after")
+	}
+	cps, err := e.Client.ListCheckpoints(ctx(t), "rw")
+	if err != nil || len(cps) != 1 || cps[0].Name != "c1" || cps[0].Label != "counter test" || cps[0].SizeBytes <= 0 {
+		t.Fatalf("checkpoints after rewinds: %+v %v", cps, err)
+	}
+	info, _ := e.Client.GetVM(ctx(t), "rw")
+	if info.State != "running" {
+		t.Fatalf("state after rewind: %s", info.State)
+	}
+}
+
+// TestCheckpointClones: clones are independent, have their own entropy and
+// hostname (acceptance 2), and a clone can be checkpointed and cloned again.
+func TestCheckpointClones(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("src")
+	e.MustExec("src", "sh", "-c", "echo base > /root/base")
+	if _, err := e.Client.Checkpoint(ctx(t), "src", client.CheckpointRequest{Name: "base"}); err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"clone-a", "clone-b", "clone-c"}
+	for _, n := range names {
+		vm, err := e.Client.Clone(ctx(t), "src", "base", n)
+		if err != nil {
+			t.Fatalf("clone %s: %v", n, err)
+		}
+		t.Logf("clone %s: %+v", n, *vm.Timings)
+		if vm.BootPath != "clone" {
+			t.Errorf("clone %s boot path %q", n, vm.BootPath)
+		}
+	}
+	rand := map[string]string{}
+	for _, n := range append(names, "src") {
+		e.MustExec(n, "sh", "-c", "echo "+n+" > /root/who")
+		r := e.MustExec(n, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
+		if len(r) != 64 {
+			t.Fatalf("%s: urandom read %q", n, r)
+		}
+		for other, or := range rand {
+			if or == r {
+				t.Errorf("%s and %s read the same 32 random bytes", n, other)
+			}
+		}
+		rand[n] = r
+	}
+	for _, n := range names {
+		if got := strings.TrimSpace(e.MustExec(n, "hostname")); got != n {
+			t.Errorf("hostname of %s is %q", n, got)
+		}
+		if got := e.MustExec(n, "cat", "/root/who"); got != n+"\n" {
+			t.Errorf("%s sees /root/who = %q", n, got)
+		}
+		if got := e.MustExec(n, "cat", "/root/base"); got != "base\n" {
+			t.Errorf("%s lost /root/base: %q", n, got)
+		}
+	}
+	if got := strings.TrimSpace(e.MustExec("src", "hostname")); got != "src" {
+		t.Errorf("original's hostname changed to %q", got)
+	}
+	// A clone can be checkpointed and cloned again.
+	e.MustExec("clone-a", "sh", "-c", "echo second > /root/gen2")
+	if _, err := e.Client.Checkpoint(ctx(t), "clone-a", client.CheckpointRequest{Name: "gen2"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Client.Clone(ctx(t), "clone-a", "gen2", "grandchild"); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.MustExec("grandchild", "cat", "/root/gen2", "/root/who"); got != "second\nclone-a\n" {
+		t.Errorf("grandchild sees %q", got)
+	}
+	// Destroying the source removes its checkpoints; clones are independent.
+	r := e.MustCLI("destroy", "src")
+	if !strings.Contains(r, "1 checkpoints removed") {
+		t.Errorf("destroy output: %q", r)
+	}
+	if left, _ := filepath.Glob(filepath.Join(e.Dir, "data", "users", "*", "checkpoints", "*")); len(left) != 1 {
+		t.Errorf("checkpoint dirs after destroying src: %v (want only gen2)", left)
+	}
+	if got := e.MustExec("clone-b", "cat", "/root/base"); got != "base\n" {
+		t.Errorf("clone after source destroyed: %q", got)
+	}
+}
+
+// TestCheckpointBadInput covers acceptance 5.
+func TestCheckpointBadInput(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("a")
+	e.Create("b", func(r *client.CreateVMRequest) { r.MemoryMiB = 320 })
+	cp, err := e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cp.Name != cp.ID || len(cp.ID) < 6 {
+		t.Errorf("unnamed checkpoint got name %q id %q", cp.Name, cp.ID)
+	}
+	if _, err := e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "one"}); err != nil {
+		t.Fatal(err)
+	}
+	check := func(what string, err error, want error, msg string) {
+		t.Helper()
+		if !errors.Is(err, want) || !strings.Contains(err.Error(), msg) {
+			t.Errorf("%s: %v; want %v containing %q", what, err, want, msg)
+		}
+	}
+	_, err = e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "one"})
+	check("duplicate name", err, client.ErrAlreadyExists, "already exists")
+	_, err = e.Client.Restore(ctx(t), "a", "nope")
+	check("unknown checkpoint", err, client.ErrNotFound, "not found")
+	_, err = e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "Bad Name"})
+	check("bad name", err, client.ErrInvalidArgument, "invalid checkpoint name")
+	before, _ := e.Client.GetVM(ctx(t), "b")
+	_, err = e.Client.Clone(ctx(t), "a", "one", "b")
+	check("clone onto existing", err, client.ErrAlreadyExists, "already exists")
+	after, _ := e.Client.GetVM(ctx(t), "b")
+	if after.PID != before.PID || after.State != "running" {
+		t.Errorf("failed clone changed b: %+v -> %+v", before, after)
+	}
+	_, err = e.Client.Restore(ctx(t), "b", cp.ID)
+	check("different spec", err, client.ErrInvalidArgument, "needs 1 vCPUs and 256 MiB")
+	if r := e.CLI("", "checkpoint", "rm", "a", "nope"); r.Code != 1 || !strings.Contains(r.Stderr, "not found") {
+		t.Errorf("rm unknown: %d %q", r.Code, r.Stderr)
+	}
+	e.MustCLI("checkpoint", "rm", "a", "one")
+	if cps, _ := e.Client.ListCheckpoints(ctx(t), "a"); len(cps) != 1 {
+		t.Errorf("after rm: %d checkpoints", len(cps))
+	}
+	// A dead VM cannot be checkpointed.
+	vm, _ := e.Client.GetVM(ctx(t), "b")
+	syscall.Kill(vm.PID, syscall.SIGKILL)
+	waitState(t, e, "b", "dead")
+	_, err = e.Client.Checkpoint(ctx(t), "b", client.CheckpointRequest{})
+	check("dead vm", err, client.ErrNotRunning, "vm is not running")
+	// A rewind revives a dead VM.
+	if _, err := e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "two"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func waitState(t *testing.T, e *Env, vm, state string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, err := e.Client.GetVM(ctx(t), vm)
+		if err == nil && v.State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never became %s: %+v %v", vm, state, v, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestCheckpointFaults covers acceptance 4: kills in the middle of a
+// checkpoint, and a full disk.
+func TestCheckpointFaults(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("f", func(r *client.CreateVMRequest) { r.MemoryMiB = 512 })
+	// Touch memory so the checkpoint has real work to do.
+	e.MustExec("f", "sh", "-c", "dd if=/dev/urandom of=/tmp/fill bs=1M count=160 2>/dev/null")
+	cpRoot := filepath.Join(e.Dir, "data", "users")
+
+	t.Run("kill server mid-checkpoint", func(t *testing.T) {
+		go e.Client.Checkpoint(context.Background(), "f", client.CheckpointRequest{Name: "killed"})
+		waitGlob(t, filepath.Join(cpRoot, "*", "checkpoints", ".tmp-*", "memory.snap"))
+		e.Kill9()
+		e.Start()
+		cps, err := e.Client.ListCheckpoints(ctx(t), "f")
+		if err != nil || len(cps) != 0 {
+			t.Fatalf("after a kill mid-checkpoint: %+v %v", cps, err)
+		}
+		if left, _ := filepath.Glob(filepath.Join(cpRoot, "*", "checkpoints", "*")); len(left) != 0 {
+			t.Errorf("partial checkpoint files left: %v", left)
+		}
+		vm, _ := e.Client.GetVM(ctx(t), "f")
+		if vm.State != "running" {
+			t.Fatalf("vm after restart: %s (%s)", vm.State, vm.StateReason)
+		}
+		if got := strings.TrimSpace(e.MustExec("f", "echo", "alive")); got != "alive" {
+			t.Fatalf("exec after interrupted checkpoint: %q", got)
+		}
+		// And a checkpoint works again.
+		if _, err := e.Client.Checkpoint(ctx(t), "f", client.CheckpointRequest{Name: "after-kill"}); err != nil {
+			t.Fatal(err)
+		}
+		e.MustCLI("checkpoint", "rm", "f", "after-kill")
+	})
+
+	t.Run("full disk", func(t *testing.T) {
+		u, _ := filepath.Glob(filepath.Join(cpRoot, "*", "checkpoints"))
+		if len(u) != 1 {
+			t.Fatalf("checkpoint dirs: %v", u)
+		}
+		img := filepath.Join(e.Dir, "small.img")
+		mustRun(t, "truncate", "-s", "48M", img)
+		mustRun(t, "mkfs.ext4", "-q", img)
+		mustRun(t, "mount", "-o", "loop", img, u[0])
+		defer exec.Command("umount", u[0]).Run()
+		_, err := e.Client.Checkpoint(ctx(t), "f", client.CheckpointRequest{Name: "full"})
+		if !errors.Is(err, client.ErrResourceExhausted) || !strings.Contains(err.Error(), "full") {
+			t.Fatalf("checkpoint onto a full disk: %v", err)
+		}
+		if got := strings.TrimSpace(e.MustExec("f", "echo", "still")); got != "still" {
+			t.Fatalf("vm after failed checkpoint: %q", got)
+		}
+		if cps, _ := e.Client.ListCheckpoints(ctx(t), "f"); len(cps) != 0 {
+			t.Errorf("failed checkpoint listed: %+v", cps)
+		}
+		ents, _ := os.ReadDir(u[0])
+		for _, en := range ents {
+			if en.Name() != "lost+found" {
+				t.Errorf("left on the full disk: %s", en.Name())
+			}
+		}
+	})
+
+	t.Run("kill vmm mid-checkpoint", func(t *testing.T) {
+		vm, _ := e.Client.GetVM(ctx(t), "f")
+		errc := make(chan error, 1)
+		go func() {
+			_, err := e.Client.Checkpoint(context.Background(), "f", client.CheckpointRequest{Name: "vmm-killed"})
+			errc <- err
+		}()
+		waitGlob(t, filepath.Join(cpRoot, "*", "checkpoints", ".tmp-*", "memory.snap"))
+		syscall.Kill(vm.PID, syscall.SIGKILL)
+		if err := <-errc; err == nil {
+			t.Fatal("checkpoint succeeded although its VMM was killed")
+		} else {
+			t.Logf("checkpoint error: %v", err)
+		}
+		waitState(t, e, "f", "dead")
+		if cps, _ := e.Client.ListCheckpoints(ctx(t), "f"); len(cps) != 0 {
+			t.Errorf("partial checkpoint listed: %+v", cps)
+		}
+		if left, _ := filepath.Glob(filepath.Join(cpRoot, "*", "checkpoints", "*")); len(left) != 0 {
+			t.Errorf("partial checkpoint files left: %v", left)
+		}
+	})
+}
+
+func waitGlob(t *testing.T, pattern string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if m, _ := filepath.Glob(pattern); len(m) > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never appeared", pattern)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func mustRun(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+}
+
+var _ = fmt.Sprint
+var _ sync.Mutex
