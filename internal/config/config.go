@@ -63,6 +63,28 @@ type Config struct {
 	Quota Quota `toml:"quota"`
 	// Sandbox confines VMM processes.
 	Sandbox Sandbox `toml:"sandbox"`
+	// Storage configures where VM, checkpoint and golden files live.
+	Storage Storage `toml:"storage"`
+}
+
+// Storage is the [storage] section.
+type Storage struct {
+	// ReflinkImageSize, when set (e.g. "100G"), makes noid-server create and
+	// mount a sparse loop-backed XFS image (reflink=1) at <data_dir>/reflink
+	// and keep VMs, checkpoints and golden snapshots on it, so copies are
+	// reflinks even on an ext4 host. Default "" (off: files live in data_dir).
+	ReflinkImageSize string `toml:"reflink_image_size"`
+	// ReflinkImage is the image file. Default <data_dir>/reflink.img.
+	ReflinkImage string `toml:"reflink_image"`
+}
+
+// StorageDir is where users/ and golden/ live: data_dir, or the reflink
+// mount when [storage] reflink_image_size is set.
+func (c *Config) StorageDir() string {
+	if c.Storage.ReflinkImageSize != "" {
+		return filepath.Join(c.DataDir, "reflink")
+	}
+	return c.DataDir
 }
 
 // Network is the [network] section.
@@ -163,6 +185,9 @@ func (c *Config) applyDefaults() {
 	if c.DefaultMemoryMiB == 0 {
 		c.DefaultMemoryMiB = 2048
 	}
+	if c.Storage.ReflinkImage == "" {
+		c.Storage.ReflinkImage = filepath.Join(c.DataDir, "reflink.img")
+	}
 	if c.Network.Bridge == "" {
 		c.Network.Bridge = "noid0"
 	}
@@ -255,6 +280,15 @@ func (c *Config) Validate() error {
 	if c.DefaultDiskSize != "" {
 		if _, err := ParseSize(c.DefaultDiskSize); err != nil {
 			return bad("default_disk_size: %v", err)
+		}
+	}
+	if c.Storage.ReflinkImageSize != "" {
+		n, err := ParseSize(c.Storage.ReflinkImageSize)
+		if err != nil {
+			return bad("storage.reflink_image_size: %v", err)
+		}
+		if n < 1<<30 {
+			return bad("storage.reflink_image_size must be at least 1G, got %s", c.Storage.ReflinkImageSize)
 		}
 	}
 	p, err := netip.ParsePrefix(c.Network.Pool)

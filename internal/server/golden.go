@@ -30,6 +30,9 @@ import (
 //	<data_dir>/golden/<vcpus>x<memory_mib>/             system goldens (promoted by an admin), used by every user
 //	<data_dir>/users/<uid>/golden/<vcpus>x<memory_mib>/ a user's own goldens, preferred over the system ones
 //
+// (<data_dir> here is the storage root: data_dir itself, or <data_dir>/reflink
+// when [storage] reflink_image_size is set.)
+//
 // Nothing in a golden refers to the VM or checkpoint it came from, so
 // destroying those breaks nothing.
 
@@ -47,7 +50,7 @@ type goldenConfig struct {
 
 const goldenBackups = 3
 
-func (s *Server) systemGoldenRoot() string { return filepath.Join(s.cfg.DataDir, "golden") }
+func (s *Server) systemGoldenRoot() string { return filepath.Join(s.cfg.StorageDir(), "golden") }
 
 // goldenRoot is where u's promotions go: admins publish system goldens.
 func (s *Server) goldenRoot(u *store.User) string {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"sort"
 	"sync"
 	"time"
 
@@ -83,21 +84,28 @@ func (l *authLimiter) fail(addr, tok string) {
 	}
 }
 
-// evict drops drained or old buckets, and if still full the stalest one.
+// evict drops drained or old buckets; if the map is still full it drops
+// the stalest quarter, so eviction work is amortised over many inserts.
 func (l *authLimiter) evict(now time.Time) {
-	var oldestK string
-	var oldest time.Time
 	for k, b := range l.buckets {
 		if l.level(b, now) == 0 || now.Sub(b.updated) > limiterEvictAge {
 			delete(l.buckets, k)
-			continue
-		}
-		if oldestK == "" || b.updated.Before(oldest) {
-			oldestK, oldest = k, b.updated
 		}
 	}
-	if len(l.buckets) >= limiterMaxKeys && oldestK != "" {
-		delete(l.buckets, oldestK)
+	if len(l.buckets) < limiterMaxKeys {
+		return
+	}
+	type kv struct {
+		k string
+		t time.Time
+	}
+	all := make([]kv, 0, len(l.buckets))
+	for k, b := range l.buckets {
+		all = append(all, kv{k, b.updated})
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].t.Before(all[j].t) })
+	for _, e := range all[:len(all)/4] {
+		delete(l.buckets, e.k)
 	}
 }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/firecracker"
 	"github.com/noid-vm/noid/internal/vmm/qemu"
 )
 
@@ -80,10 +81,16 @@ func New(ctx context.Context, opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "run"), filepath.Join(cfg.DataDir, "users")} {
+	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "run")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("creating %s: %w", d, err)
 		}
+	}
+	if err := setupStorage(ctx, cfg, log); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StorageDir(), "users"), 0o700); err != nil {
+		return nil, fmt.Errorf("creating storage dir: %w", err)
 	}
 	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "noid.db"))
 	if err != nil {
@@ -103,15 +110,15 @@ func New(ctx context.Context, opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.copier = &storage.Copier{}
-	mode, err := storage.Probe(filepath.Join(cfg.DataDir, "users"))
+	mode, err := storage.Probe(filepath.Join(cfg.StorageDir(), "users"))
 	if err != nil {
 		log.Warn("cannot probe storage for reflink support", "err", err)
 	}
 	s.storage = mode
 	if mode == storage.ModeReflink {
-		log.Info("storage: reflink (FICLONE) copies", "dir", filepath.Join(cfg.DataDir, "users"))
+		log.Info("storage: reflink (FICLONE) copies", "dir", cfg.StorageDir())
 	} else {
-		log.Info("storage: sparse copies (no reflink on this filesystem; see `noid-server storage setup-reflink`)", "dir", filepath.Join(cfg.DataDir, "users"))
+		log.Info("storage: sparse copies; this filesystem has no reflink (set [storage] reflink_image_size to use a loop-mounted XFS)", "dir", cfg.StorageDir())
 	}
 	if err := s.setupNetwork(ctx); err != nil {
 		st.Close()
@@ -127,26 +134,43 @@ func New(ctx context.Context, opts Options) (*Server, error) {
 
 func (s *Server) selectBackend(ctx context.Context, override vmm.Backend) error {
 	kvm := vmm.ProbeKVM()
-	accel, warn, err := vmm.ResolveAccel(vmm.Accel(s.cfg.Accel), kvm)
+	if override != nil {
+		s.backend = override
+	} else {
+		fc := firecracker.New(firecracker.Config{Binary: s.cfg.FirecrackerBinary, Logger: s.log})
+		switch s.cfg.VMM {
+		case "firecracker":
+			if err := fc.Check(ctx); err != nil {
+				return errdefs.WithHint(err, "install Firecracker v1.16.1+ with KVM, or set vmm = \"qemu\"")
+			}
+			s.backend = fc
+		case "auto":
+			// Firecracker when it is installed and KVM works; QEMU otherwise.
+			if _, err := os.Stat(s.cfg.FirecrackerBinary); err == nil && kvm.Usable {
+				if err := fc.Check(ctx); err == nil {
+					s.backend = fc
+				} else {
+					s.log.Warn("firecracker found but not usable; using qemu", "err", err)
+				}
+			}
+		}
+		if s.backend == nil {
+			s.backend = qemu.New(qemu.Options{Binary: s.cfg.QEMUBinary})
+		}
+	}
+	want := vmm.Accel(s.cfg.Accel)
+	if s.backend.Name() == firecracker.BackendName {
+		want = vmm.AccelKVM
+	}
+	accel, warn, err := vmm.ResolveAccel(want, kvm)
 	if err != nil {
 		return err
 	}
 	s.accel = accel
 	if warn != "" {
 		s.log.Warn(warn)
-	} else {
-		s.log.Info("acceleration", "accel", accel)
 	}
-	if override != nil {
-		s.backend = override
-		return nil
-	}
-	switch s.cfg.VMM {
-	case "firecracker":
-		return fmt.Errorf("%w: the firecracker backend is not available in this build; set vmm = \"qemu\"", errdefs.ErrUnavailable)
-	case "auto", "qemu":
-		s.backend = qemu.New(qemu.Options{Binary: s.cfg.QEMUBinary})
-	}
+	s.log.Info("vmm backend", "backend", s.backend.Name(), "accel", accel)
 	if err := s.backend.Check(ctx); err != nil {
 		// The server still starts (list, destroy and auth work), but creates
 		// fail with this message.
@@ -166,7 +190,7 @@ func (s *Server) StorageMode() storage.Mode { return s.storage }
 
 // userDir is where a user's VMs and checkpoints live.
 func (s *Server) userDir(uid int64) string {
-	return filepath.Join(s.cfg.DataDir, "users", fmt.Sprint(uid))
+	return filepath.Join(s.cfg.StorageDir(), "users", fmt.Sprint(uid))
 }
 
 func (s *Server) vmDir(v *store.VM) string {
@@ -304,6 +328,31 @@ func (s *Server) closeNetwork() {
 	if s.net != nil {
 		s.net.Close()
 	}
+}
+
+// storageRootFile records which storage root the VMs were created under.
+const storageRootFile = "storage-root"
+
+// setupStorage mounts the reflink image when configured, and refuses to
+// start when the storage root changed under existing VMs.
+func setupStorage(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	if cfg.Storage.ReflinkImageSize != "" {
+		size, _ := config.ParseSize(cfg.Storage.ReflinkImageSize)
+		mnt := cfg.StorageDir()
+		if err := storage.SetupReflinkLoop(ctx, cfg.Storage.ReflinkImage, mnt, size); err != nil {
+			return fmt.Errorf("setting up reflink storage %s on %s: %w", cfg.Storage.ReflinkImage, mnt, err)
+		}
+		log.Info("reflink storage mounted", "image", cfg.Storage.ReflinkImage, "mount", mnt, "size", cfg.Storage.ReflinkImageSize)
+	}
+	rec := filepath.Join(cfg.DataDir, storageRootFile)
+	prev, err := os.ReadFile(rec)
+	if err == nil && strings.TrimSpace(string(prev)) != cfg.StorageDir() {
+		if ents, _ := os.ReadDir(filepath.Join(strings.TrimSpace(string(prev)), "users")); len(ents) > 0 {
+			return fmt.Errorf("%w: the storage root changed from %s to %s but VMs still live in the old one; destroy them first or revert [storage]",
+				errdefs.ErrInvalidArgument, strings.TrimSpace(string(prev)), cfg.StorageDir())
+		}
+	}
+	return os.WriteFile(rec, []byte(cfg.StorageDir()+"\n"), 0o600)
 }
 
 // hostLimits are the ranges accepted for vcpus and memory.

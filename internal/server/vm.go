@@ -21,6 +21,7 @@ import (
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/firecracker"
 )
 
 // vmRT is the server's in-memory handle on one VM: its VMM instance and
@@ -235,11 +236,11 @@ func (s *Server) recover(ctx context.Context) error {
 	}
 	// Remove checkpoint directories that never completed, and directories
 	// without a DB row (a crash between rename and insert).
-	users, err := os.ReadDir(filepath.Join(s.cfg.DataDir, "users"))
+	users, err := os.ReadDir(filepath.Join(s.cfg.StorageDir(), "users"))
 	if err == nil {
 		for _, u := range users {
-			s.sweepCheckpoints(ctx, filepath.Join(s.cfg.DataDir, "users", u.Name(), "checkpoints"))
-			s.sweepVMDirs(ctx, filepath.Join(s.cfg.DataDir, "users", u.Name(), "vms"))
+			s.sweepCheckpoints(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "checkpoints"))
+			s.sweepVMDirs(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "vms"))
 		}
 	}
 	return nil
@@ -296,6 +297,9 @@ func (s *Server) resolveBootFiles() (bootFiles, error) {
 		}
 		if bf.Kernel == "" {
 			bf.Kernel = img.Kernel
+			if s.backend.Name() == firecracker.BackendName {
+				bf.Kernel = img.Vmlinux // Firecracker boots an ELF vmlinux
+			}
 		}
 		if bf.Initrd == "" {
 			bf.Initrd = img.Initrd

@@ -9,16 +9,20 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netns"
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/testutil"
@@ -37,6 +41,7 @@ type Env struct {
 	log     bytes.Buffer
 	exited  chan struct{}
 	extraCf string
+	netNS   netns.NsHandle // when open, the server (and its VMMs) run in it
 }
 
 // Option adjusts the server config.
@@ -44,6 +49,11 @@ type Option func(*Env)
 
 // WithConfig appends raw TOML to the config.
 func WithConfig(toml string) Option { return func(e *Env) { e.extraCf += toml + "\n" } }
+
+// WithNetNS runs noid-server, and so every VMM it starts, inside the
+// network namespace ns instead of the host's. The caller owns ns and keeps
+// it open for the Env's lifetime.
+func WithNetNS(ns netns.NsHandle) Option { return func(e *Env) { e.netNS = ns } }
 
 // NewEnv starts a noid-server on a fresh data dir with the tiny image.
 func NewEnv(t *testing.T, opts ...Option) *Env {
@@ -88,7 +98,7 @@ func (e *Env) Start() {
 	cmd.Stdout = pw
 	cmd.Stderr = pw
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := startInNetNS(e.netNS, cmd); err != nil {
 		e.t.Fatal(err)
 	}
 	e.cmd = cmd
@@ -116,6 +126,46 @@ func (e *Env) Start() {
 	case <-time.After(60 * time.Second):
 		e.t.Fatalf("noid-server did not start listening:\n%s", e.Log())
 	}
+}
+
+// startInNetNS starts cmd in network namespace ns (or in the caller's when
+// ns is not open): a child inherits the namespace of the thread that forks
+// it.
+func startInNetNS(ns netns.NsHandle, cmd *exec.Cmd) error {
+	if !ns.IsOpen() {
+		return cmd.Start()
+	}
+	return inNetNS(ns, cmd.Start)
+}
+
+// inNetNS runs fn on a locked OS thread switched into ns. If the thread
+// cannot be switched back it stays locked and dies with its goroutine, so
+// no other goroutine ever runs in ns by accident.
+func inNetNS(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("entering netns: %w", err)
+			return
+		}
+		err = fn()
+		if serr := netns.Set(orig); serr != nil {
+			errc <- errors.Join(err, fmt.Errorf("leaving netns: %w", serr))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- err
+	}()
+	return <-errc
 }
 
 // Log returns everything the server has logged.

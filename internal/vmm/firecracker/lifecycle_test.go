@@ -711,17 +711,6 @@ func TestCheck(t *testing.T) {
 	t.Logf("Check on this host with a v1.16.1 binary: %v", err)
 }
 
-// TestRealFirecracker is the hook for the conformance suite on a host with
-// Firecracker and KVM. It skips, saying why, everywhere else.
-func TestRealFirecracker(t *testing.T) {
-	b := New(Config{Binary: os.Getenv("NOID_FIRECRACKER")})
-	if err := b.Check(context.Background()); err != nil {
-		t.Skipf("SKIP: no usable Firecracker here, so nothing runs on a real VMM: %v", err)
-	}
-	t.Skip("SKIP: Firecracker and KVM are usable, but this package has no guest image; " +
-		"run the backend conformance suite (vmm = \"firecracker\") for real VMs")
-}
-
 // TestJailedLayoutAgainstFakeJailer runs the jailed path with a FAKE jailer
 // (fctest's runJailer: same directory layout and exec, no chroot, no uid
 // switch, no cgroups), to check the paths noid gives a jailed Firecracker

@@ -1,0 +1,36 @@
+package api
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+)
+
+func TestValidateVMName(t *testing.T) {
+	for _, ok := range []string{"a", "vm-1", "0abc", strings.Repeat("a", 63), "_provision"} {
+		if err := ValidateVMName(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "-a", "A", "a_b", "a.b", "a b", strings.Repeat("a", 64), "__x", "_", "ü", "a/b", "../x"} {
+		err := ValidateVMName(bad)
+		if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "invalid vm name") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}
+
+func TestValidateCheckpointName(t *testing.T) {
+	for _, ok := range []string{"c1", "before.upgrade", "a_b-c"} {
+		if err := ValidateCheckpointName(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".x", "_x", "A", "a/b", "..", strings.Repeat("c", 64)} {
+		if err := ValidateCheckpointName(bad); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}

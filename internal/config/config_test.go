@@ -1,0 +1,57 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+)
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse([]byte(`data_dir = "/srv/noid"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VMM != "auto" || c.Accel != "auto" || c.DefaultVCPUs != 1 || c.DefaultMemoryMiB != 2048 || c.Listen != "" ||
+		c.Network.Bridge != "noid0" || c.Network.Pool != "172.16.0.0/16" || !c.NetworkEnabled() || !c.SeccompEnabled() {
+		t.Fatalf("defaults: %+v", c)
+	}
+	if c.StorageDir() != "/srv/noid" {
+		t.Fatalf("storage dir %q", c.StorageDir())
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{`bogus = 1`, "unknown config key"},
+		{`vmm = "xen"`, "vmm must be auto, qemu or firecracker"},
+		{`accel = "hvf"`, "accel must be auto, kvm or tcg"},
+		{`data_dir = "relative"`, "absolute"},
+		{`tls_cert = "/a"`, "set together"},
+		{"[network]\npool = \"172.16.0.0\"", "IPv4 prefix"},
+		{"[network]\npool = \"10.0.0.0/30\"", "between /8 and /29"},
+		{`default_vcpus = 0` + "\n" + `default_memory_mib = 10`, "default_memory_mib"},
+		{"[storage]\nreflink_image_size = \"10M\"", "at least 1G"},
+		{`data_dir = `, "line 1"},
+	} {
+		_, err := Parse([]byte(tc.in))
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("Parse(%q) = %v, want an invalid-argument error containing %q", tc.in, err, tc.want)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"1024": 1024, "4G": 4 << 30, "512M": 512 << 20, "1.5GiB": 3 << 29, "10k": 10 << 10, "1T": 1 << 40} {
+		got, err := ParseSize(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "G", "-1G", "1.2.3", "lots", "99999999999999999999T"} {
+		if n, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q) = %d, want an error", in, n)
+		}
+	}
+}

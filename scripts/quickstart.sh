@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# noid's main job in one command, on a fresh Debian or Ubuntu host, as root:
+# install what noid needs, build it, build the default guest image and a
+# golden snapshot, start noid-server, create a VM and run a command in it.
+# Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VM=${NOID_DEMO_VM:-demo}
+CONFIG=/etc/noid/config.toml
+say() { printf '\n==> %s\n' "$*"; }
+
+say "installing dependencies and building noid"
+./scripts/setup.sh
+./scripts/install.sh >/dev/null
+export PATH=/usr/local/bin:$PATH
+
+say "building the guest image (Debian bookworm; the first build takes a few minutes)"
+noid-server image build --config "$CONFIG"
+
+say "starting noid-server"
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+	systemctl daemon-reload
+	systemctl enable noid-server >/dev/null 2>&1 || true
+	systemctl restart noid-server
+else
+	# No systemd (a container, say): run it in the background.
+	if ! noid version 2>/dev/null | grep -q '^server: noid-server'; then
+		mkdir -p /var/log
+		setsid nohup noid-server serve --config "$CONFIG" >>/var/log/noid-server.log 2>&1 </dev/null &
+	fi
+fi
+for _ in $(seq 1 100); do
+	noid version 2>/dev/null | grep -q '^server: noid-server' && break
+	sleep 0.2
+done
+noid version
+
+if ! noid golden list 2>/dev/null | grep -q ready; then
+	say "provisioning the default golden snapshot (VMs then start from it instead of booting)"
+	./scripts/provision-golden.sh
+fi
+
+say "creating VM '$VM'"
+noid destroy "$VM" >/dev/null 2>&1 || true
+noid create "$VM"
+say "running a command in it"
+noid exec "$VM" -- sh -c 'echo "hello from $(hostname), kernel $(uname -r)"; cat /etc/os-release | head -1'
+
+cat <<MSG
+
+noid is running. Try:
+  noid exec $VM -- ls /          run a command
+  noid console $VM               interactive shell (Ctrl-] detaches)
+  noid checkpoint $VM clean      capture the VM
+  noid restore $VM clean         rewind to it
+  noid restore $VM clean --as copy   clone it
+  noid list / noid info $VM / noid destroy $VM
+MSG
