@@ -12,7 +12,7 @@ step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
 
 step "go vet"
 go vet ./...
-go vet -tags e2e ./test/...
+go vet -tags e2e ./test/... ./client/...
 
 step "unit and root tests"
 go test -count=1 -timeout 20m ./...
@@ -24,5 +24,8 @@ step "VM end-to-end tests (QEMU, $(nproc) cores)"
 go test -count=1 -tags e2e -timeout 40m -p 1 ./test/e2e/... -v 2>&1 | tee /tmp/noid-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' || true
 grep -qE '^(FAIL|panic)' /tmp/noid-e2e.log && { echo "e2e tests failed; full log in /tmp/noid-e2e.log"; grep -B30 -E '^--- FAIL' /tmp/noid-e2e.log | tail -120; exit 1; }
 grep -q '^ok' /tmp/noid-e2e.log || { echo "e2e tests did not complete"; tail -50 /tmp/noid-e2e.log; exit 1; }
+
+step "Go client examples against a real noid-server (QEMU)"
+go test -count=1 -tags e2e -timeout 15m ./client/
 
 step "all tests passed"

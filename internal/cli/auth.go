@@ -15,6 +15,8 @@ func newAuthCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "auth",
 		Short: "Configure how noid reaches a remote server",
+		Example: `  noid auth setup --url https://noid.example.com:7070 --token noid_tok_…
+  noid auth logout`,
 	}
 	var url, token string
 	var skipCheck bool

@@ -12,24 +12,40 @@ func newCheckpointCmd(e *env) *cobra.Command {
 	var req client.CheckpointRequest
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "checkpoint <vm> [<name>]",
+		Use:   "checkpoint [<vm>] [<name>] [--name NAME]",
 		Short: "Capture a running VM's memory, disk, CPU and device state",
 		Long: `Checkpoint a running VM. The VM is paused only while its state is captured and
 keeps running afterwards. Without a name, a short id is used as the name.
-Restore it in place with ` + "`noid restore <vm> <checkpoint>`" + ` or clone it with --as.`,
+Restore it in place with ` + "`noid restore <vm> <checkpoint>`" + ` or clone it with --as.
+
+A single argument is always the VM: ` + "`noid checkpoint dev`" + ` checkpoints dev. To name
+a checkpoint of the active VM, use --name: ` + "`noid checkpoint --name clean`" + `.
+With no argument, the active VM is checkpointed under a short id.
+` + activeHelp,
 		Example: `  noid checkpoint dev
   noid checkpoint dev before-upgrade --label "clean install"
+  noid checkpoint --name clean          # the active VM
   noid checkpoint rm dev before-upgrade`,
-		Args: rangeArgs(1, 2, "a VM name and an optional checkpoint name"),
+		Args:              rangeArgs(0, 2, "an optional VM name and an optional checkpoint name"),
+		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 2 {
+				if req.Name != "" && req.Name != args[1] {
+					return usagef("the checkpoint name is given twice (%q and --name %q)", args[1], req.Name)
+				}
+				req.Name = args[1]
+			}
+			vm, err := e.firstOrActive(cmd, args)
+			if err != nil {
+				return err
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
 			}
-			if len(args) == 2 {
-				req.Name = args[1]
-			}
-			cp, err := c.Checkpoint(cmd.Context(), args[0], req)
+			stop := e.spin("checkpointing " + vm)
+			cp, err := c.Checkpoint(cmd.Context(), vm, req)
+			stop()
 			if err != nil {
 				return err
 			}
@@ -40,29 +56,44 @@ Restore it in place with ` + "`noid restore <vm> <checkpoint>`" + ` or clone it 
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&req.Name, "name", "", "checkpoint name (the same as the second argument)")
 	cmd.Flags().StringVar(&req.Label, "label", "", "free-text label")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.AddCommand(&cobra.Command{
-		Use:     "rm <vm> <checkpoint>...",
+		Use:     "rm [<vm>] <checkpoint>...",
 		Aliases: []string{"delete"},
 		Short:   "Delete checkpoints",
-		Example: `  noid checkpoint rm dev before-upgrade`,
+		Long: `Delete checkpoints (by name or id). With two or more arguments the first is the
+VM; with one, it is a checkpoint of the active VM.
+` + activeHelp,
+		Example: `  noid checkpoint rm dev before-upgrade
+  noid checkpoint rm dev a b c
+  noid checkpoint rm before-upgrade     # of the active VM`,
 		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) < 2 {
-				return usagef("checkpoint rm needs a VM name and at least one checkpoint")
+			if len(args) < 1 {
+				return usagef("checkpoint rm needs at least one checkpoint: noid checkpoint rm [<vm>] <checkpoint>...")
 			}
 			return nil
 		},
+		ValidArgsFunction: completeCheckpoints(e),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			explicit, cps := "", args
+			if len(args) >= 2 {
+				explicit, cps = args[0], args[1:]
+			}
+			vm, err := e.vmName(cmd, explicit)
+			if err != nil {
+				return err
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
 			}
-			for _, cp := range args[1:] {
-				if err := c.DeleteCheckpoint(cmd.Context(), args[0], cp); err != nil {
+			for _, cp := range cps {
+				if err := c.DeleteCheckpoint(cmd.Context(), vm, cp); err != nil {
 					return err
 				}
-				fmt.Fprintf(e.stdout, "deleted checkpoint %s of %s\n", cp, args[0])
+				fmt.Fprintf(e.stdout, "deleted checkpoint %s of %s\n", cp, vm)
 			}
 			return nil
 		},

@@ -19,15 +19,23 @@ const DetachKey = 0x1d
 
 func newConsoleCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "console <vm>",
+		Use:   "console [<vm>]",
 		Short: "Open an interactive shell in a VM (Ctrl-] detaches)",
 		Long: `Open an interactive login shell on a PTY served by the VM's agent. The window
 size follows your terminal. Press Ctrl-] to detach: the shell is closed and the
-VM keeps running. Typing exit also ends the session.`,
-		Example: `  noid console dev`,
-		Args:    exactArgs(1, "a VM name"),
+VM keeps running. Typing exit also ends the session. ` + "`noid exec <vm>`" + ` with no
+command does the same.
+` + activeHelp,
+		Example: `  noid console dev
+  noid console            # the active VM`,
+		Args:              rangeArgs(0, 1, "an optional VM name"),
+		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runConsole(cmd.Context(), e, args[0])
+			vm, err := e.firstOrActive(cmd, args)
+			if err != nil {
+				return err
+			}
+			return runConsole(cmd.Context(), e, vm)
 		},
 	}
 	return cmd

@@ -28,7 +28,9 @@ from it instead of booting.`,
 				return err
 			}
 			req.Name = args[0]
+			stop := e.spin("creating " + req.Name)
 			vm, err := c.CreateVM(cmd.Context(), req)
+			stop()
 			if err != nil {
 				return err
 			}

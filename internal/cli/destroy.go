@@ -13,7 +13,8 @@ func newDestroyCmd(e *env) *cobra.Command {
 		Short:   "Stop a VM and delete it with its checkpoints",
 		Long: `Destroy stops the VM's process and deletes its disk, memory, network identity and
 every checkpoint taken of it. Golden snapshots promoted from its checkpoints are
-independent copies and are kept.`,
+independent copies and are kept. destroy never uses the active VM (see
+` + "`noid use`" + `): name every VM to destroy.`,
 		Example: `  noid destroy dev
   noid destroy a b c`,
 		Args: func(cmd *cobra.Command, args []string) error {
@@ -21,6 +22,9 @@ independent copies and are kept.`,
 				return usagef("destroy needs at least one VM name; see `noid destroy --help`")
 			}
 			return nil
+		},
+		ValidArgsFunction: func(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+			return vmNames(e, cmd.Context(), toComplete), cobra.ShellCompDirectiveNoFileComp
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := e.client()

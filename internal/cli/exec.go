@@ -21,27 +21,42 @@ func newExecCmd(e *env) *cobra.Command {
 	var tty bool
 	var timeout time.Duration
 	cmd := &cobra.Command{
-		Use:   "exec <vm> [flags] -- <command> [args...]",
+		Use:   "exec [<vm>] [flags] [-- <command> [args...]]",
 		Short: "Run a command in a VM",
 		Long: `Run a command in a VM. stdout and stderr are streamed separately as they are
 produced, stdin is forwarded, and noid exec exits with the command's exit code.
-Ctrl-C is passed to the remote process. With no command, it opens the console.`,
+Ctrl-C is passed to the remote process. With no command, it opens the console.
+
+What comes before -- is the VM, what comes after it is the command:
+  noid exec dev -- ls    runs ls in dev
+  noid exec -- ls        runs ls in the active VM
+  noid exec dev          opens a console in dev
+  noid exec              opens a console in the active VM
+Without --, the first argument is the VM and the rest is the command
+(noid exec dev ls), so a command with flags needs --.
+` + activeHelp,
 		Example: `  noid exec dev -- uname -r
   echo hi | noid exec dev -- cat
   noid exec dev -e API_KEY=secret -w /srv -- ./run.sh
   noid exec dev -t -- top
-  noid exec dev --timeout 30s -- make test`,
+  noid exec dev --timeout 30s -- make test
+  noid use dev && noid exec -- ls -la /root`,
 		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) == 0 {
-				return usagef("exec needs a VM name and a command: noid exec <vm> -- <command> [args...]")
-			}
 			if d := cmd.ArgsLenAtDash(); d > 1 {
-				return usagef("exec takes exactly one VM name before `--`, got %q", args[:d])
+				return usagef("exec takes at most one VM name before `--`, got %q", args[:d])
 			}
 			return nil
 		},
+		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, argv := args[0], args[1:]
+			explicit, argv := "", args
+			if d := cmd.ArgsLenAtDash(); d != 0 && len(args) > 0 {
+				explicit, argv = args[0], args[1:]
+			}
+			vm, err := e.vmName(cmd, explicit)
+			if err != nil {
+				return err
+			}
 			if len(argv) == 0 {
 				return runConsole(cmd.Context(), e, vm)
 			}

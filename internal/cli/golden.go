@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/spf13/cobra"
+
+	"github.com/noid-vm/noid/client"
 )
 
 func newGoldenCmd(e *env) *cobra.Command {
@@ -20,10 +22,14 @@ precedence for them. scripts/provision-golden.sh builds one end to end.`,
 	}
 	var cpID string
 	promote := &cobra.Command{
-		Use:   "promote <vm> <checkpoint> | --checkpoint-id ID",
+		Use:   "promote [<vm>] <checkpoint> | --checkpoint-id ID",
 		Short: "Make a checkpoint the golden snapshot for its vCPUs and memory",
+		Long: `Make a checkpoint the golden snapshot for its vCPUs and memory. With two
+arguments the first is the VM; with one, it is a checkpoint of the active VM.
+` + activeHelp,
 		Example: `  noid golden promote builder ready
   noid golden promote --checkpoint-id 3fa9c2d1`,
+		ValidArgsFunction: completeCheckpoints(e),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var vm, cp string
 			switch {
@@ -31,8 +37,14 @@ precedence for them. scripts/provision-golden.sh builds one end to end.`,
 				cp = cpID
 			case cpID == "" && len(args) == 2:
 				vm, cp = args[0], args[1]
+			case cpID == "" && len(args) == 1:
+				name, err := e.vmName(cmd, "")
+				if err != nil {
+					return err
+				}
+				vm, cp = name, args[0]
 			default:
-				return usagef("golden promote needs <vm> <checkpoint>, or --checkpoint-id ID")
+				return usagef("golden promote needs [<vm>] <checkpoint>, or --checkpoint-id ID")
 			}
 			c, err := e.client()
 			if err != nil {
@@ -52,7 +64,10 @@ precedence for them. scripts/provision-golden.sh builds one end to end.`,
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List golden snapshots",
-		Example: `  noid golden list --json`,
+		Long: `List your golden snapshots and the system ones. --json prints the same array as
+the API (GET /v1/golden); its field names are stable.`,
+		Example: `  noid golden list
+  noid golden list --json`,
 		Args:    exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := e.client()
@@ -64,6 +79,9 @@ precedence for them. scripts/provision-golden.sh builds one end to end.`,
 				return err
 			}
 			if asJSON {
+				if gs == nil {
+					gs = []*client.Golden{}
+				}
 				return printJSON(e.stdout, gs)
 			}
 			t := newTable(e.stdout, "SPEC", "OWNER", "STATUS", "SOURCE", "SIZE", "CREATED")

@@ -10,17 +10,26 @@ import (
 func newInfoCmd(e *env) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "info <vm>",
+		Use:   "info [<vm>]",
 		Short: "Show a VM's state, resources and how it booted",
+		Long: `Show a VM's state, resources, network and how it booted. --json prints the
+same object as the API (GET /v1/vms/{name}); its field names are stable.
+` + activeHelp,
 		Example: `  noid info dev
-  noid info dev --json | jq .boot_path`,
-		Args: exactArgs(1, "a VM name"),
+  noid info dev --json | jq .boot_path
+  noid info               # the active VM`,
+		Args:              rangeArgs(0, 1, "an optional VM name"),
+		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := e.firstOrActive(cmd, args)
+			if err != nil {
+				return err
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
 			}
-			v, err := c.GetVM(cmd.Context(), args[0])
+			v, err := c.GetVM(cmd.Context(), vm)
 			if err != nil {
 				return err
 			}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/spf13/cobra"
+
+	"github.com/noid-vm/noid/client"
 )
 
 func newListCmd(e *env) *cobra.Command {
@@ -12,6 +14,8 @@ func newListCmd(e *env) *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List your VMs",
+		Long: `List your VMs as a table. --json prints the same array as the API
+(GET /v1/vms); its field names are stable.`,
 		Example: `  noid list
   noid list --json | jq -r '.[].name'`,
 		Args: exactArgs(0, "no arguments"),
@@ -25,6 +29,9 @@ func newListCmd(e *env) *cobra.Command {
 				return err
 			}
 			if asJSON {
+				if vms == nil {
+					vms = []*client.VM{}
+				}
 				return printJSON(e.stdout, vms)
 			}
 			t := newTable(e.stdout, "NAME", "STATE", "PID", "VCPUS", "MEMORY", "IP", "BOOT", "CREATED")

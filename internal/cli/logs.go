@@ -7,17 +7,23 @@ import (
 func newLogsCmd(e *env) *cobra.Command {
 	var tail int64
 	cmd := &cobra.Command{
-		Use:   "logs <vm>",
+		Use:   "logs [<vm>]",
 		Short: "Print a VM's serial console (kernel) log",
+		Long:  "Print a VM's serial console (kernel) log.\n" + activeHelp,
 		Example: `  noid logs dev
   noid logs dev --tail 4096`,
-		Args: exactArgs(1, "a VM name"),
+		Args:              rangeArgs(0, 1, "an optional VM name"),
+		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := e.firstOrActive(cmd, args)
+			if err != nil {
+				return err
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
 			}
-			b, err := c.Logs(cmd.Context(), args[0], tail)
+			b, err := c.Logs(cmd.Context(), vm, tail)
 			if err != nil {
 				return err
 			}

@@ -12,25 +12,43 @@ func newRestoreCmd(e *env) *cobra.Command {
 	var as string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "restore <vm> <checkpoint>",
+		Use:   "restore [<vm>] <checkpoint> [--as NEW]",
 		Short: "Rewind a VM to a checkpoint, or clone it with --as",
 		Long: `Without --as, the VM is rewound in place to the checkpoint: it keeps its name,
 IP and MAC, and all its checkpoints are kept. With --as NEW, a new independent VM
 is started from the checkpoint with its own name, MAC, IP, clock and entropy;
-the original is untouched.`,
+the original is untouched.
+
+With two arguments the first is the VM; with one, it is a checkpoint of the
+active VM.
+` + activeHelp,
 		Example: `  noid restore dev clean
-  noid restore dev clean --as dev2`,
-		Args: exactArgs(2, "a VM name and a checkpoint"),
+  noid restore dev clean --as dev2
+  noid restore clean                    # the active VM`,
+		Args:              rangeArgs(1, 2, "an optional VM name and a checkpoint"),
+		ValidArgsFunction: completeCheckpoints(e),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			explicit, cpName := "", args[0]
+			if len(args) == 2 {
+				explicit, cpName = args[0], args[1]
+			}
+			name, err := e.vmName(cmd, explicit)
+			if err != nil {
+				return err
+			}
 			c, err := e.client()
 			if err != nil {
 				return err
 			}
 			var vm *client.VM
 			if as != "" {
-				vm, err = c.Clone(cmd.Context(), args[0], args[1], as)
+				stop := e.spin("cloning " + name + "/" + cpName + " as " + as)
+				vm, err = c.Clone(cmd.Context(), name, cpName, as)
+				stop()
 			} else {
-				vm, err = c.Restore(cmd.Context(), args[0], args[1])
+				stop := e.spin("rewinding " + name + " to " + cpName)
+				vm, err = c.Restore(cmd.Context(), name, cpName)
+				stop()
 			}
 			if err != nil {
 				return err
@@ -43,9 +61,9 @@ the original is untouched.`,
 				ms = vm.Timings.TotalMs
 			}
 			if as != "" {
-				fmt.Fprintf(e.stdout, "cloned %s/%s as %s (ip %s) in %.0f ms\n", args[0], args[1], vm.Name, orDash(vm.IP), ms)
+				fmt.Fprintf(e.stdout, "cloned %s/%s as %s (ip %s) in %.0f ms\n", name, cpName, vm.Name, orDash(vm.IP), ms)
 			} else {
-				fmt.Fprintf(e.stdout, "rewound %s to %s in %.0f ms\n", vm.Name, args[1], ms)
+				fmt.Fprintf(e.stdout, "rewound %s to %s in %.0f ms\n", vm.Name, cpName, ms)
 			}
 			return nil
 		},

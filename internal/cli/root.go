@@ -11,11 +11,12 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/noid-vm/noid/client"
-	"github.com/noid-vm/noid/internal/errdefs"
 )
 
 // Version is the CLI's version, set at build time.
@@ -39,10 +40,31 @@ type env struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	getwd          func() (string, error)
 	cl             *client.Client
 	clErr          error
 	resolved       bool
 	target         string
+	// active is set once a command used the active VM instead of an
+	// explicit name: the name and where it came from.
+	active, activeFrom string
+	// progressDelay is how long work runs before progress is shown on a
+	// terminal (short jobs stay silent).
+	progressDelay time.Duration
+	// isTTY reports whether w is a terminal; tests replace it.
+	isTTY func(w io.Writer) bool
+}
+
+// newEnv returns an env with the defaults filled in.
+func newEnv(stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) *env {
+	return &env{stdin: stdin, stdout: stdout, stderr: stderr, getenv: getenv, getwd: os.Getwd,
+		progressDelay: 500 * time.Millisecond, isTTY: isTerminal}
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }
 
 func (e *env) client() (*client.Client, error) {
@@ -66,7 +88,7 @@ func exactArgs(n int, names string) cobra.PositionalArgs {
 func rangeArgs(min, max int, names string) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) < min || len(args) > max {
-			return usagef("%s needs %s (got %d arguments); see `%s --help`", cmd.Name(), names, len(args), cmd.CommandPath())
+			return usagef("%s takes %s (got %d arguments); see `%s --help`", cmd.Name(), names, len(args), cmd.CommandPath())
 		}
 		return nil
 	}
@@ -84,9 +106,11 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 		Example: `  noid create dev
   noid exec dev -- uname -a
   noid checkpoint dev clean
-  noid restore dev clean`,
-		SilenceUsage:  true,
-		SilenceErrors: true,
+  noid restore dev clean
+  noid use dev && noid exec -- ls /     # dev is now the active VM here`,
+		SilenceUsage:      true,
+		SilenceErrors:     true,
+		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
 	root.SetIn(e.stdin)
 	root.SetOut(e.stdout)
@@ -97,20 +121,27 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 	root.AddCommand(
 		newCreateCmd(e), newExecCmd(e), newConsoleCmd(e), newListCmd(e), newInfoCmd(e), newDestroyCmd(e),
 		newLogsCmd(e), newCheckpointCmd(e), newCheckpointsCmd(e), newRestoreCmd(e), newWhoamiCmd(e),
-		newAuthCmd(e), newVersionCmd(e), newGoldenCmd(e),
+		newAuthCmd(e), newVersionCmd(e), newGoldenCmd(e), newUseCmd(e), newCurrentCmd(e), newCpCmd(e),
+		newCompletionCmd(e),
 	)
+	// cobra's help command, with an example like every other command.
+	root.InitDefaultHelpCmd()
+	for _, c := range root.Commands() {
+		if c.Name() == "help" {
+			c.Example = "  noid help exec\n  noid help checkpoint rm"
+		}
+	}
 	return root
 }
 
 // Main runs the CLI with os.Args and returns the process exit code.
 func Main() int {
-	e := &env{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
-	return run(e, os.Args[1:])
+	return run(newEnv(os.Stdin, os.Stdout, os.Stderr, os.Getenv), os.Args[1:])
 }
 
 // Run runs the CLI with explicit streams and environment (tests).
 func Run(args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) int {
-	return run(&env{stdin: stdin, stdout: stdout, stderr: stderr, getenv: getenv}, args)
+	return run(newEnv(stdin, stdout, stderr, getenv), args)
 }
 
 func run(e *env, args []string) int {
@@ -127,7 +158,7 @@ func run(e *env, args []string) int {
 		return ee.code
 	}
 	fmt.Fprintf(e.stderr, "noid: %s\n", err)
-	if h := errdefs.HintOf(err); h != "" {
+	if h := hintFor(e, err); h != "" {
 		fmt.Fprintf(e.stderr, "hint: %s\n", h)
 	}
 	var ue *usageError

@@ -94,6 +94,7 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 		}
 	}()
 	t, err := inst.Checkpoint(ctx, tmp, s.copier)
+	crashpoint("checkpoint.after-copy")
 	if err != nil {
 		s.metrics.op("checkpoint", start, err)
 		return nil, classifyIOErr("checkpoint of "+vmName, err)
@@ -115,6 +116,7 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	}
 	ok = true
 	storage.FsyncDir(filepath.Dir(dir))
+	crashpoint("checkpoint.after-rename")
 	c.SizeBytes, _ = storage.DirSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
 	lim := s.cfg.Quota.MaxCheckpointBytes
@@ -258,6 +260,7 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 	if err != nil {
 		return nil, err
 	}
+	crashpoint("restore.after-kill")
 	// A dead VM may have lost its TAP; make sure it exists.
 	if err := s.attachNetwork(ctx, v); err != nil {
 		s.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
@@ -270,6 +273,7 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 		return nil, classifyIOErr("restoring "+v.Name, err)
 	}
 	rt.setInstance(inst)
+	crashpoint("restore.after-spawn")
 	v.PID = inst.Pid()
 	v.State = store.StateRunning
 	v.StateReason = ""
@@ -324,6 +328,7 @@ func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.
 	if err := s.store.CreateVM(ctx, v, opts); err != nil {
 		return nil, err
 	}
+	crashpoint("clone.after-insert")
 	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
 	rt := s.rt(v.ID)
 	rt.log = log
@@ -355,6 +360,7 @@ func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.
 	if err := s.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
+	crashpoint("clone.after-spawn")
 	agentStart := time.Now()
 	if _, err := rt.agentClient(ctx, v); err != nil {
 		return fail(fmt.Errorf("%w: the agent did not answer after restore: %v", errdefs.ErrUnavailable, err))

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	agentclient "github.com/noid-vm/noid/internal/agent/client"
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 )
@@ -158,5 +157,3 @@ func statFromTar(r io.Reader, p string) (*api.FileInfo, error) {
 	}
 	return fi, nil
 }
-
-var _ = agentclient.ErrClosed // the agent client's errors wrap errdefs.ErrUnavailable

@@ -257,6 +257,7 @@ func (s *Server) PromoteGolden(ctx context.Context, u *store.User, req api.Golde
 		}
 	}
 	rt.op.Unlock()
+	crashpoint("golden.after-copy")
 	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
 	if gc.KernelSHA256 == "" {
 		gc.KernelSHA256 = fingerprint(bf.Kernel)

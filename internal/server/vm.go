@@ -182,6 +182,30 @@ func (s *Server) spec(v *store.VM) vmm.Spec {
 	return sp
 }
 
+// adopt re-attaches to a VM's VMM process: by the pid in the DB, or by the
+// pid file the backend wrote at spawn (a crash may have come between the
+// spawn and the DB update).
+func (s *Server) adopt(ctx context.Context, v *store.VM) (vmm.Instance, error) {
+	inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID)
+	if err == nil || !errors.Is(err, vmm.ErrGone) {
+		return inst, err
+	}
+	for _, name := range []string{"qemu.pid", "firecracker.pid"} {
+		b, rerr := os.ReadFile(filepath.Join(s.vmDir(v), name))
+		if rerr != nil {
+			continue
+		}
+		var pid int
+		if _, serr := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); serr == nil && pid > 0 && pid != v.PID {
+			if inst, err2 := s.backend.Adopt(ctx, s.spec(v), pid); err2 == nil {
+				v.PID = pid
+				return inst, nil
+			}
+		}
+	}
+	return nil, err
+}
+
 // recover reconciles the DB with the processes and disk after a start-up:
 // running VMs are re-adopted, vanished ones are marked dead, half-created
 // VMs and half-written checkpoints are removed.
@@ -197,7 +221,7 @@ func (s *Server) recover(ctx context.Context) error {
 			// The create never returned success; finish it off.
 			log.Warn("removing vm left half-created by a crash")
 			rt := s.rt(v.ID)
-			if inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID); err == nil {
+			if inst, err := s.adopt(ctx, v); err == nil {
 				rt.setInstance(inst)
 			}
 			s.destroyVM(ctx, v)
@@ -205,13 +229,13 @@ func (s *Server) recover(ctx context.Context) error {
 		case store.StateDestroying:
 			log.Warn("finishing a destroy interrupted by a crash")
 			rt := s.rt(v.ID)
-			if inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID); err == nil {
+			if inst, err := s.adopt(ctx, v); err == nil {
 				rt.setInstance(inst)
 			}
 			s.destroyVM(ctx, v)
 			continue
 		case store.StateRunning, store.StateRestoring:
-			inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID)
+			inst, err := s.adopt(ctx, v)
 			if err != nil {
 				reason := "vmm process exited while the server was down"
 				if v.State == store.StateRestoring {
@@ -227,7 +251,10 @@ func (s *Server) recover(ctx context.Context) error {
 			rt := s.rt(v.ID)
 			rt.setInstance(inst)
 			if v.State == store.StateRestoring {
+				// The new VMM got its state and runs (the backend resumed it).
 				s.store.SetVMState(ctx, v.ID, store.StateRunning, "", v.PID)
+			} else if pid := inst.Pid(); pid != v.PID {
+				s.store.SetVMState(ctx, v.ID, v.State, v.StateReason, pid)
 			}
 			log.Info("re-adopted vm", "pid", v.PID)
 		case store.StateDead:
@@ -241,8 +268,10 @@ func (s *Server) recover(ctx context.Context) error {
 		for _, u := range users {
 			s.sweepCheckpoints(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "checkpoints"))
 			s.sweepVMDirs(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "vms"))
+			s.sweepTmp(filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "golden"))
 		}
 	}
+	s.sweepTmp(s.systemGoldenRoot())
 	return nil
 }
 
@@ -265,6 +294,17 @@ func (s *Server) sweepCheckpoints(ctx context.Context, dir string) {
 		}
 		s.log.Warn("removing incomplete or orphaned checkpoint directory", "dir", filepath.Join(dir, e.Name()))
 		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+// sweepTmp removes unfinished ".tmp-*" directories (golden promotions).
+func (s *Server) sweepTmp(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".tmp-") {
+			s.log.Warn("removing unfinished directory", "dir", filepath.Join(dir, e.Name()))
+			os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
 	}
 }
 
@@ -434,6 +474,7 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	if err := s.store.CreateVM(ctx, v, opts); err != nil {
 		return nil, err
 	}
+	crashpoint("create.after-insert")
 	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
 	rt := s.rt(v.ID)
 	rt.log = log
@@ -478,6 +519,7 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	rt.setInstance(inst)
 	v.PID = inst.Pid()
 	v.StartedAt = time.Now().UTC()
+	crashpoint("create.after-boot")
 	if p.noWait {
 		v.State = store.StateRunning
 		if err := s.store.UpdateVM(ctx, v); err != nil {
@@ -500,6 +542,7 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	if _, err := rt.agentClient(ctx, v); err != nil {
 		return fail(fmt.Errorf("%w: the vm's agent did not answer: %v%s", errdefs.ErrUnavailable, err, s.serialTail(v)))
 	}
+	crashpoint("create.before-running")
 	v.State = store.StateRunning
 	if err := s.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
@@ -588,6 +631,7 @@ func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("stopping vmm of %s: %w", v.Name, err)
 	}
+	crashpoint("destroy.after-kill")
 	s.detachNetwork(ctx, v)
 	cps, _ := s.store.ListCheckpoints(ctx, v.UserID, v.ID)
 	for _, c := range cps {
@@ -598,6 +642,7 @@ func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 	if err := os.RemoveAll(s.vmDir(v)); err != nil {
 		return 0, fmt.Errorf("removing vm dir: %w", err)
 	}
+	crashpoint("destroy.after-rmdir")
 	sp := s.spec(v)
 	os.Remove(filepath.Join(sp.RunDir, v.ID+".qmp"))
 	os.Remove(filepath.Join(sp.RunDir, v.ID+".agent"))

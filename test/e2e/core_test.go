@@ -403,7 +403,6 @@ func kvmUsable() bool {
 	return bytes.Contains(b, []byte(" vmx")) || bytes.Contains(b, []byte(" svm"))
 }
 
-
 // processAlive reports whether pid runs (a zombie whose parent has not
 // reaped it yet does not count).
 func processAlive(pid int) bool {

@@ -41,6 +41,8 @@ type Env struct {
 	log     bytes.Buffer
 	exited  chan struct{}
 	extraCf string
+	// ServerEnv is added to the server's environment on the next Start.
+	ServerEnv []string
 	netNS   netns.NsHandle // when open, the server (and its VMMs) run in it
 }
 
@@ -65,7 +67,7 @@ func NewEnv(t *testing.T, opts ...Option) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &Env{t: t, Dir: dir, Bins: bins, Socket: filepath.Join(dir, "noid.sock")}
+	e := &Env{t: t, Dir: dir, Bins: bins, Socket: filepath.Join(dir, "noid.sock"), netNS: netns.None()}
 	for _, o := range opts {
 		o(e)
 	}
@@ -94,6 +96,7 @@ func NewEnv(t *testing.T, opts ...Option) *Env {
 func (e *Env) Start() {
 	e.t.Helper()
 	cmd := exec.Command(e.Bins.Server, "serve", "--config", e.Config)
+	cmd.Env = append(os.Environ(), e.ServerEnv...)
 	pr, pw := io.Pipe()
 	cmd.Stdout = pw
 	cmd.Stderr = pw

@@ -319,8 +319,9 @@ func (b *Backend) useJailer() bool {
 }
 
 // bootArgs is the kernel command line for spec.
+// The agent finds its vsock port from the command line.
 func (b *Backend) bootArgs(spec vmm.Spec) string {
-	return strings.TrimSpace(b.cfg.BootArgs + " " + spec.Cmdline)
+	return strings.TrimSpace(fmt.Sprintf("%s noid.transport=vsock noid.vsock_port=%d %s", b.cfg.BootArgs, b.cfg.AgentPort, spec.Cmdline))
 }
 
 // fileHash returns the sha256 of a file, cached by path, size and mtime

@@ -248,7 +248,7 @@ func TestLifecycleAgainstFakeFirecracker(t *testing.T) {
 	}
 	var bs BootSource
 	json.Unmarshal(find(reqs, "PUT", "/boot-source")[0].Body, &bs)
-	if bs.KernelImagePath != e.kernel || bs.InitrdPath != e.initrd || !strings.HasSuffix(bs.BootArgs, "pci=off noid.agent=vsock") {
+	if bs.KernelImagePath != e.kernel || bs.InitrdPath != e.initrd || !strings.HasSuffix(bs.BootArgs, "pci=off noid.transport=vsock noid.vsock_port=1024 noid.agent=vsock") {
 		t.Fatalf("boot source %+v", bs)
 	}
 	var drive Drive

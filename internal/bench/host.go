@@ -1,0 +1,260 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// HostInfo describes the machine a run measured.
+type HostInfo struct {
+	Time      time.Time  `json:"time"`
+	CPU       string     `json:"cpu"`
+	Cores     int        `json:"cores"`
+	MemMiB    int        `json:"mem_mib"`
+	Kernel    string     `json:"kernel"`
+	QEMU      string     `json:"qemu"`
+	Accel     string     `json:"accel"`
+	Go        string     `json:"go"`
+	TmpFS     string     `json:"tmp_fs"`
+	Load      [3]float64 `json:"loadavg"`
+	OtherQEMU int        `json:"other_qemu_processes"`
+}
+
+func hostInfo(accel string) *HostInfo {
+	h := &HostInfo{Time: time.Now(), Cores: runtime.NumCPU(), Accel: accel, Go: runtime.Version(), Load: loadAvg(), OtherQEMU: otherQEMU()}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				if i := strings.IndexByte(l, ':'); i > 0 {
+					h.CPU = strings.TrimSpace(l[i+1:])
+				}
+				break
+			}
+		}
+	}
+	h.MemMiB = meminfo("MemTotal") / 1024
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		h.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+		h.QEMU = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(os.TempDir(), &st) == nil {
+		h.TmpFS = fsName(st.Type)
+	}
+	return h
+}
+
+func fsName(t int64) string {
+	switch t {
+	case unix.EXT4_SUPER_MAGIC:
+		return "ext4"
+	case unix.XFS_SUPER_MAGIC:
+		return "xfs"
+	case unix.BTRFS_SUPER_MAGIC:
+		return "btrfs"
+	case unix.TMPFS_MAGIC:
+		return "tmpfs"
+	}
+	return fmt.Sprintf("fs 0x%x", t)
+}
+
+func meminfo(key string) int {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, key+":") {
+			f := strings.Fields(l[len(key)+1:])
+			if len(f) > 0 {
+				n, _ := strconv.Atoi(f[0])
+				return n
+			}
+		}
+	}
+	return 0
+}
+
+func loadAvg() [3]float64 {
+	var l [3]float64
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	for i := 0; i < 3 && i < len(f); i++ {
+		l[i], _ = strconv.ParseFloat(f[i], 64)
+	}
+	return l
+}
+
+// otherQEMU counts QEMU processes on the host that no benchmark server of
+// this run started (other engineers' tests): they compete for the CPUs.
+func otherQEMU() int {
+	ents, _ := os.ReadDir("/proc")
+	n := 0
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !bytes.HasPrefix(b, []byte("qemu-system")) && !bytes.Contains(bytes.SplitN(b, []byte{0}, 2)[0], []byte("/qemu-system")) {
+			continue
+		}
+		if bytes.Contains(b, []byte("/noid-bench-")) {
+			continue
+		}
+		n++
+	}
+	return n
+}
+
+// Smaps is /proc/<pid>/smaps_rollup in KiB.
+type Smaps struct {
+	Rss, Pss, PssAnon, PssFile, PssShmem                 int
+	SharedClean, SharedDirty, PrivateClean, PrivateDirty int
+}
+
+// Shared is shared clean + dirty.
+func (s Smaps) Shared() int { return s.SharedClean + s.SharedDirty }
+
+// Private is private clean + dirty.
+func (s Smaps) Private() int { return s.PrivateClean + s.PrivateDirty }
+
+func readSmaps(pid int) (Smaps, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return Smaps{}, err
+	}
+	defer f.Close()
+	var s Smaps
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 2 {
+			continue
+		}
+		n, _ := strconv.Atoi(fs[1])
+		switch fs[0] {
+		case "Rss:":
+			s.Rss = n
+		case "Pss:":
+			s.Pss = n
+		case "Pss_Anon:":
+			s.PssAnon = n
+		case "Pss_File:":
+			s.PssFile = n
+		case "Pss_Shmem:":
+			s.PssShmem = n
+		case "Shared_Clean:":
+			s.SharedClean = n
+		case "Shared_Dirty:":
+			s.SharedDirty = n
+		case "Private_Clean:":
+			s.PrivateClean = n
+		case "Private_Dirty:":
+			s.PrivateDirty = n
+		}
+	}
+	return s, sc.Err()
+}
+
+// pageCacheResident returns how many bytes of path are in the page cache
+// (mincore over a read-only mapping), which is host memory the file costs
+// whether or not a process maps it.
+func pageCacheResident(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		return 0, err
+	}
+	const chunk = 256 << 20
+	page := int64(os.Getpagesize())
+	var total int64
+	for off := int64(0); off < fi.Size(); off += chunk {
+		n := fi.Size() - off
+		if n > chunk {
+			n = chunk
+		}
+		m, err := unix.Mmap(int(f.Fd()), off, int(n), unix.PROT_READ, unix.MAP_SHARED)
+		if err != nil {
+			return 0, err
+		}
+		vec := make([]byte, (n+page-1)/page)
+		_, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0])))
+		unix.Munmap(m)
+		if errno != 0 {
+			return 0, errno
+		}
+		for _, v := range vec {
+			if v&1 != 0 {
+				total += page
+			}
+		}
+	}
+	return total, nil
+}
+
+// allocated returns the bytes a file occupies on disk.
+func allocated(path string) int64 {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}
+
+// fdCount counts a process's open fds by kind (socket, pipe, anon, file).
+func fdCount(pid int) (total int, kinds map[string]int) {
+	kinds = map[string]int{}
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return -1, kinds
+	}
+	for _, e := range ents {
+		l, err := os.Readlink(dir + "/" + e.Name())
+		if err != nil {
+			continue
+		}
+		k := "file"
+		switch {
+		case strings.HasPrefix(l, "socket:"):
+			k = "socket"
+		case strings.HasPrefix(l, "pipe:"):
+			k = "pipe"
+		case strings.HasPrefix(l, "anon_inode:"):
+			k = "anon"
+		case strings.HasPrefix(l, "/dev/"):
+			k = "dev"
+		}
+		kinds[k]++
+		total++
+	}
+	return total, kinds
+}
+
+// threads returns a process's thread count.
+func threads(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "Threads:") {
+			n, _ := strconv.Atoi(strings.TrimSpace(l[8:]))
+			return n
+		}
+	}
+	return -1
+}
+
+func mib(kib int) float64 { return float64(kib) / 1024 }
