@@ -8,6 +8,9 @@
 //	vm, err := c.CreateVM(ctx, client.CreateVMRequest{Name: "dev"})
 //	code, err := c.Exec(ctx, "dev", client.ExecRequest{Argv: []string{"uname", "-r"}}, client.ExecIO{Stdout: os.Stdout})
 //
+// Files move in both directions as tar streams through the VM's agent
+// (PutFiles, GetFiles), or with cp-like semantics (CopyToVM, CopyFromVM).
+//
 // Every method takes a context first. Errors from the server unwrap to the
 // errdefs-style sentinels exposed here (ErrNotFound, ErrAlreadyExists, …), so
 // errors.Is works across the wire.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
@@ -151,8 +152,8 @@ type CopyResult struct {
 //   - if dst is an existing directory, or ends with "/", src is copied into
 //     it under its own name (dst is created if missing);
 //   - otherwise src is copied to dst itself (replacing a file there);
-//   - if src ends with "/.", the contents of the directory src are copied
-//     into the directory dst.
+//   - if src ends with "/." (or is "."), the contents of the directory src
+//     are copied into the directory dst.
 //
 // Symlinks are copied as links, never followed (nor is src itself when it
 // is one); sockets, devices and fifos are skipped. Files are owned by root
@@ -166,6 +167,10 @@ func (c *Client) CopyToVM(ctx context.Context, vm, src, dst string, opts *CopyOp
 	srcClean := filepath.Clean(src)
 	fi, err := os.Lstat(srcClean)
 	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // the path is in the message already
+		}
 		return nil, fmt.Errorf("copying %s: %w", src, err)
 	}
 	if contents && !fi.IsDir() {
@@ -208,11 +213,14 @@ func (c *Client) CopyToVM(ctx context.Context, vm, src, dst string, opts *CopyOp
 	}
 	progress := opts.progress()
 	pr, pw := io.Pipe()
+	writerDone := make(chan struct{})
 	go func() {
+		defer close(writerDone)
 		pw.CloseWithError(writeLocalTar(pw, srcClean, top, func(done int64) { progress(done, total) }))
 	}()
 	res, err := c.PutFiles(ctx, vm, dir, pr)
 	pr.CloseWithError(errors.New("upload finished"))
+	<-writerDone // no progress calls after we return
 	if err != nil {
 		return nil, fmt.Errorf("copying %s to %s:%s: %w", src, vm, dst, err)
 	}

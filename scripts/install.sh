@@ -122,6 +122,11 @@ if [ $uninstall = 1 ]; then
 		fi
 	fi
 	rmdir "$destdir$confdir" 2>/dev/null || true
+	# Completion directories this may have created, only when left empty.
+	for d in share/bash-completion/completions share/bash-completion share/zsh/site-functions share/zsh \
+		share/fish/vendor_completions.d share/fish; do
+		rmdir "$destdir$prefix/$d" 2>/dev/null || true
+	done
 	if [ $use_systemd = 1 ]; then systemctl daemon-reload || true; fi
 	if [ -d "$destdir$datadir" ]; then
 		echo "kept $datadir (user data: VMs, checkpoints, images and the database)"

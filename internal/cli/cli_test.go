@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"testing"
 
@@ -426,14 +425,4 @@ complete_line "noid checkpoint r"
 			t.Errorf("%s -n on the completion script: %v\n%s", sh, err, out)
 		}
 	}
-}
-
-// sortedKeys is a helper for readable failures.
-func sortedKeys(m map[string]any) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"io"
+	"sort"
 	"strings"
 	"time"
 
@@ -113,6 +114,7 @@ func vmNames(e *env, ctx context.Context, prefix string) []string {
 			out = append(out, v.Name)
 		}
 	}
+	sort.Strings(out)
 	return out
 }
 

@@ -53,7 +53,9 @@ func makeTree(t *testing.T, dir string) map[string][]byte {
 	for _, d := range []string{"sub/deeper", "sub", "empty", "."} {
 		os.Chtimes(filepath.Join(dir, d), t1, t1)
 	}
-	t.Cleanup(func() { filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error { os.Chmod(p, 0o755); return nil }) })
+	t.Cleanup(func() {
+		filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error { os.Chmod(p, 0o755); return nil })
+	})
 	return files
 }
 
@@ -97,7 +99,7 @@ func snapshot(t *testing.T, dir string) map[string]node {
 
 // sameTree compares two snapshots; seconds only compares mtimes to the
 // second (the agent's tar writer keeps whole seconds).
-func sameTree(t *testing.T, what string, want, got map[string]node, seconds bool) {
+func sameTree(t *testing.T, what string, want, got map[string]node) {
 	t.Helper()
 	var names []string
 	for n := range want {
@@ -110,11 +112,7 @@ func sameTree(t *testing.T, what string, want, got map[string]node, seconds bool
 			t.Errorf("%s: %s missing", what, n)
 			continue
 		}
-		wm, gm := w.mtime, g.mtime
-		if seconds {
-			wm, gm = wm.Truncate(time.Second), gm.Truncate(time.Second)
-		}
-		if w.mode != g.mode || !wm.Equal(gm) || w.body != g.body || w.link != g.link {
+		if w.mode != g.mode || !w.mtime.Equal(g.mtime) || w.body != g.body || w.link != g.link {
 			t.Errorf("%s: %s differs: want mode %v mtime %v link %q (%d bytes), got mode %v mtime %v link %q (%d bytes)",
 				what, n, w.mode, w.mtime, w.link, len(w.body), g.mode, g.mtime, g.link, len(g.body))
 		}
@@ -150,19 +148,19 @@ func TestCpRoundTrip(t *testing.T) {
 	}
 	// Host to VM, into an existing directory (trailing slash).
 	ok("cp", src, "dev:/root/")
-	sameTree(t, "host->vm", want, snapshot(t, f.guestPath("/root/proj")), false)
+	sameTree(t, "host->vm", want, snapshot(t, f.guestPath("/root/proj")))
 
 	// VM to host, into an existing directory.
 	out := filepath.Join(local, "out")
 	os.Mkdir(out, 0o755)
 	ok("cp", "dev:/root/proj", out)
-	sameTree(t, "vm->host", want, snapshot(t, filepath.Join(out, "proj")), true)
+	sameTree(t, "vm->host", want, snapshot(t, filepath.Join(out, "proj")))
 
 	// VM to host under a new name, and a single file.
 	ok("cp", "dev:/root/proj", filepath.Join(local, "renamed"))
-	sameTree(t, "vm->host renamed", want, snapshot(t, filepath.Join(local, "renamed")), true)
+	sameTree(t, "vm->host renamed", want, snapshot(t, filepath.Join(local, "renamed")))
 	ok("cp", "dev:/root/proj/run.sh", filepath.Join(local, "single.sh"))
-	if fi, err := os.Stat(filepath.Join(local, "single.sh")); err != nil || fi.Mode().Perm() != 0o755 || !fi.ModTime().Equal(t3.Truncate(time.Second)) {
+	if fi, err := os.Stat(filepath.Join(local, "single.sh")); err != nil || fi.Mode().Perm() != 0o755 || !fi.ModTime().Equal(t3) {
 		t.Errorf("single file: %v %v", fi, err)
 	}
 	// Into a directory that does not exist yet (trailing slash).
@@ -418,5 +416,64 @@ func TestCpProgress(t *testing.T) {
 	res = r.run("cp", src, "dev:/root/piped.bin")
 	if res.code != 0 || res.stdout != "" || res.stderr != "" {
 		t.Errorf("piped cp printed: %+v", res)
+	}
+}
+
+// TestSpinnerOnTTY: a long request shows "checkpointing dev… Ns" on a
+// terminal, clears it when done, and shows nothing when piped.
+func TestSpinnerOnTTY(t *testing.T) {
+	f := newFakeServer(t, "dev")
+	r := f.runner(t)
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		t.Skipf("no pty: %v", err)
+	}
+	defer ptmx.Close()
+	f.hold = make(chan struct{})
+	seen := make(chan string, 64)
+	go func() {
+		buf := make([]byte, 1024)
+		var all strings.Builder
+		for {
+			n, err := ptmx.Read(buf)
+			all.Write(buf[:n])
+			seen <- all.String()
+			if err != nil {
+				close(seen)
+				return
+			}
+		}
+	}()
+	rt := r.in(r.cwd)
+	rt.stderr = tty
+	resc := make(chan cliResult, 1)
+	go func() { resc <- rt.run("checkpoint", "dev", "snap") }()
+	// The request is held until the spinner has been seen.
+	var out string
+	for s := range seen {
+		if strings.Contains(s, "checkpointing dev… ") {
+			out = s
+			break
+		}
+	}
+	if out == "" {
+		t.Fatal("no spinner on the terminal")
+	}
+	close(f.hold)
+	res := <-resc
+	if res.code != 0 || !strings.Contains(res.stdout, "checkpoint snap") {
+		t.Fatalf("checkpoint: %+v", res)
+	}
+	tty.Close()
+	for s := range seen {
+		out = s
+	}
+	if !strings.HasSuffix(out, "\r\033[K") {
+		t.Errorf("the spinner line was not cleared: %q", out)
+	}
+	// Piped: nothing on stderr.
+	f.hold = nil
+	if res := r.run("checkpoint", "dev", "snap2"); res.code != 0 || res.stderr != "" {
+		t.Errorf("piped checkpoint: %+v", res)
 	}
 }

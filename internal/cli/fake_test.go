@@ -40,7 +40,9 @@ type fakeServer struct {
 	vms         map[string]*api.VM
 	calls       []string // "METHOD vm detail" of recorded calls
 	getOverride []byte   // when set, GET …/files?path= serves this tar
-	agent       *agentclient.Client
+	// hold, when set, makes checkpoint wait until it is closed.
+	hold  chan struct{}
+	agent *agentclient.Client
 }
 
 func newFakeServer(t *testing.T, vms ...string) *fakeServer {
@@ -80,6 +82,9 @@ func newFakeServer(t *testing.T, vms ...string) *fakeServer {
 		var req api.CheckpointRequest
 		json.NewDecoder(r.Body).Decode(&req)
 		if v := f.vm(w, r); v != nil {
+			if f.hold != nil {
+				<-f.hold
+			}
 			f.record("checkpoint", v.Name, req.Name)
 			writeJSONTest(w, 201, api.Checkpoint{ID: "cp1", Name: req.Name, VM: v.Name})
 		}
@@ -208,7 +213,9 @@ func (f *fakeServer) agentClient() (*agentclient.Client, error) {
 	return c, nil
 }
 
-func (f *fakeServer) guestPath(p string) string { return filepath.Join(f.GuestRoot, filepath.Clean("/"+p)) }
+func (f *fakeServer) guestPath(p string) string {
+	return filepath.Join(f.GuestRoot, filepath.Clean("/"+p))
+}
 
 func (f *fakeServer) putFiles(w http.ResponseWriter, r *http.Request) {
 	v := f.vm(w, r)

@@ -68,7 +68,7 @@ arguments the first is the VM; with one, it is a checkpoint of the active VM.
 the API (GET /v1/golden); its field names are stable.`,
 		Example: `  noid golden list
   noid golden list --json`,
-		Args:    exactArgs(0, "no arguments"),
+		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := e.client()
 			if err != nil {

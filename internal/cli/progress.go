@@ -15,11 +15,12 @@ type progress struct {
 	enabled bool
 	start   time.Time
 
-	mu    sync.Mutex
-	last  time.Time
-	shown bool
-	done  int64
-	total int64
+	mu       sync.Mutex
+	last     time.Time
+	shown    bool
+	finished bool
+	done     int64
+	total    int64
 }
 
 // newProgress starts a progress line for work described by label.
@@ -34,6 +35,9 @@ func (p *progress) update(done, total int64) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.finished {
+		return
+	}
 	p.done, p.total = done, total
 	now := time.Now()
 	if now.Sub(p.start) < p.e.progressDelay || now.Sub(p.last) < 100*time.Millisecond {
@@ -67,6 +71,7 @@ func (p *progress) finish(summary string) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.finished = true
 	if p.shown {
 		fmt.Fprint(p.e.stderr, "\r\033[K")
 	}

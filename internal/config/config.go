@@ -115,14 +115,46 @@ type Quota struct {
 	MaxCheckpointBytes int64 `toml:"max_checkpoint_bytes"`
 }
 
-// Sandbox is the [sandbox] section.
+// Sandbox is the [sandbox] section. See SECURITY.md.
 type Sandbox struct {
 	// Seccomp runs QEMU with -sandbox on. Default true.
 	Seccomp *bool `toml:"seccomp"`
-	// User is the unprivileged user VMMs run as, if it exists. Default "" (root).
+	// User is who VMM processes run as: "auto" (or empty, the default)
+	// gives each VMM a uid of its own from uid_base/uid_count when
+	// noid-server runs as root; "root" keeps them root; any other value is
+	// a user name or numeric uid that every VMM shares (weaker: VMMs of
+	// one uid can ptrace each other).
 	User string `toml:"user"`
+	// UIDBase and UIDCount are the per-VM uid range (gid = uid). Default
+	// 2000000000 and 65536. Nothing else on the host may use these uids.
+	UIDBase  int64 `toml:"uid_base"`
+	UIDCount int64 `toml:"uid_count"`
 	// Cgroups places each VMM in its own cgroup with limits. Default true.
 	Cgroups *bool `toml:"cgroups"`
+	// CgroupParent is the parent cgroup of the VMM cgroups, relative to
+	// each hierarchy's root. Default "noid".
+	CgroupParent string `toml:"cgroup_parent"`
+	// MemoryOverhead is added to guest RAM to give a VMM's cgroup memory
+	// limit, as a size ("384M"). Default: the backend's (384M for QEMU).
+	MemoryOverhead string `toml:"memory_overhead"`
+	// PidsMax is a VMM cgroup's pids.max. Default: the backend's (QEMU:
+	// 128 plus the vCPUs).
+	PidsMax int64 `toml:"pids_max"`
+}
+
+// Default per-VM uid range ([sandbox] uid_base, uid_count).
+const (
+	DefaultUIDBase  = 2_000_000_000
+	DefaultUIDCount = 65536
+)
+
+// SandboxUser returns the [sandbox] user setting with the default applied:
+// "auto", "root", or a user name or uid.
+func (c *Config) SandboxUser() string {
+	if c.Sandbox.User == "" {
+		return "auto"
+	}
+	return c.Sandbox.User
 }
 
 // NetworkEnabled reports whether VM networking is on.
@@ -196,6 +228,12 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Network.DNSPort == 0 {
 		c.Network.DNSPort = 53
+	}
+	if c.Sandbox.UIDBase == 0 {
+		c.Sandbox.UIDBase = DefaultUIDBase
+	}
+	if c.Sandbox.UIDCount == 0 {
+		c.Sandbox.UIDCount = DefaultUIDCount
 	}
 }
 
@@ -316,6 +354,36 @@ func (c *Config) Validate() error {
 	}
 	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
 		return bad("quota values must not be negative")
+	}
+	if err := c.validateSandbox(); err != nil {
+		return bad("%v", err)
+	}
+	return nil
+}
+
+// validateSandbox checks the [sandbox] section.
+func (c *Config) validateSandbox() error {
+	sb := c.Sandbox
+	if sb.UIDBase <= 0 || sb.UIDCount <= 0 || sb.UIDBase > 1<<32 || sb.UIDCount > 1<<32 || sb.UIDBase+sb.UIDCount >= 1<<32-1 {
+		return fmt.Errorf("sandbox.uid_base and uid_count must give a range of uids above 0 and below 4294967295")
+	}
+	if strings.ContainsAny(sb.User, " \t\n:/") {
+		return fmt.Errorf("sandbox.user must be auto, root, a user name or a uid, got %q", sb.User)
+	}
+	if p := strings.Trim(sb.CgroupParent, "/"); sb.CgroupParent != "" {
+		for _, el := range strings.Split(p, "/") {
+			if el == "" || el == "." || el == ".." || strings.HasPrefix(el, "cgroup.") || strings.Trim(el, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") != "" {
+				return fmt.Errorf("sandbox.cgroup_parent must be a relative cgroup path like \"noid\", got %q", sb.CgroupParent)
+			}
+		}
+	}
+	if sb.MemoryOverhead != "" {
+		if _, err := ParseSize(sb.MemoryOverhead); err != nil {
+			return fmt.Errorf("sandbox.memory_overhead: %v", err)
+		}
+	}
+	if sb.PidsMax < 0 {
+		return fmt.Errorf("sandbox.pids_max must not be negative")
 	}
 	return nil
 }

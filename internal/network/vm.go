@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -160,6 +161,13 @@ func (m *Manager) AddVM(ctx context.Context, v VMNet) error {
 	if had && old.group != 0 {
 		m.dropEmptyGroup(old.v.Owner)
 	}
+	if !had || old.v.IP != v.IP || !bytes.Equal(old.v.MAC, v.MAC) {
+		// The address may have belonged to a VM destroyed a moment ago: the
+		// host would keep sending to that VM's MAC until its entry goes
+		// stale and is probed again (seconds), so a new VM or clone on the
+		// address would be unreachable from the host meanwhile.
+		m.forgetNeighbour(v.IP)
+	}
 	m.log.Debug("vm network added", "vm", v.ID, "tap", v.TapName, "ip", v.IP, "mac", v.MAC.String(), "peer_group", g)
 	return nil
 }
@@ -193,6 +201,7 @@ func (m *Manager) removeLocked(id string) error {
 		errs = append(errs, fmt.Errorf("look up %s: %w", tap, err))
 	}
 	if known {
+		m.forgetNeighbour(st.v.IP)
 		if err := m.queueElements(m.nft, elementsFor(st.v, st.group), false); err != nil {
 			errs = append(errs, err)
 		} else if err := m.flush(); err != nil {
@@ -214,6 +223,51 @@ func (m *Manager) removeLocked(id string) error {
 	}
 	m.log.Debug("vm network removed", "vm", id, "tap", tap)
 	return nil
+}
+
+// forgetNeighbour deletes the bridge's neighbour (ARP) entry for ip, if
+// any. It is best effort, like forgetNeighbours.
+func (m *Manager) forgetNeighbour(ip netip.Addr) {
+	br, err := m.h.LinkByName(m.cfg.Bridge)
+	if err != nil {
+		return
+	}
+	n := &netlink.Neigh{LinkIndex: br.Attrs().Index, Family: netlink.FAMILY_V4, IP: ip.AsSlice()}
+	if err := m.h.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
+		m.log.Warn("deleting stale neighbour", "ip", ip, "err", err)
+	}
+}
+
+// forgetNeighbours deletes the bridge's neighbour (ARP) entries for the
+// addresses in want whose MAC is not the one given (a nil MAC matches
+// none: the entry goes). With all set, every entry for an address of the
+// pool that is not in want goes too. It is best effort: a failure only
+// means the kernel re-learns the entry the slow way.
+func (m *Manager) forgetNeighbours(want map[netip.Addr]net.HardwareAddr, all bool) {
+	br, err := m.h.LinkByName(m.cfg.Bridge)
+	if err != nil {
+		return
+	}
+	neighs, err := m.h.NeighList(br.Attrs().Index, netlink.FAMILY_V4)
+	if err != nil {
+		m.log.Warn("listing neighbours", "bridge", m.cfg.Bridge, "err", err)
+		return
+	}
+	for _, n := range neighs {
+		ip, ok := netip.AddrFromSlice(n.IP.To4())
+		if !ok {
+			continue
+		}
+		mac, listed := want[ip]
+		if !listed && !(all && m.cfg.Pool.Contains(ip)) || listed && mac != nil && bytes.Equal(mac, n.HardwareAddr) {
+			continue
+		}
+		if err := m.h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			m.log.Warn("deleting stale neighbour", "ip", ip, "mac", n.HardwareAddr.String(), "err", err)
+			continue
+		}
+		m.log.Debug("forgot stale neighbour", "ip", ip, "mac", n.HardwareAddr.String())
+	}
 }
 
 // tablesExist reports whether noid's tables are installed.
@@ -383,6 +437,11 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 	if err := m.flush(); err != nil {
 		errs = append(errs, fmt.Errorf("rebuild nftables sets: %w", err))
 	}
+	macs := map[netip.Addr]net.HardwareAddr{}
+	for _, st := range states {
+		macs[st.v.IP] = st.v.MAC
+	}
+	m.forgetNeighbours(macs, true)
 	m.log.Info("network reconciled", "vms", len(states), "errors", len(errs))
 	return errors.Join(errs...)
 }

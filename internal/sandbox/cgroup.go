@@ -226,24 +226,34 @@ func (m *Manager) Create(name string, lim Limits) (*Cgroup, error) {
 	return c, nil
 }
 
-// Prune removes the parent's child cgroups that hold no process (left by
-// VMMs that died while no server ran). Call it before starting VMMs.
-func (m *Manager) Prune(ctx context.Context) (int, error) {
+// Prune removes the parent's child cgroups that hold no process and are
+// older than minAge (left by VMMs that died while no server ran). The age
+// keeps it off a cgroup another server on the host has just created and not
+// yet started its VMM in.
+func (m *Manager) Prune(ctx context.Context, minAge time.Duration) (int, error) {
 	names := map[string]bool{}
+	young := map[string]bool{}
 	for _, h := range m.layout.Hierarchies {
 		ents, err := m.fs.ReadDir(filepath.Join(h.Mount, m.parent))
 		if err != nil {
 			continue
 		}
 		for _, e := range ents {
-			if e.IsDir() && ValidName(e.Name()) == nil {
-				names[e.Name()] = true
+			if !e.IsDir() || ValidName(e.Name()) != nil {
+				continue
+			}
+			names[e.Name()] = true
+			if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < minAge {
+				young[e.Name()] = true
 			}
 		}
 	}
 	n := 0
 	var errs []error
 	for name := range names {
+		if young[name] || ctx.Err() != nil {
+			continue
+		}
 		c, _ := m.Open(name)
 		empty, err := c.empty()
 		if err != nil || !empty {

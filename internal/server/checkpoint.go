@@ -55,14 +55,9 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 		return nil, err
 	}
 	id := newID(4)
-	name := req.Name
-	if name == "" {
-		name = id
-	} else if err := api.ValidateCheckpointName(name); err != nil {
+	name, err := checkpointName(req, id)
+	if err != nil {
 		return nil, err
-	}
-	if len(req.Label) > 1024 {
-		return nil, fmt.Errorf("%w: label is longer than 1024 bytes", errdefs.ErrInvalidArgument)
 	}
 	if err := s.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
 		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
@@ -184,6 +179,33 @@ func (s *Server) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, cp
 	return nil
 }
 
+// checkpointName checks a checkpoint request and returns the checkpoint's
+// name: req.Name, or id when none is given.
+func checkpointName(req api.CheckpointRequest, id string) (string, error) {
+	name := req.Name
+	if name == "" {
+		name = id
+	} else if err := api.ValidateCheckpointName(name); err != nil {
+		return "", err
+	}
+	if len(req.Label) > 1024 {
+		return "", fmt.Errorf("%w: label is longer than 1024 bytes", errdefs.ErrInvalidArgument)
+	}
+	return name, nil
+}
+
+// checkRestoreRequest checks a restore request: a checkpoint, and a valid
+// name for the clone if one is asked for.
+func checkRestoreRequest(req api.RestoreRequest) error {
+	if req.Checkpoint == "" {
+		return fmt.Errorf("%w: no checkpoint given", errdefs.ErrInvalidArgument)
+	}
+	if req.As != "" {
+		return api.ValidateVMName(req.As)
+	}
+	return nil
+}
+
 // Restore rewinds the VM to a checkpoint, or with req.As clones the
 // checkpoint into a new VM.
 func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req api.RestoreRequest) (*api.VM, error) {
@@ -191,8 +213,8 @@ func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req 
 	if err != nil {
 		return nil, err
 	}
-	if req.Checkpoint == "" {
-		return nil, fmt.Errorf("%w: no checkpoint given", errdefs.ErrInvalidArgument)
+	if err := checkRestoreRequest(req); err != nil {
+		return nil, err
 	}
 	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
 	if errors.Is(err, errdefs.ErrNotFound) {

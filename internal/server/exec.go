@@ -88,42 +88,17 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		ws.Close(websocket.StatusProtocolError, "expected exec request")
 		return nil
 	}
-	var req api.ExecRequest
-	if typ != websocket.MessageText || json.Unmarshal(first, &req) != nil {
+	if typ != websocket.MessageText {
 		sendErr(fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument))
 		return nil
 	}
-	if console {
-		req.TTY = true
-		req.Stdin = true
-	}
-	if len(req.Argv) == 0 && !console {
-		sendErr(errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]"))
+	preq, err := execParams(first, console)
+	if err != nil {
+		sendErr(err)
 		return nil
-	}
-	if req.TimeoutMs < 0 {
-		sendErr(fmt.Errorf("%w: timeout must not be negative", errdefs.ErrInvalidArgument))
-		return nil
-	}
-	env := make([]string, 0, len(req.Env))
-	for k, v := range req.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
-			sendErr(fmt.Errorf("%w: invalid environment variable name %q", errdefs.ErrInvalidArgument, k))
-			return nil
-		}
-		env = append(env, k+"="+v)
-	}
-	sort.Strings(env)
-	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
-		sendErr(fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument))
-		return nil
-	}
-	preq := proto.ExecRequest{
-		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
-		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
 	}
 	var proc *client.Process
-	if console && len(req.Argv) == 0 {
+	if console && len(preq.Argv) == 0 {
 		proc, err = ac.Console(ctx, preq)
 	} else {
 		proc, err = ac.Exec(ctx, preq)
@@ -153,14 +128,14 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		}
 	}()
 	go func() {
-		stdinOpen := req.Stdin
+		stdinOpen := preq.Stdin
 		closeStdin := func() {
 			if stdinOpen {
 				stdinOpen = false
 				close(stdinCh)
 			}
 		}
-		if !req.Stdin {
+		if !preq.Stdin {
 			close(stdinCh)
 		}
 		for {
@@ -183,21 +158,17 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 				}
 				continue
 			}
-			var m api.StreamMsg
-			if json.Unmarshal(msg, &m) != nil {
+			m, ok := clientMsg(msg)
+			if !ok {
 				continue
 			}
 			switch m.Type {
 			case api.MsgStdinEOF:
 				closeStdin()
 			case api.MsgSignal:
-				if m.Signal > 0 && m.Signal < 65 {
-					proc.Signal(ctx, syscall.Signal(m.Signal))
-				}
+				proc.Signal(ctx, syscall.Signal(m.Signal))
 			case api.MsgResize:
-				if m.Rows > 0 && m.Cols > 0 && m.Rows < 10000 && m.Cols < 10000 {
-					proc.Resize(ctx, uint16(m.Rows), uint16(m.Cols))
-				}
+				proc.Resize(ctx, uint16(m.Rows), uint16(m.Cols))
 			}
 		}
 	}()
@@ -245,4 +216,57 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	ws.Write(ctx, websocket.MessageText, b)
 	ws.Close(websocket.StatusNormalClosure, "")
 	return nil
+}
+
+// execParams decodes and checks the first message of an exec or console
+// WebSocket (an api.ExecRequest) and turns it into the agent's request.
+func execParams(first []byte, console bool) (proto.ExecRequest, error) {
+	var req api.ExecRequest
+	if json.Unmarshal(first, &req) != nil {
+		return proto.ExecRequest{}, fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument)
+	}
+	if console {
+		req.TTY = true
+		req.Stdin = true
+	}
+	if len(req.Argv) == 0 && !console {
+		return proto.ExecRequest{}, errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]")
+	}
+	if req.TimeoutMs < 0 {
+		return proto.ExecRequest{}, fmt.Errorf("%w: timeout must not be negative", errdefs.ErrInvalidArgument)
+	}
+	env := make([]string, 0, len(req.Env))
+	for k, v := range req.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			return proto.ExecRequest{}, fmt.Errorf("%w: invalid environment variable name %q", errdefs.ErrInvalidArgument, k)
+		}
+		env = append(env, k+"="+v)
+	}
+	sort.Strings(env)
+	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
+		return proto.ExecRequest{}, fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument)
+	}
+	return proto.ExecRequest{
+		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
+		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
+	}, nil
+}
+
+// clientMsg decodes a text message a client sends during an exec. It
+// reports false for anything to ignore: bad JSON, unknown types, a signal
+// outside 1..64, a terminal size outside 1..9999.
+func clientMsg(b []byte) (api.StreamMsg, bool) {
+	var m api.StreamMsg
+	if json.Unmarshal(b, &m) != nil {
+		return m, false
+	}
+	switch m.Type {
+	case api.MsgStdinEOF:
+		return m, true
+	case api.MsgSignal:
+		return m, m.Signal > 0 && m.Signal < 65
+	case api.MsgResize:
+		return m, m.Rows > 0 && m.Cols > 0 && m.Rows < 10000 && m.Cols < 10000
+	}
+	return m, false
 }

@@ -35,16 +35,23 @@ func agentFileErr(err error, vm, p string) error {
 	if errors.Is(err, errdefs.ErrUnavailable) || errors.Is(err, errdefs.ErrNotRunning) {
 		return err
 	}
+	// The agent client says "agent put DIR: …" or "agent get PATH: …".
 	msg := err.Error()
+	for _, pre := range []string{"agent put " + p + ": ", "agent get " + p + ": "} {
+		msg = strings.TrimPrefix(msg, pre)
+	}
 	switch {
 	case strings.Contains(msg, "no such file or directory"):
-		return errdefs.WithHint(fmt.Errorf("%w: %s in vm %q: %v", errdefs.ErrNotFound, p, vm, err), "check the path with `noid exec "+vm+" -- ls -la "+path.Dir(p)+"`")
+		return errdefs.WithHint(fmt.Errorf("vm %q has no %s (%w)", vm, p, errdefs.ErrNotFound),
+			"check the path with `noid exec "+vm+" -- ls -la "+path.Dir(p)+"`")
 	case strings.Contains(msg, "no space left"):
-		return errdefs.WithHint(fmt.Errorf("%w: vm %q: %v", errdefs.ErrResourceExhausted, vm, err), "free space in the VM, or create it with a larger --disk-size")
+		return errdefs.WithHint(fmt.Errorf("vm %q: %s (%w)", vm, msg, errdefs.ErrResourceExhausted),
+			"free space in the VM, or create it with a larger --disk-size")
 	case strings.Contains(msg, "refused") || strings.Contains(msg, "escapes") || strings.Contains(msg, "bad hard link") || strings.Contains(msg, "bad symlink"):
-		return errdefs.WithHint(fmt.Errorf("%w: vm %q refused the upload: %v", errdefs.ErrInvalidArgument, vm, err), "tar entries must stay inside the destination (no absolute paths, \"..\" or writes through symlinks)")
+		return errdefs.WithHint(fmt.Errorf("vm %q refused the upload into %s: %s (%w)", vm, p, msg, errdefs.ErrInvalidArgument),
+			"tar entries must stay inside the destination (no absolute paths, \"..\" or writes through symlinks)")
 	}
-	return fmt.Errorf("%w: vm %q: %v", errdefs.ErrInvalidArgument, vm, err)
+	return fmt.Errorf("vm %q: %s (%w)", vm, msg, errdefs.ErrInvalidArgument)
 }
 
 // hPutFiles extracts the tar stream in the request body into ?dir= in the

@@ -195,15 +195,24 @@ func (s *Server) createFromGolden(ctx context.Context, u *store.User, p *createP
 	return s.startFromSnapshot(ctx, u, v, dir, start)
 }
 
+// checkPromoteRequest checks a promotion request: a vm and checkpoint
+// name, or a checkpoint id.
+func checkPromoteRequest(req api.GoldenPromoteRequest) error {
+	if req.VM == "" && req.Checkpoint == "" {
+		return fmt.Errorf("%w: give a vm and checkpoint, or a checkpoint id", errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
 // PromoteGolden copies a checkpoint into a golden snapshot for its spec,
 // replacing (and backing up) an existing one.
 func (s *Server) PromoteGolden(ctx context.Context, u *store.User, req api.GoldenPromoteRequest) (*api.Golden, error) {
 	var c *store.Checkpoint
 	var vmName string
+	if err := checkPromoteRequest(req); err != nil {
+		return nil, err
+	}
 	if req.VM == "" {
-		if req.Checkpoint == "" {
-			return nil, fmt.Errorf("%w: give a vm and checkpoint, or a checkpoint id", errdefs.ErrInvalidArgument)
-		}
 		cp, err := s.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint)
 		if err != nil {
 			return nil, errdefs.WithHint(err, "noid checkpoints <vm> lists checkpoint ids")

@@ -68,6 +68,8 @@ type Server struct {
 
 	goldenMu    sync.Mutex
 	goldenLocks map[string]*sync.RWMutex
+
+	sandbox sandboxState
 }
 
 // New opens the store, selects the backend and re-adopts the VMs an earlier
@@ -155,7 +157,7 @@ func (s *Server) selectBackend(ctx context.Context, override vmm.Backend) error 
 			}
 		}
 		if s.backend == nil {
-			s.backend = qemu.New(qemu.Options{Binary: s.cfg.QEMUBinary})
+			s.backend = qemu.New(s.qemuOptions(ctx))
 		}
 	}
 	want := vmm.Accel(s.cfg.Accel)

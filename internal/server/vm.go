@@ -176,9 +176,7 @@ func (s *Server) spec(v *store.VM) vmm.Spec {
 	if v.Tap != "" {
 		sp.Net = &vmm.NetSpec{Tap: v.Tap, MAC: v.MAC}
 	}
-	if s.cfg.SeccompEnabled() {
-		sp.Sandbox = &vmm.Sandbox{Seccomp: true}
-	}
+	sp.Sandbox = s.sandboxSpec(v)
 	return sp
 }
 

@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/miekg/dns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
@@ -53,10 +55,11 @@ const (
 // netLab is a network namespace for one noid-server, with an optional
 // "internet" namespace behind a veth as its default route.
 type netLab struct {
-	t   *testing.T
-	ns  netns.NsHandle
-	h   *netlink.Handle
-	wan netns.NsHandle
+	t           *testing.T
+	ns          netns.NsHandle
+	h           *netlink.Handle
+	wan         netns.NsHandle
+	dnsUpstream string // the stand-in for the host's resolver, if any
 }
 
 // newNamespace creates an anonymous network namespace with lo up. It is
@@ -188,10 +191,74 @@ func (l *netLab) addInternet() {
 	}
 	lo, _ := wh.LinkByName("lo")
 	nlAddr(t, wh, lo, netMetadata+"/32")
-	// The internet knows no route back to the pool: VMs reach it only
-	// through the lab's masquerade.
+	// The internet routes the default pool to the host, like a LAN
+	// neighbour trying to get in would; VMs' own traffic is masqueraded.
+	if err := wh.RouteAdd(&netlink.Route{Dst: &net.IPNet{IP: network.DefaultPool.Addr().AsSlice(), Mask: net.CIDRMask(network.DefaultPool.Bits(), 32)},
+		Gw: net.ParseIP(netUplinkHost)}); err != nil {
+		t.Fatal(err)
+	}
 	serveWhoAmI(t, l.wan, net.JoinHostPort(netUplinkWAN, fmt.Sprint(netWANPort)), "internet")
 	serveWhoAmI(t, l.wan, net.JoinHostPort(netMetadata, "80"), "metadata")
+	l.upstreamDNS(wh)
+}
+
+// fakeDNSAnswer is what the lab's stand-in for the host's resolver answers
+// for fakeDNSName.
+const (
+	fakeDNSName   = "upstream-check.example."
+	fakeDNSAnswer = "192.0.2.55"
+)
+
+// upstreamDNS stands in for the host's resolver inside the lab: noid-server
+// forwards non-.noid queries to the nameserver of /etc/resolv.conf, so that
+// address is served here (on the internet's lo, or on the lab's lo for a
+// loopback resolver) and the query never leaves the lab. l.dnsUpstream is
+// left empty when the host has no resolver configured.
+func (l *netLab) upstreamDNS(wh *netlink.Handle) {
+	t := l.t
+	b, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		return
+	}
+	var ns netip.Addr
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "nameserver" {
+			if a, err := netip.ParseAddr(f[1]); err == nil && a.Is4() {
+				ns = a
+				break
+			}
+		}
+	}
+	if !ns.IsValid() {
+		return
+	}
+	where, h := l.wan, wh
+	if ns.IsLoopback() {
+		where, h = l.ns, l.h
+	}
+	lo, _ := h.LinkByName("lo")
+	if !ns.IsLoopback() {
+		nlAddr(t, h, lo, ns.String()+"/32")
+	}
+	var pc net.PacketConn
+	if err := inNetNS(where, func() (err error) { pc, err = net.ListenPacket("udp4", net.JoinHostPort(ns.String(), "53")); return err }); err != nil {
+		t.Fatalf("fake upstream resolver: %v", err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(r)
+		if len(r.Question) == 1 && strings.EqualFold(r.Question[0].Name, fakeDNSName) && r.Question[0].Qtype == dns.TypeA {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: r.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 5},
+				A: net.ParseIP(fakeDNSAnswer)})
+		} else if len(r.Question) == 1 && r.Question[0].Qtype == dns.TypeA {
+			m.Rcode = dns.RcodeNameError
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	l.dnsUpstream = ns.String()
 }
 
 func nlAddr(t *testing.T, h *netlink.Handle, l netlink.Link, cidr string) {
@@ -400,12 +467,26 @@ type guestNet struct {
 
 func readGuestNet(t *testing.T, c *client.Client, vm string) guestNet {
 	t.Helper()
-	out := mustSh(t, c, vm, `cat /sys/class/net/eth0/address; ip -4 addr show dev eth0 | awk '/inet /{print $2}'; ip -4 route show default | awk '{print $3}'; grep nameserver /etc/resolv.conf | awk '{print $2}'`)
-	f := strings.Fields(out)
+	g, _ := probeGuest(t, c, vm, "")
+	return g
+}
+
+// probeGuest reads the guest's view of eth0 and, when url is set, fetches
+// url from the guest in the same exec (execs are slow under TCG). fetched
+// is the body, or "FAILED".
+func probeGuest(t *testing.T, c *client.Client, vm, url string) (g guestNet, fetched string) {
+	t.Helper()
+	script := `cat /sys/class/net/eth0/address; ip -4 addr show dev eth0 | awk '/inet /{print $2}'; ip -4 route show default | awk '{print $3}'; grep nameserver /etc/resolv.conf | awk '{print $2}'`
+	if url != "" {
+		script += `; echo =====; timeout 5 wget -q -O - ` + url + ` || echo FAILED`
+	}
+	out := mustSh(t, c, vm, script)
+	head, tail, _ := strings.Cut(out, "=====\n")
+	f := strings.Fields(head)
 	for len(f) < 4 {
 		f = append(f, "")
 	}
-	return guestNet{MAC: f[0], CIDR: f[1], Gateway: f[2], Resolv: f[3]}
+	return guestNet{MAC: f[0], CIDR: f[1], Gateway: f[2], Resolv: f[3]}, strings.TrimSpace(tail)
 }
 
 // serveID starts busybox httpd on netVMPort in vm, serving /id = vm name.
@@ -457,14 +538,15 @@ func canReach(t *testing.T, c *client.Client, from string, toIP string, toName s
 
 // checkWired checks a running VM's network identity from every side: the
 // API, the guest's own view, the host's TAP and the nftables elements.
-func checkWired(t *testing.T, l *netLab, c *client.Client, v *client.VM, pool netip.Prefix) {
+// When probeURL is set the guest also fetches it; the body is returned.
+func checkWired(t *testing.T, l *netLab, c *client.Client, v *client.VM, pool netip.Prefix, probeURL ...string) string {
 	t.Helper()
 	ip, err := netip.ParseAddr(v.IP)
 	if err != nil || !pool.Contains(ip) {
 		t.Fatalf("vm %s has ip %q, want one in %s", v.Name, v.IP, pool)
 	}
 	gw := pool.Addr().Next().String()
-	g := readGuestNet(t, c, v.Name)
+	g, fetched := probeGuest(t, c, v.Name, strings.Join(probeURL, ""))
 	want := guestNet{MAC: v.MAC, CIDR: fmt.Sprintf("%s/%d", v.IP, pool.Bits()), Gateway: gw, Resolv: gw}
 	if g != want {
 		t.Errorf("vm %s: guest sees %+v, want %+v", v.Name, g, want)
@@ -481,6 +563,7 @@ func checkWired(t *testing.T, l *netLab, c *client.Client, v *client.VM, pool ne
 	if taps[tap] == 0 || ips[ip] == 0 {
 		t.Errorf("vm %s: nftables has no elements for %s / %s", v.Name, tap, ip)
 	}
+	return fetched
 }
 
 func p50(xs []float64) float64 {
@@ -504,6 +587,17 @@ func addUser(t *testing.T, e *Env, name string) *client.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The Env's cleanup destroys only the admin's VMs; this runs first.
+	t.Cleanup(func() {
+		select {
+		case <-e.exited:
+			e.Start()
+		default:
+		}
+		if _, err := e.Client.RemoveUser(context.Background(), name); err != nil {
+			t.Errorf("removing user %s: %v", name, err)
+		}
+	})
 	return c
 }
 
@@ -536,8 +630,9 @@ func TestNetwork(t *testing.T) {
 	l.addInternet()
 	pool := network.DefaultPool
 	gw := pool.Addr().Next().String()
+	dump := dumpServerLog(t)
 	e := NewEnv(t, WithNetNS(l.ns), WithConfig(fmt.Sprintf("[network]\nenabled = true\ngateway_tcp_ports = [%d]\n", netGwPort)))
-	dumpServerLog(t, e)
+	*dump = e
 	alice := e.Client
 	bob := addUser(t, e, "bob")
 	rulesAtStart := l.nft().rules
@@ -546,6 +641,7 @@ func TestNetwork(t *testing.T) {
 	}
 	serveWhoAmI(t, l.ns, net.JoinHostPort(gw, fmt.Sprint(netGwPort)), "gateway")
 	serveWhoAmI(t, l.ns, net.JoinHostPort(gw, fmt.Sprint(netGwClosed)), "closed")
+	serveWhoAmI(t, l.ns, net.JoinHostPort(netUplinkHost, fmt.Sprint(netGwPort)), "uplink")
 
 	var createNet, cloneNet, goldenNet []float64
 	vms := map[string]*client.VM{}
@@ -621,6 +717,27 @@ func TestNetwork(t *testing.T) {
 		}
 		if out, ok := fetch(t, alice, "a", "http://"+netMetadata+"/", 3); ok {
 			t.Errorf("a reached the metadata address: %q", out)
+		}
+		// The host's other addresses are closed to VMs, and nothing from
+		// outside gets in to a VM.
+		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", netUplinkHost, netGwPort), 3); ok {
+			t.Errorf("a reached a service on the host's uplink address: %q", out)
+		}
+		if err := inNetNS(l.wan, func() error {
+			c, err := net.DialTimeout("tcp4", net.JoinHostPort(a.IP, fmt.Sprint(netVMPort)), 3*time.Second)
+			if err == nil {
+				c.Close()
+				return errors.New("connected")
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("the internet opened a connection to a: %v", err)
+		}
+		// Everything but .noid is forwarded to the host's resolver.
+		if l.dnsUpstream == "" {
+			t.Log("no nameserver in /etc/resolv.conf: forwarding not checked")
+		} else if got := resolve(t, alice, "a", strings.TrimSuffix(fakeDNSName, ".")); !slices.Equal(got, []string{fakeDNSAnswer}) {
+			t.Errorf("forwarded query for %s: %v, want %s (upstream %s)", fakeDNSName, got, fakeDNSAnswer, l.dnsUpstream)
 		}
 		// info and list show the IP.
 		info := e.MustCLI("info", "a")
@@ -849,9 +966,8 @@ func TestNetwork(t *testing.T) {
 		t.Logf("net_ms of %d parallel golden creates: p50 %.2f ms", n, p50(par))
 		// Every one is wired (API, guest, TAP, nftables) and works both ways.
 		for _, v := range got {
-			checkWired(t, l, alice, v, pool)
-			if out, ok := fetch(t, alice, v.Name, fmt.Sprintf("http://%s:%d/", gw, netGwPort), 5); !ok || out != "gateway "+v.IP {
-				t.Errorf("%s → gateway: %q ok=%v", v.Name, out, ok)
+			if out := checkWired(t, l, alice, v, pool, fmt.Sprintf("http://%s:%d/", gw, netGwPort)); out != "gateway "+v.IP {
+				t.Errorf("%s → gateway: %q", v.Name, out)
 			}
 			// The golden VM's httpd came along, running.
 			if body, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(body) != "a" {
@@ -982,12 +1098,19 @@ func TestNetwork(t *testing.T) {
 		p50(createNet), len(createNet), p50(cloneNet), len(cloneNet), p50(goldenNet), len(goldenNet))
 }
 
-// dumpServerLog writes the server's log to $NOID_E2E_NET_LOG at the end of
-// the test, for looking into a passing run.
-func dumpServerLog(t *testing.T, e *Env) {
+// dumpServerLog arranges for the server's log to be written to
+// $NOID_E2E_NET_LOG when the test ends (after the Env's own cleanup), for
+// looking into a passing run. Call it before NewEnv and set *e after.
+func dumpServerLog(t *testing.T) **Env {
+	var e *Env
 	if p := os.Getenv("NOID_E2E_NET_LOG"); p != "" {
-		t.Cleanup(func() { os.WriteFile(p, []byte(e.Log()), 0o644) })
+		t.Cleanup(func() {
+			if e != nil {
+				os.WriteFile(p+"."+strings.ReplaceAll(t.Name(), "/", "_"), []byte(e.Log()), 0o644)
+			}
+		})
 	}
+	return &e
 }
 
 // addOrphanElements plants nftables elements for tap/ip the way noid
@@ -1048,7 +1171,9 @@ func listHas(out, vm, ip string) bool {
 func TestNetworkSmallPool(t *testing.T) {
 	l := newNetLab(t)
 	pool := netip.MustParsePrefix("10.77.0.0/29") // 5 VM addresses
+	dump := dumpServerLog(t)
 	e := NewEnv(t, WithNetNS(l.ns), WithConfig("[network]\nenabled = true\npool = \"10.77.0.0/29\"\nallow_same_user = true\n"))
+	*dump = e
 	alice := e.Client
 	bob := addUser(t, e, "bob")
 	p1 := create(t, alice, client.CreateVMRequest{Name: "p1"})
@@ -1099,13 +1224,28 @@ func TestNetworkSmallPool(t *testing.T) {
 		if got := strings.Fields(mustSh(t, alice, "n1", "ls /sys/class/net")); !slices.Equal(got, []string{"lo"}) {
 			t.Errorf("n1 has interfaces %v", got)
 		}
-		// A destroyed VM's address is free again.
+		// A destroyed VM's address is free again, and the new VM is
+		// reachable at once although the host last saw another MAC there.
+		serveID(t, alice, "p4")
+		if got, err := l.get(net.JoinHostPort(p4.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "p4" {
+			t.Fatalf("gateway → p4: %q %v", got, err)
+		}
+		if !canReach(t, alice, "p1", p4.IP, "p4") {
+			t.Fatalf("p1 → p4 failed (allow_same_user)")
+		}
 		if _, err := alice.DestroyVM(ctx(t), "p4"); err != nil {
 			t.Fatal(err)
 		}
 		p5 := create(t, alice, client.CreateVMRequest{Name: "p5"})
-		if p5.IP != p4.IP {
-			t.Errorf("p5 got %s, want the freed %s", p5.IP, p4.IP)
+		if p5.IP != p4.IP || p5.MAC == p4.MAC {
+			t.Errorf("p5 got %s %s, want the freed %s and a new MAC (p4 had %s)", p5.IP, p5.MAC, p4.IP, p4.MAC)
+		}
+		serveID(t, alice, "p5")
+		if got, err := l.get(net.JoinHostPort(p5.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "p5" {
+			t.Errorf("gateway → p5 (p4's old address): %q %v", got, err)
+		}
+		if !canReach(t, alice, "p1", p5.IP, "p5") {
+			t.Errorf("p1 → p5 (p4's old address, which p1 last saw with p4's MAC) failed")
 		}
 		checkWired(t, l, alice, p5, pool)
 		_ = p3

@@ -268,6 +268,7 @@ func writeTar(p string, w io.Writer) error {
 			hdr.Name += "/"
 		}
 		hdr.Uname, hdr.Gname = "", ""
+		hdr.Format = tar.FormatPAX // keeps sub-second mtimes
 		if !fi.Mode().IsRegular() && !fi.IsDir() && fi.Mode()&fs.ModeSymlink == 0 {
 			return nil // sockets, devices, fifos
 		}

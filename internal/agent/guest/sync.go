@@ -174,6 +174,9 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 					}
 				}
 			}
+			if ip != "" && (slices.Contains(res.Changed, "ipv4") || slices.Contains(res.Changed, "mac")) {
+				a.announce(ip)
+			}
 		}
 	}
 	if len(id.DNS) > 0 {
@@ -191,6 +194,29 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 		} else if ok {
 			changed("dns")
 		}
+	}
+}
+
+// Announcer is implemented by Systems that can announce an address on the
+// link (LinuxSystem does, with gratuitous ARP).
+type Announcer interface {
+	// AnnounceIPv4 tells the link's neighbours that ip is now at ifname's
+	// MAC address.
+	AnnounceIPv4(ifname, ip string) error
+}
+
+// announce tells the host and the peer VMs that ip has moved to this
+// guest's MAC. A clone or a new VM often gets the address of a VM that was
+// just destroyed, and without it they would keep sending to that VM's MAC
+// until their ARP entries go stale (seconds). Failing is not an error of
+// the sync: the neighbours then learn the new MAC the slow way.
+func (a *Agent) announce(ip string) {
+	an, ok := a.sys.(Announcer)
+	if !ok {
+		return
+	}
+	if err := an.AnnounceIPv4(netIf, ip); err != nil {
+		a.log.Warn("announcing the new address", "ip", ip, "err", err)
 	}
 }
 

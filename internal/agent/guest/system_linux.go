@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -211,6 +212,50 @@ func (LinuxSystem) SetGateway(ifname, gw string) error {
 	return nil
 }
 
+// AnnounceIPv4 broadcasts gratuitous ARP for ip from ifname (a request and
+// a reply, as arping -U and -A do), so that neighbours holding an entry
+// for ip update it to ifname's MAC at once.
+func (LinuxSystem) AnnounceIPv4(ifname, ip string) error {
+	ifi, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return err
+	}
+	ip4 := net.ParseIP(ip).To4()
+	if ip4 == nil || len(ifi.HardwareAddr) != 6 {
+		return fmt.Errorf("cannot announce %q on %s (mac %s)", ip, ifname, ifi.HardwareAddr)
+	}
+	proto := htons(unix.ETH_P_ARP)
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(proto))
+	if err != nil {
+		return fmt.Errorf("packet socket: %w", err)
+	}
+	defer unix.Close(fd)
+	to := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	for _, op := range []uint16{1, 2} { // request, reply
+		pkt := make([]byte, 0, 28)
+		pkt = append(pkt, 0, 1, 0x08, 0x00, 6, 4, byte(op>>8), byte(op)) // Ethernet, IPv4
+		pkt = append(pkt, ifi.HardwareAddr...)                           // sender MAC
+		pkt = append(pkt, ip4...)                                        // sender IP
+		if op == 1 {
+			pkt = append(pkt, 0, 0, 0, 0, 0, 0) // target MAC: unknown
+		} else {
+			pkt = append(pkt, ifi.HardwareAddr...)
+		}
+		pkt = append(pkt, ip4...) // target IP = sender IP: gratuitous
+		if err := unix.Sendto(fd, pkt, 0, to); err != nil {
+			return fmt.Errorf("sending gratuitous ARP on %s: %w", ifname, err)
+		}
+	}
+	return nil
+}
+
+// htons converts v to network byte order, as AF_PACKET wants its protocol.
+func htons(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
 // ErrSyncDisabled is returned by DisabledSystem for every change.
 var ErrSyncDisabled = errors.New("sync is disabled: the agent is not init (start it with --sync to allow it)")
 
@@ -242,3 +287,6 @@ func (DisabledSystem) SetIPv4(string, string) error { return ErrSyncDisabled }
 
 // SetGateway refuses.
 func (DisabledSystem) SetGateway(string, string) error { return ErrSyncDisabled }
+
+// AnnounceIPv4 refuses.
+func (DisabledSystem) AnnounceIPv4(string, string) error { return ErrSyncDisabled }

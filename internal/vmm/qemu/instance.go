@@ -7,13 +7,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -28,6 +28,10 @@ type Instance struct {
 
 	preMu   sync.Mutex
 	preconn net.Conn // agent connection made at spawn, handed out once
+
+	b      *Backend        // for the sandbox clean-up (nil in tests)
+	cg     *sandbox.Cgroup // the QEMU's cgroup, removed once it has exited
+	sbOnce sync.Once
 
 	mu sync.Mutex // serialises state-changing operations (checkpoint, pause, resume)
 }
@@ -334,6 +338,7 @@ func (i *Instance) Kill(ctx context.Context) error {
 		i.qmp.Close()
 	}
 	if err := i.alive(); err != nil {
+		i.cleanupSandbox()
 		return nil
 	}
 	// The pidfd makes the signal race-free against pid reuse.
@@ -342,6 +347,7 @@ func (i *Instance) Kill(ctx context.Context) error {
 	}
 	select {
 	case <-i.done:
+		i.cleanupSandbox()
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("waiting for qemu pid %d to exit: %w", i.pid, ctx.Err())
@@ -364,14 +370,4 @@ func (i *Instance) Close() error {
 
 func killPid(pid int) {
 	syscall.Kill(pid, syscall.SIGKILL)
-}
-
-// chownForSandbox gives the sandbox uid access to the VM's own files.
-func chownForSandbox(spec vmm.Spec) {
-	uid, gid := spec.Sandbox.UID, spec.Sandbox.GID
-	for _, p := range []string{spec.Dir, spec.Disk, spec.MemFile, spec.SerialLog, spec.RunDir} {
-		if p != "" && !strings.HasPrefix(p, "/dev/") {
-			os.Chown(p, uid, gid)
-		}
-	}
 }

@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -20,10 +21,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -34,11 +35,25 @@ const Name = "qemu"
 type Options struct {
 	// Binary is the qemu-system-x86_64 path; empty searches $PATH.
 	Binary string
+	// Cgroups, when set, puts each QEMU of a spec with a Sandbox in its own
+	// cgroup (named after the VM id) with memory and pids limits.
+	Cgroups *sandbox.Manager
+	// UIDs, when set, runs each QEMU of a spec with a Sandbox whose UID is 0
+	// as a uid of its own, leased from this pool while the QEMU runs.
+	UIDs *sandbox.UIDPool
+	// MemoryOverhead is added to guest RAM for the cgroup memory limit;
+	// 0 means MemoryOverhead.
+	MemoryOverhead int64
+	// PidsLimit is the cgroup's pids.max; 0 means PidsLimit plus the vCPUs.
+	PidsLimit int64
+	// Logger receives warnings about sandbox clean-up; nil discards them.
+	Logger *slog.Logger
 }
 
 // Backend runs VMs under QEMU. It implements vmm.Backend.
 type Backend struct {
-	bin string
+	bin  string
+	opts Options
 
 	verOnce sync.Once
 	ver     string
@@ -53,7 +68,7 @@ func New(opts Options) *Backend {
 	if bin == "" {
 		bin = "qemu-system-x86_64"
 	}
-	return &Backend{bin: bin}
+	return &Backend{bin: bin, opts: opts}
 }
 
 // Name returns "qemu".
@@ -111,7 +126,21 @@ func processName(spec vmm.Spec) string { return "noid-" + spec.ID }
 // The QMP and agent sockets are listening sockets the server creates and
 // passes as fds 3 and 4, so they exist before QEMU starts and nobody polls
 // for them.
-func Args(spec vmm.Spec, incoming bool) []string {
+func Args(spec vmm.Spec, incoming bool) []string { return args(spec, incoming, argOpts{tapFD: -1}) }
+
+// argOpts are the extras of a confined QEMU's command line.
+type argOpts struct {
+	// tapFD, when >= 0, is the inherited fd of the NIC's TAP.
+	tapFD int
+	// filesDir, when set, names the VM directory whose files QEMU was
+	// given by fd. It goes on the command line as an inert secret object,
+	// so that ps and pgrep still show which VM and data dir a QEMU
+	// belongs to (it never reads the value).
+	filesDir string
+}
+
+// args is Args for a confined QEMU (see argOpts).
+func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 	mem := strconv.Itoa(spec.MemoryMiB) + "M"
 	cmdline := "console=ttyS0 reboot=t panic=-1 noid.transport=virtio-serial"
 	if spec.Accel != vmm.AccelKVM {
@@ -154,17 +183,19 @@ func Args(spec vmm.Spec, incoming bool) []string {
 		a = append(a, "-accel", "tcg", "-cpu", "max")
 	}
 	if spec.Net != nil {
-		a = append(a,
-			"-netdev", "tap,id=net0,ifname="+spec.Net.Tap+",script=no,downscript=no,vnet_hdr=on",
-			"-device", "virtio-net-device,netdev=net0,mac="+spec.Net.MAC)
+		netdev := "tap,id=net0,ifname=" + spec.Net.Tap + ",script=no,downscript=no,vnet_hdr=on"
+		if o.tapFD >= 0 {
+			// vnet_hdr is probed from the fd (it was attached with IFF_VNET_HDR).
+			netdev = "tap,id=net0,fd=" + strconv.Itoa(o.tapFD)
+		}
+		a = append(a, "-netdev", netdev, "-device", "virtio-net-device,netdev=net0,mac="+spec.Net.MAC)
 	}
-	if spec.Sandbox != nil {
-		if spec.Sandbox.Seccomp {
-			a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
-		}
-		if spec.Sandbox.UID != 0 {
-			a = append(a, "-runas", strconv.Itoa(spec.Sandbox.UID)+":"+strconv.Itoa(spec.Sandbox.GID))
-		}
+	if o.filesDir != "" {
+		a = append(a, "-object", "secret,id=noid-files,format=raw,data="+strings.ReplaceAll(o.filesDir, ",", ",,"))
+	}
+	// The uid is dropped by spawn, not with -runas (see sandbox.go).
+	if spec.Sandbox != nil && spec.Sandbox.Seccomp {
+		a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	}
 	if incoming {
 		a = append(a, "-incoming", "defer")
@@ -220,26 +251,39 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 		return nil, fmt.Errorf("opening qemu log: %w", err)
 	}
 	defer logF.Close()
-	if spec.Sandbox != nil && spec.Sandbox.UID != 0 {
-		chownForSandbox(spec)
+	conf, err := b.confine(spec)
+	if err != nil {
+		return nil, err
 	}
+	defer conf.close()
 	logStart, _ := logF.Seek(0, io.SeekEnd)
-	cmd := exec.Command(bin, Args(spec, incoming)...)
+	cmd := exec.Command(bin, args(conf.args, incoming, conf.argOpts(spec))...)
 	cmd.Stdin = nil
 	cmd.Stdout = logF
 	cmd.Stderr = logF
 	cmd.Dir = spec.Dir
-	cmd.ExtraFiles = []*os.File{qmpF, agentF}
+	if conf.uid != 0 {
+		cmd.Dir = "/" // the VM's dir is not reachable by the sandbox uid
+	}
+	cmd.ExtraFiles = append([]*os.File{qmpF, agentF}, conf.files...)
 	// A new session: terminal signals and the server's exit don't reach it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	cmd.SysProcAttr = conf.sysProcAttr()
+	if conf.cg != nil {
+		err = conf.cg.Start(cmd)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
+		b.undo(conf, spec)
 		return nil, fmt.Errorf("starting %s for vm %s: %w", bin, spec.Name, err)
 	}
+	conf.close()
 	pid := cmd.Process.Pid
 	// Reap it if it exits while we are its parent.
 	go cmd.Wait()
 	if err := os.WriteFile(pidPath(spec), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
 		killPid(pid)
+		b.undo(conf, spec)
 		return nil, fmt.Errorf("writing pid file: %w", err)
 	}
 	// Connect to the agent's port right away: QEMU accepts the connection
@@ -252,8 +296,12 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 	} else if pre != nil {
 		pre.Close()
 	}
+	if err == nil {
+		inst.b, inst.cg = b, conf.cg
+	}
 	if err != nil {
 		killPid(pid)
+		b.undo(conf, spec)
 		if msg := qemuLog(logPath, logStart); msg != "" {
 			return nil, fmt.Errorf("starting qemu for vm %s: %s", spec.Name, msg)
 		}
@@ -348,6 +396,7 @@ func (b *Backend) Adopt(ctx context.Context, spec vmm.Spec, pid int) (vmm.Instan
 		}
 		return nil, err
 	}
+	inst.b, inst.cg = b, b.sandboxOf(spec)
 	if err := inst.ensureRunning(ctx); err != nil {
 		inst.Kill(context.Background())
 		return nil, err

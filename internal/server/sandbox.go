@@ -1,0 +1,140 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/sandbox"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/qemu"
+)
+
+// sandboxState is what the server decided at start-up about confining VMM
+// processes ([sandbox] in the config, and what the host allows).
+type sandboxState struct {
+	// uid and gid are the shared VMM user of `user = "<name>"` (0: none).
+	uid, gid int
+	// perVM is set when each VMM gets a uid of its own from the pool.
+	perVM bool
+	// cgroupParent is the parent of VMM cgroups ("" when cgroups are off).
+	cgroupParent string
+}
+
+// qemuOptions builds the QEMU backend's options from the config: the uid
+// pool and the cgroup manager, each only where the host allows it (root,
+// a data dir that supports chown, mounted memory and pids controllers).
+// What cannot be had is logged, and the server runs without it.
+func (s *Server) qemuOptions(ctx context.Context) qemu.Options {
+	opts := qemu.Options{Binary: s.cfg.QEMUBinary, Logger: s.log}
+	sb := s.cfg.Sandbox
+	if sb.MemoryOverhead != "" {
+		opts.MemoryOverhead, _ = config.ParseSize(sb.MemoryOverhead)
+	}
+	opts.PidsLimit = sb.PidsMax
+	if os.Geteuid() != 0 {
+		s.log.Warn("noid-server is not root: VMMs run as its own user, without cgroups of their own")
+		return opts
+	}
+	switch u := s.cfg.SandboxUser(); u {
+	case "root":
+		s.log.Warn("sandbox: VMMs run as root ([sandbox] user = \"root\")")
+	case "auto":
+		pool, err := s.openUIDPool()
+		if err != nil {
+			s.log.Warn("sandbox: VMMs run as root: per-VM uids are not possible here", "err", err)
+			break
+		}
+		opts.UIDs = pool
+		s.sandbox.perVM = true
+		s.log.Info("sandbox: each VMM runs as a uid of its own", "uid_base", sb.UIDBase, "uid_count", sb.UIDCount)
+	default:
+		uid, gid, err := lookupUser(u)
+		if err != nil {
+			s.log.Warn("sandbox: VMMs run as root: [sandbox] user not found", "user", u, "err", err)
+			break
+		}
+		s.sandbox.uid, s.sandbox.gid = uid, gid
+		s.log.Warn("sandbox: every VMM runs as one shared user; VMMs of one uid can reach each other (use user = \"auto\" for a uid per VM)", "user", u, "uid", uid)
+	}
+	if s.cfg.CgroupsEnabled() {
+		l, err := sandbox.Detect(sandbox.DetectOptions{})
+		var m *sandbox.Manager
+		if err == nil {
+			m, err = sandbox.NewManager(l, sb.CgroupParent)
+		}
+		if err != nil {
+			s.log.Warn("sandbox: VMMs run without cgroups of their own", "err", err)
+		} else {
+			if n, err := m.Prune(ctx, time.Minute); n > 0 || err != nil {
+				s.log.Info("sandbox: removed cgroups of VMMs that are gone", "count", n, "err", err)
+			}
+			opts.Cgroups = m
+			s.sandbox.cgroupParent = m.Parent()
+			s.log.Info("sandbox: each VMM gets a cgroup with memory and pids limits", "cgroups", l.String(), "parent", m.Parent())
+		}
+	}
+	return opts
+}
+
+// openUIDPool opens the per-VM uid pool and checks that the storage dir
+// lets files be given to those uids.
+func (s *Server) openUIDPool() (*sandbox.UIDPool, error) {
+	base, count := s.cfg.Sandbox.UIDBase, s.cfg.Sandbox.UIDCount
+	pool, err := sandbox.OpenUIDPool(filepath.Join(s.cfg.DataDir, "sandbox", "uids"), uint32(base), uint32(count))
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(s.cfg.StorageDir(), ".chown-probe-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if err := f.Chown(int(base), int(base)); err != nil {
+		return nil, fmt.Errorf("the storage dir %s does not let files be given to other uids: %w", s.cfg.StorageDir(), err)
+	}
+	return pool, nil
+}
+
+// lookupUser resolves a user name or numeric uid to a uid and gid.
+func lookupUser(name string) (int, int, error) {
+	if n, err := strconv.Atoi(name); err == nil {
+		if n <= 0 {
+			return 0, 0, fmt.Errorf("uid %d is not an unprivileged uid", n)
+		}
+		if u, err := user.LookupId(name); err == nil {
+			gid, _ := strconv.Atoi(u.Gid)
+			return n, gid, nil
+		}
+		return n, n, nil
+	}
+	u, err := user.Lookup(name)
+	if err != nil {
+		return 0, 0, err
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if uid == 0 {
+		return 0, 0, fmt.Errorf("user %s is root", name)
+	}
+	return uid, gid, nil
+}
+
+// sandboxSpec is the confinement of v's VMM, or nil when there is none.
+func (s *Server) sandboxSpec(v *store.VM) *vmm.Sandbox {
+	sb := &vmm.Sandbox{Seccomp: s.cfg.SeccompEnabled(), UID: s.sandbox.uid, GID: s.sandbox.gid}
+	if s.sandbox.cgroupParent != "" {
+		sb.CgroupPath = s.sandbox.cgroupParent + "/" + v.ID
+	}
+	if !sb.Seccomp && sb.UID == 0 && sb.CgroupPath == "" && !s.sandbox.perVM {
+		return nil
+	}
+	return sb
+}

@@ -1,0 +1,377 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
+	"github.com/noid-vm/noid/internal/sandbox"
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/testutil"
+	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/vmmtest"
+)
+
+// confinedBackend returns a QEMU backend with the host's real cgroups
+// (under a parent private to the test) and a uid pool in a temp dir.
+func confinedBackend(t testing.TB) (*Backend, *sandbox.Manager, *sandbox.UIDPool) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	l, err := sandbox.Detect(sandbox.DetectOptions{})
+	if err != nil {
+		t.Skipf("no usable cgroups: %v", err)
+	}
+	parent := fmt.Sprintf("noid-qemu-test-%d", os.Getpid())
+	m, err := sandbox.NewManager(l, parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		m.Prune(context.Background(), 0)
+		for _, h := range l.Hierarchies {
+			syscall.Rmdir(filepath.Join(h.Mount, parent))
+		}
+	})
+	pool, err := sandbox.OpenUIDPool(t.TempDir(), sandbox.DefaultUIDBase, sandbox.DefaultUIDCount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return New(Options{Cgroups: m, UIDs: pool}), m, pool
+}
+
+func testAccel(t *testing.T) vmm.Accel {
+	accel, _, err := vmm.ResolveAccel(vmm.AccelAuto, vmm.ProbeKVM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return accel
+}
+
+// TestConformanceConfined runs the backend conformance suite (boot, exec,
+// checkpoint, clone, adopt, kill, snapshot refusal) with every QEMU
+// confined: seccomp, a per-VM uid and a cgroup with limits.
+func TestConformanceConfined(t *testing.T) {
+	b, _, _ := confinedBackend(t)
+	img := testutil.TinyImage(t)
+	vmmtest.Run(t, vmmtest.Setup{Backend: b, Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, Accel: testAccel(t)})
+}
+
+// vmDirIn makes a tree shaped like noid's data dir (root-owned, 0700 at
+// every level) and returns the directory of one VM in it.
+func vmDirIn(t testing.TB, root, id string) string {
+	d := filepath.Join(root, "users", "1", "vms", id)
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func bootConfined(t *testing.T, b *Backend, root, id string, kernel, initrd, rootfs string) (vmm.Spec, vmm.Instance) {
+	t.Helper()
+	dir := vmDirIn(t, root, id)
+	spec := vmm.Spec{
+		ID: id, Name: id, Dir: dir, RunDir: filepath.Join(root, "run"), VCPUs: 1, MemoryMiB: 256,
+		Kernel: kernel, Initrd: initrd, Disk: filepath.Join(dir, "disk.ext4"), MemFile: filepath.Join(dir, "mem.raw"),
+		Accel: testAccel(t), SerialLog: filepath.Join(dir, "serial.log"), Sandbox: &vmm.Sandbox{Seccomp: true},
+	}
+	if err := (&storage.Copier{}).CopyFile(context.Background(), rootfs, spec.Disk); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	inst, err := b.Boot(ctx, spec)
+	if err != nil {
+		t.Fatalf("boot %s: %v", id, err)
+	}
+	t.Cleanup(func() { inst.Kill(context.Background()) })
+	return spec, inst
+}
+
+// procStatus returns the fields of /proc/<pid>/status.
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if ok {
+			m[k] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return m
+}
+
+// catAs runs cat on path as uid:gid and returns its stderr and whether it
+// succeeded.
+func catAs(t *testing.T, uid uint32, path string) (string, bool) {
+	t.Helper()
+	cmd := exec.Command("cat", path)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	cmd.Stdout = io.Discard
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	return stderr.String(), err == nil
+}
+
+func agentRun(t *testing.T, inst vmm.Instance, argv ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	conn, err := inst.DialAgent(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.Connect(ctx, conn, client.Options{})
+	if err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	defer c.Close()
+	p, err := c.Exec(ctx, proto.ExecRequest{Argv: argv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	go io.Copy(io.Discard, p.Stderr())
+	io.Copy(&out, p.Stdout())
+	if ex, err := p.Wait(); err != nil || ex.Code != 0 {
+		t.Fatalf("%v: %v %+v", argv, err, ex)
+	}
+	return out.String()
+}
+
+// TestConfinement boots two confined VMs and checks, from the host: each
+// QEMU runs as its own unprivileged uid with seccomp on and no way back to
+// root, sits in its cgroup with the limits set, cannot open its neighbour's
+// disk (nor, through the data dir, anything else), and its cgroup and uid
+// are released when it is killed.
+func TestConfinement(t *testing.T) {
+	b, m, pool := confinedBackend(t)
+	img := testutil.TinyImage(t)
+	root := t.TempDir() // 0700, root-owned, like the data dir
+	specA, a := bootConfined(t, b, root, "confa", img.Kernel, img.Initrd, img.Rootfs)
+	specB, bb := bootConfined(t, b, root, "confb", img.Kernel, img.Initrd, img.Rootfs)
+	uidA, okA := pool.Lookup("confa")
+	uidB, okB := pool.Lookup("confb")
+	if !okA || !okB || uidA == uidB || uidA < sandbox.DefaultUIDBase || uidB < sandbox.DefaultUIDBase {
+		t.Fatalf("uids %d (%v) and %d (%v): want two distinct leased uids", uidA, okA, uidB, okB)
+	}
+
+	t.Run("uid and seccomp", func(t *testing.T) {
+		for _, c := range []struct {
+			pid int
+			uid uint32
+		}{{a.Pid(), uidA}, {bb.Pid(), uidB}} {
+			st := procStatus(t, c.pid)
+			u := strconv.FormatUint(uint64(c.uid), 10)
+			if st["Uid"] != strings.Repeat(u+" ", 3)+u || st["Gid"] != strings.Repeat(u+" ", 3)+u {
+				t.Errorf("pid %d: Uid %q Gid %q, want %s everywhere", c.pid, st["Uid"], st["Gid"], u)
+			}
+			if st["Groups"] != "" {
+				t.Errorf("pid %d: supplementary groups %q", c.pid, st["Groups"])
+			}
+			if st["Seccomp"] != "2" || st["NoNewPrivs"] != "1" {
+				t.Errorf("pid %d: Seccomp %q NoNewPrivs %q, want 2 and 1", c.pid, st["Seccomp"], st["NoNewPrivs"])
+			}
+			if st["CapEff"] != "0000000000000000" || st["CapPrm"] != "0000000000000000" {
+				t.Errorf("pid %d: capabilities eff %s prm %s", c.pid, st["CapEff"], st["CapPrm"])
+			}
+		}
+	})
+
+	t.Run("cgroup and limits", func(t *testing.T) {
+		cg, _ := m.Open("confa")
+		if ok, err := cg.Has(a.Pid()); !ok || err != nil {
+			t.Fatalf("qemu of a not in its cgroup: %v %v", ok, err)
+		}
+		lim, err := cg.Limits()
+		want := b.limits(specA)
+		if err != nil || lim != want || lim.MemoryBytes != 256<<20+MemoryOverhead {
+			t.Errorf("limits %+v (%v), want %+v", lim, err, want)
+		}
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(a.Pid()) + "/cgroup")
+		for _, h := range m.Layout().Hierarchies {
+			if !bytes.Contains(b, []byte(":/"+cg.Path()+"\n")) {
+				t.Errorf("/proc/pid/cgroup lacks %s in %s:\n%s", cg.Path(), h.Mount, b)
+			}
+		}
+		if ok, _ := cg.Has(bb.Pid()); ok {
+			t.Error("b's qemu is in a's cgroup")
+		}
+	})
+
+	t.Run("files", func(t *testing.T) {
+		for _, f := range []string{specB.Disk, specB.MemFile, specB.SerialLog} {
+			var st syscall.Stat_t
+			if err := syscall.Stat(f, &st); err != nil {
+				t.Fatal(err)
+			}
+			if st.Uid != uidB || st.Gid != uidB || st.Mode&0o777 != 0o600 {
+				t.Errorf("%s: owner %d:%d mode %o, want %d:%d 0600", f, st.Uid, st.Gid, st.Mode&0o777, uidB, uidB)
+			}
+		}
+		// a's uid cannot open b's disk: not by its path, not through b's
+		// open fds in /proc.
+		if msg, ok := catAs(t, uidA, specB.Disk); ok || !strings.Contains(msg, "Permission denied") {
+			t.Errorf("uid of a reading b's disk: ok=%v %q", ok, msg)
+		}
+		fds, _ := os.ReadDir("/proc/" + strconv.Itoa(bb.Pid()) + "/fd")
+		tried := 0
+		for _, fd := range fds {
+			p := "/proc/" + strconv.Itoa(bb.Pid()) + "/fd/" + fd.Name()
+			if dst, _ := os.Readlink(p); dst == specB.Disk {
+				tried++
+				if msg, ok := catAs(t, uidA, p); ok {
+					t.Errorf("uid of a read b's disk through %s: %q", p, msg)
+				}
+			}
+		}
+		if tried == 0 {
+			t.Error("b's qemu holds no fd of its disk")
+		}
+		// Nor its own files by path: the data dir is not traversable.
+		if _, ok := catAs(t, uidA, specA.Disk); ok {
+			t.Error("uid of a opened a path under the data dir")
+		}
+		// Control: the file modes alone also keep a out (b's disk, copied
+		// to a traversable place with its owner and mode), and b's uid
+		// can read it, so the checks above can fail.
+		open, err := os.MkdirTemp("", "noid-control-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer os.RemoveAll(open)
+		os.Chmod(open, 0o755)
+		cp := filepath.Join(open, "disk")
+		if err := os.WriteFile(cp, []byte("secret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		os.Chown(cp, int(uidB), int(uidB))
+		if _, ok := catAs(t, uidA, cp); ok {
+			t.Error("uid of a read a 0600 file of b's uid")
+		}
+		if msg, ok := catAs(t, uidB, cp); !ok {
+			t.Errorf("control: b's uid cannot read its own file: %s", msg)
+		}
+	})
+
+	t.Run("guest works", func(t *testing.T) {
+		if out := agentRun(t, a, "sh", "-c", "echo hello > /root/x && cat /root/x"); out != "hello\n" {
+			t.Errorf("exec in a: %q", out)
+		}
+		// What a booted tiny guest costs, against the limits.
+		cg, _ := m.Open("confa")
+		for _, d := range cg.Dirs() {
+			for _, f := range []string{"memory.max_usage_in_bytes", "memory.peak", "pids.current"} {
+				if b, err := os.ReadFile(filepath.Join(d, f)); err == nil {
+					t.Logf("%s: %s", f, strings.TrimSpace(string(b)))
+				}
+			}
+		}
+		t.Logf("threads: %s", procStatus(t, a.Pid())["Threads"])
+	})
+
+	t.Run("command line", func(t *testing.T) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(a.Pid()) + "/cmdline")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := string(bytes.ReplaceAll(b, []byte{0}, []byte(" ")))
+		if !strings.Contains(cmd, "data="+specA.Dir) || strings.Contains(cmd, "-runas") || !strings.Contains(cmd, "/proc/self/fd/") {
+			t.Errorf("cmdline %s", cmd)
+		}
+	})
+
+	t.Run("kill releases", func(t *testing.T) {
+		cg, _ := m.Open("confb")
+		if err := bb.Kill(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range cg.Dirs() {
+			if _, err := os.Stat(d); !os.IsNotExist(err) {
+				t.Errorf("cgroup %s left after kill", d)
+			}
+		}
+		if _, ok := pool.Lookup("confb"); ok {
+			t.Error("uid lease of b left after kill")
+		}
+	})
+}
+
+// TestArgsConfined checks the command line of a confined QEMU: no -runas
+// (it would die of SIGSYS under elevateprivileges=deny), the NIC as an fd,
+// the marker naming the VM's directory, and no change for unconfined VMs.
+func TestArgsConfined(t *testing.T) {
+	spec := vmm.Spec{ID: "x", Name: "x", Dir: "/data/users/1/vms/x", MemoryMiB: 128, VCPUs: 1, Kernel: "/k", Initrd: "/i",
+		Disk: "/proc/self/fd/7", MemFile: "/proc/self/fd/8", SerialLog: "/proc/self/fd/9",
+		Net: &vmm.NetSpec{Tap: "noidt1", MAC: "02:00:00:00:00:01"}, Sandbox: &vmm.Sandbox{Seccomp: true, UID: 1234, GID: 1234}}
+	conf := strings.Join(args(spec, false, argOpts{tapFD: 10, filesDir: "/data,x"}), " ")
+	for _, want := range []string{"-netdev tap,id=net0,fd=10 ", "secret,id=noid-files,format=raw,data=/data,,x", "-sandbox on,obsolete=deny,elevateprivileges=deny",
+		"mem-path=/proc/self/fd/8,share=on", "file=/proc/self/fd/7,format=raw"} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("confined args lack %q:\n%s", want, conf)
+		}
+	}
+	plain := strings.Join(Args(spec, false), " ")
+	for _, bad := range []string{"-runas", "secret", "fd=10"} {
+		if strings.Contains(conf, "-runas") || strings.Contains(plain, bad) {
+			t.Errorf("args contain %q:\nconfined: %s\nplain: %s", bad, conf, plain)
+		}
+	}
+	if !strings.Contains(plain, "ifname=noidt1,script=no,downscript=no,vnet_hdr=on") {
+		t.Errorf("plain args: %s", plain)
+	}
+}
+
+// benchSpawn measures Boot (spawn up to QMP ready) and Kill.
+func benchSpawn(b *testing.B, be *Backend, sb *vmm.Sandbox) {
+	testutil.RequireRoot(b)
+	img := testutil.TinyImage(b)
+	root := b.TempDir()
+	accel, _, _ := vmm.ResolveAccel(vmm.AccelAuto, vmm.ProbeKVM())
+	for i := 0; b.Loop(); i++ {
+		b.StopTimer()
+		id := fmt.Sprintf("bench%d", i)
+		dir := vmDirIn(b, root, id)
+		spec := vmm.Spec{ID: id, Name: id, Dir: dir, RunDir: filepath.Join(root, "run"), VCPUs: 1, MemoryMiB: 256,
+			Kernel: img.Kernel, Initrd: img.Initrd, Disk: filepath.Join(dir, "disk.ext4"), MemFile: filepath.Join(dir, "mem.raw"),
+			Accel: accel, SerialLog: filepath.Join(dir, "serial.log"), Sandbox: sb}
+		if err := (&storage.Copier{}).CopyFile(context.Background(), img.Rootfs, spec.Disk); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		inst, err := be.Boot(context.Background(), spec)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := inst.Kill(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSpawnSeccompOnly is the spawn cost before confinement: seccomp
+// only, root, no cgroup.
+func BenchmarkSpawnSeccompOnly(b *testing.B) {
+	benchSpawn(b, New(Options{}), &vmm.Sandbox{Seccomp: true})
+}
+
+// BenchmarkSpawnConfined adds the per-VM uid, the fds and the cgroup.
+func BenchmarkSpawnConfined(b *testing.B) {
+	be, _, _ := confinedBackend(b)
+	benchSpawn(b, be, &vmm.Sandbox{Seccomp: true})
+}
