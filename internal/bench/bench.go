@@ -66,10 +66,11 @@ func (o *Options) logf(format string, a ...any) {
 
 // Bench is one run.
 type Bench struct {
-	opts *Options
-	art  *Artifacts
-	out  io.Writer
-	host *HostInfo
+	opts    *Options
+	cmdline string
+	art     *Artifacts
+	out     io.Writer
+	host    *HostInfo
 
 	mu       sync.Mutex
 	figs     []*Figure
@@ -220,7 +221,7 @@ func Main(args []string) int {
 	if o.JSON == "-" {
 		out = io.Discard
 	}
-	b := &Bench{opts: o, out: out}
+	b := &Bench{opts: o, out: out, cmdline: strings.TrimSpace("noid-bench " + strings.Join(os.Args[1:], " "))}
 	defer b.runCleanups()
 	b.host = hostInfo(o.Accel)
 	b.printHeader(load)
@@ -293,6 +294,7 @@ func contains(l []string, s string) bool {
 
 // JSONReport is what --json writes.
 type JSONReport struct {
+	Command  string         `json:"command"`
 	Host     *HostInfo      `json:"host"`
 	Sections []*SectionInfo `json:"sections"`
 	Figures  []*Figure      `json:"figures"`
@@ -303,7 +305,7 @@ type JSONReport struct {
 var loadReport *LoadReport
 
 func (b *Bench) writeJSON() error {
-	r := JSONReport{Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: loadReport}
+	r := JSONReport{Command: b.cmdline, Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: loadReport}
 	buf, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err

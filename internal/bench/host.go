@@ -215,7 +215,8 @@ func allocated(path string) int64 {
 	return st.Blocks * 512
 }
 
-// fdCount counts a process's open fds by kind (socket, pipe, anon, file).
+// fdCount counts a process's open fds by kind (socket, pipe, file, dev, or
+// the anon inode's type: pidfd, eventfd, eventpoll, …).
 func fdCount(pid int) (total int, kinds map[string]int) {
 	kinds = map[string]int{}
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
@@ -235,7 +236,7 @@ func fdCount(pid int) (total int, kinds map[string]int) {
 		case strings.HasPrefix(l, "pipe:"):
 			k = "pipe"
 		case strings.HasPrefix(l, "anon_inode:"):
-			k = "anon"
+			k = strings.Trim(strings.TrimPrefix(l, "anon_inode:"), "[]")
 		case strings.HasPrefix(l, "/dev/"):
 			k = "dev"
 		}
@@ -243,6 +244,25 @@ func fdCount(pid int) (total int, kinds map[string]int) {
 		total++
 	}
 	return total, kinds
+}
+
+// cpuSeconds returns a process's user+system CPU time.
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+2:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	s, _ := strconv.ParseFloat(f[12], 64)
+	return (u + s) / 100 // USER_HZ
 }
 
 // threads returns a process's thread count.

@@ -28,6 +28,7 @@ type LoadOptions struct {
 	Cold     bool
 	MaxOps   int
 	NoNet    bool
+	Poll     time.Duration
 }
 
 func (l *LoadOptions) flags(fs *flag.FlagSet) {
@@ -38,6 +39,7 @@ func (l *LoadOptions) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&l.Cold, "cold", false, "load: cold-boot creates instead of golden ones")
 	fs.IntVar(&l.MaxOps, "max-cycles", 2000, "load: bound on the total number of cycles")
 	fs.BoolVar(&l.NoNet, "no-network", false, "load: run without VM networking (no network namespace, no TAPs)")
+	fs.DurationVar(&l.Poll, "poll", 250*time.Millisecond, "load: a client waiting for a VM slot lists VMs this often (0: waits without polling)")
 }
 
 // LoadReport is the load run's outcome (in --json).
@@ -59,6 +61,8 @@ type LoadReport struct {
 	ServerFDs     [2]int             `json:"server_fds_before_after"`
 	ServerThreads [2]int             `json:"server_threads_before_after"`
 	ServerRSSMiB  [2]float64         `json:"server_rss_mib_before_after"`
+	PollMs        float64            `json:"poll_ms"`
+	ServerCPUPct  float64            `json:"server_cpu_percent_of_one_core"`
 	LoadAvgStart  [3]float64         `json:"loadavg_start"`
 	LoadAvgEnd    [3]float64         `json:"loadavg_end"`
 }
@@ -166,7 +170,8 @@ func (b *Bench) runLoad(ctx context.Context) error {
 			return err
 		}
 	}
-	rep := &LoadReport{Clients: lo.Clients, MaxLiveVMs: lo.MaxVMs, MemoryMiB: lo.MemMiB, CreatePath: path, Network: !lo.NoNet, LoadAvgStart: loadAvg()}
+	rep := &LoadReport{Clients: lo.Clients, MaxLiveVMs: lo.MaxVMs, MemoryMiB: lo.MemMiB, CreatePath: path, Network: !lo.NoNet, LoadAvgStart: loadAvg(),
+		PollMs: ms(lo.Poll)}
 	loadReport = rep
 	// Baseline of the idle server (after the golden set-up, no VMs).
 	time.Sleep(time.Second)
@@ -178,6 +183,7 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	l := &loadRun{b: b, s: s, opts: lo, lat: map[string]*Sample{}, errs: map[string]int{}, model: map[string]int{}}
 	slots := make(chan struct{}, lo.MaxVMs/2)
 	start := time.Now()
+	cpu0 := cpuSeconds(s.Pid)
 	deadline := start.Add(lo.Duration)
 	// Clients stop starting cycles at the deadline; a cycle in flight gets
 	// up to 5 more minutes, then everything is cancelled.
@@ -197,6 +203,7 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	}
 	wg.Wait()
 	rep.Seconds = time.Since(start).Seconds()
+	rep.ServerCPUPct = (cpuSeconds(s.Pid) - cpu0) / rep.Seconds * 100
 	rep.LoadAvgEnd = loadAvg()
 	b.logf("load: clients done after %.0fs; checking consistency", rep.Seconds)
 
@@ -263,6 +270,18 @@ func (l *loadRun) client(ctx context.Context, id int, c *client.Client, slots ch
 		}
 		// Wait for a VM slot; meanwhile keep the API busy with lists.
 		got := false
+		if l.opts.Poll <= 0 {
+			select {
+			case slots <- struct{}{}:
+				got = true
+			case <-ctx.Done():
+				return
+			}
+			if time.Now().After(deadline) {
+				<-slots
+				return
+			}
+		}
 		for !got {
 			t0 := time.Now()
 			_, err := c.ListVMs(ctx)
@@ -273,7 +292,7 @@ func (l *loadRun) client(ctx context.Context, id int, c *client.Client, slots ch
 			select {
 			case slots <- struct{}{}:
 				got = true
-			case <-time.After(250 * time.Millisecond):
+			case <-time.After(l.opts.Poll):
 			case <-ctx.Done():
 				return
 			}
@@ -652,7 +671,13 @@ func (b *Bench) printLoad(r *LoadReport) {
 	}
 	fmt.Fprintf(w, "  %d clients for %.0f s; creates from %s; %d MiB VMs; at most %d VMs alive (peak %d); network %s\n",
 		r.Clients, r.Seconds, r.CreatePath, r.MemoryMiB, r.MaxLiveVMs, r.PeakLiveVMs, net)
-	fmt.Fprintf(w, "  cycles: %d ok, %d failed (%.1f per minute); %.1f API operations per second\n", r.CyclesOK, r.CyclesFailed, r.CyclesPerMin, r.OpsPerSecond)
+	poll := fmt.Sprintf("clients waiting for a VM slot list VMs every %.0f ms", r.PollMs)
+	if r.PollMs <= 0 {
+		poll = "clients waiting for a VM slot just wait"
+	}
+	fmt.Fprintf(w, "  %s\n", poll)
+	fmt.Fprintf(w, "  cycles: %d ok, %d failed (%.1f per minute); %.1f API operations per second; noid-server used %.0f%% of one core\n",
+		r.CyclesOK, r.CyclesFailed, r.CyclesPerMin, r.OpsPerSecond, r.ServerCPUPct)
 	fmt.Fprintf(w, "  %-11s %6s %6s %9s %9s %9s %9s\n", "operation", "ok", "errors", "ops/s", "p50 ms", "p99 ms", "max ms")
 	keys := append([]string(nil), opOrder...)
 	for k := range r.Ops {

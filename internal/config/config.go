@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -438,5 +439,9 @@ func ParseSize(s string) (int64, error) {
 	if whole > (1<<62)/mult {
 		return 0, fmt.Errorf("size %q is too large", s)
 	}
-	return whole*mult + frac*mult/fracDigits, nil
+	// frac*mult can exceed 64 bits ("0.999999999T"): multiply and divide
+	// in 128 bits. frac < fracDigits, so the quotient is below mult.
+	hi, lo := bits.Mul64(uint64(frac), uint64(mult))
+	part, _ := bits.Div64(hi, lo, uint64(fracDigits))
+	return whole*mult + int64(part), nil
 }

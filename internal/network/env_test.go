@@ -55,14 +55,18 @@ func newEnv(t *testing.T, cfg Config) *env {
 // ensureVeth is the test ensureLink: a veth pair whose far end is the
 // VM's eth0, configured like the agent would (address, default route).
 // It must not call t.Fatal: the Manager's lock is held.
-func (e *env) ensureVeth(v VMNet) error {
+func (e *env) ensureVeth(v VMNet) (bool, error) {
 	if _, err := e.h.LinkByName(v.TapName); err == nil {
-		return nil
+		return false, nil
 	}
 	vm, ok := e.vms[v.ID]
 	if !ok {
-		return fmt.Errorf("test: no namespace prepared for vm %q", v.ID)
+		return false, fmt.Errorf("test: no namespace prepared for vm %q", v.ID)
 	}
+	return true, e.makeVeth(v, vm)
+}
+
+func (e *env) makeVeth(v VMNet, vm *fakeVM) error {
 	veth := &netlink.Veth{
 		LinkAttrs:        netlink.LinkAttrs{Name: v.TapName},
 		PeerName:         "eth0",

@@ -40,20 +40,22 @@ type Manager struct {
 	log *slog.Logger
 	ns  netns.NsHandle
 
-	// ensureLink creates (or finds) the VM's host interface; tests replace
-	// it to attach veth pairs instead of TAPs.
-	ensureLink func(v VMNet) error
+	// ensureLink creates (or finds) the VM's host interface and reports
+	// whether it created it; tests replace it to attach veth pairs instead
+	// of TAPs.
+	ensureLink func(v VMNet) (created bool, err error)
 
-	mu     sync.Mutex
-	h      *netlink.Handle
-	nft    *nftables.Conn
-	ready  bool
-	vms    map[string]vmState // by VM ID
-	groups map[string]uint32  // owner → peer group
-	gcount map[uint32]int     // peer group → VMs in it
-	nextG  uint32
-	dns    []*DNSServer
-	closed bool
+	mu      sync.Mutex
+	brIndex int // the bridge's ifindex as Setup found it (0: unknown)
+	h       *netlink.Handle
+	nft     *nftables.Conn
+	ready   bool
+	vms     map[string]vmState // by VM ID
+	groups  map[string]uint32  // owner → peer group
+	gcount  map[uint32]int     // peer group → VMs in it
+	nextG   uint32
+	dns     []*DNSServer
+	closed  bool
 }
 
 // New checks cfg (see Config.Validate; the route check runs in the
@@ -199,9 +201,11 @@ func (m *Manager) Setup(ctx context.Context) error {
 	if err := m.usable(ctx); err != nil {
 		return err
 	}
-	if _, err := m.ensureBridge(); err != nil {
+	br, err := m.ensureBridge()
+	if err != nil {
 		return err
 	}
+	m.brIndex = br.Attrs().Index
 	if err := inNS(m.ns, func() error {
 		return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644)
 	}); err != nil {
@@ -319,19 +323,37 @@ func (m *Manager) allowed(v VMNet) bool {
 
 // ensureTap is the production ensureLink: it creates the VM's TAP unless
 // a TAP of that name exists.
-func (m *Manager) ensureTap(v VMNet) error {
+func (m *Manager) ensureTap(v VMNet) (bool, error) {
 	l, err := m.h.LinkByName(v.TapName)
 	if err == nil {
 		if t, ok := l.(*netlink.Tuntap); ok && t.Mode == netlink.TUNTAP_MODE_TAP {
-			return nil
+			return false, nil
 		}
-		return fmt.Errorf("%s exists and is a %s, not a TAP: %w", v.TapName, l.Type(), errdefs.ErrConflict)
+		return false, fmt.Errorf("%s exists and is a %s, not a TAP: %w", v.TapName, l.Type(), errdefs.ErrConflict)
 	}
 	var nf netlink.LinkNotFoundError
 	if !errors.As(err, &nf) {
-		return fmt.Errorf("look up %s: %w", v.TapName, err)
+		return false, fmt.Errorf("look up %s: %w", v.TapName, err)
 	}
-	return inNS(m.ns, func() error { return createTap(v.TapName, v.TapUID, v.TapGID) })
+	if err := inNS(m.ns, func() error { return createTap(v.TapName, v.TapUID, v.TapGID) }); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// bridgeIndex returns the bridge's ifindex, looking it up again when
+// refresh is set or Setup did not record it (someone may have deleted and
+// recreated the bridge).
+func (m *Manager) bridgeIndex(refresh bool) (int, error) {
+	if m.brIndex > 0 && !refresh {
+		return m.brIndex, nil
+	}
+	br, err := m.h.LinkByName(m.cfg.Bridge)
+	if err != nil {
+		return 0, fmt.Errorf("look up bridge %s: %w", m.cfg.Bridge, err)
+	}
+	m.brIndex = br.Attrs().Index
+	return m.brIndex, nil
 }
 
 // plugLink enslaves the VM's link to the bridge, sets its port isolation
@@ -341,13 +363,20 @@ func (m *Manager) plugLink(v VMNet, isolated bool) error {
 	if err != nil {
 		return fmt.Errorf("look up %s: %w", v.TapName, err)
 	}
-	br, err := m.h.LinkByName(m.cfg.Bridge)
+	br, err := m.bridgeIndex(false)
 	if err != nil {
-		return fmt.Errorf("look up bridge %s: %w", m.cfg.Bridge, err)
+		return err
 	}
-	if l.Attrs().MasterIndex != br.Attrs().Index {
-		if err := m.h.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
-			return fmt.Errorf("enslave %s to %s: %w", v.TapName, m.cfg.Bridge, err)
+	if l.Attrs().MasterIndex != br {
+		if err := m.h.LinkSetMasterByIndex(l, br); err != nil {
+			// The recorded index may be stale; look the bridge up once more.
+			br2, lerr := m.bridgeIndex(true)
+			if lerr != nil || br2 == br {
+				return fmt.Errorf("enslave %s to %s: %w", v.TapName, m.cfg.Bridge, err)
+			}
+			if err := m.h.LinkSetMasterByIndex(l, br2); err != nil {
+				return fmt.Errorf("enslave %s to %s: %w", v.TapName, m.cfg.Bridge, err)
+			}
 		}
 	}
 	// Bridge port isolation: an isolated port cannot exchange frames with

@@ -114,9 +114,8 @@ func (m *Manager) AddVM(ctx context.Context, v VMNet) error {
 		had = false
 	}
 
-	_, lerr := m.h.LinkByName(v.TapName)
-	created := isNotFound(lerr)
-	if err := m.ensureLink(v); err != nil {
+	created, err := m.ensureLink(v)
+	if err != nil {
 		return err
 	}
 	g := m.groupFor(v)
@@ -228,11 +227,11 @@ func (m *Manager) removeLocked(id string) error {
 // forgetNeighbour deletes the bridge's neighbour (ARP) entry for ip, if
 // any. It is best effort, like forgetNeighbours.
 func (m *Manager) forgetNeighbour(ip netip.Addr) {
-	br, err := m.h.LinkByName(m.cfg.Bridge)
+	br, err := m.bridgeIndex(false)
 	if err != nil {
 		return
 	}
-	n := &netlink.Neigh{LinkIndex: br.Attrs().Index, Family: netlink.FAMILY_V4, IP: ip.AsSlice()}
+	n := &netlink.Neigh{LinkIndex: br, Family: netlink.FAMILY_V4, IP: ip.AsSlice()}
 	if err := m.h.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
 		m.log.Warn("deleting stale neighbour", "ip", ip, "err", err)
 	}
@@ -413,7 +412,7 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 	m.gcount = map[uint32]int{}
 	var states []vmState
 	for _, v := range keep {
-		if err := m.ensureLink(v); err != nil {
+		if _, err := m.ensureLink(v); err != nil {
 			errs = append(errs, fmt.Errorf("vm %q: %w", v.ID, err))
 			continue
 		}
@@ -501,6 +500,7 @@ func (m *Manager) Teardown(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("delete nftables tables: %w", err))
 	}
 	m.ready = false
+	m.brIndex = 0
 	m.vms = map[string]vmState{}
 	m.groups = map[string]uint32{}
 	m.gcount = map[uint32]int{}

@@ -245,7 +245,16 @@ func Detect(opts DetectOptions) (*Layout, error) {
 	byKey := map[string]Hierarchy{}
 	var keys []string
 	var v2 *Hierarchy
-	for _, m := range ParseMountinfo(data) {
+	mounts := ParseMountinfo(data)
+	// A later mount on the same point hides the earlier one.
+	top := map[string]int{}
+	for i, m := range mounts {
+		top[filepath.Clean(m.Point)] = i
+	}
+	for i, m := range mounts {
+		if !filepath.IsAbs(m.Point) || top[filepath.Clean(m.Point)] != i {
+			continue
+		}
 		switch m.FSType {
 		case "cgroup":
 			h := Hierarchy{Version: V1, Mount: filepath.Clean(m.Point), Root: m.Root, Controllers: v1Controllers(m.SuperOpts)}

@@ -101,6 +101,20 @@ func TestDetectDebianV1(t *testing.T) {
 	}
 }
 
+// TestDetectOvermount: a later mount on the same point hides the earlier
+// one, and relative mount points are ignored.
+func TestDetectOvermount(t *testing.T) {
+	mi := "1 0 0:1 / /c rw - cgroup c rw,memory\n2 0 0:2 / /c rw - cgroup c rw,pids\n3 0 0:3 / rel rw - cgroup c rw,memory\n"
+	if _, err := Detect(DetectOptions{Mountinfo: []byte(mi)}); !errors.Is(err, ErrNoCgroups) {
+		t.Fatalf("err = %v, want no memory hierarchy (hidden by the pids mount)", err)
+	}
+	mi += "4 0 0:4 / /m rw - cgroup c rw,memory\n"
+	l, err := Detect(DetectOptions{Mountinfo: []byte(mi)})
+	if err != nil || l.For(Memory).Mount != "/m" || l.For(Pids).Mount != "/c" {
+		t.Fatalf("layout %v, %v", l, err)
+	}
+}
+
 func TestParseMountinfoEscapes(t *testing.T) {
 	ms := ParseMountinfo([]byte(debianV1 + "garbage line\n1 2 3\n"))
 	last := ms[len(ms)-1]

@@ -87,6 +87,9 @@ func readGoldenConfig(dir string) (*goldenConfig, error) {
 	if err := json.Unmarshal(b, &c); err != nil {
 		return nil, fmt.Errorf("golden %s: corrupt config.json: %w", dir, err)
 	}
+	if c.Backend == "" || c.VCPUs <= 0 || c.MemoryMiB <= 0 {
+		return nil, fmt.Errorf("golden %s: incomplete config.json (no backend, vCPUs or memory)", dir)
+	}
 	return &c, nil
 }
 

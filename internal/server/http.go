@@ -209,6 +209,9 @@ func (s *Server) authenticate(r *http.Request, local bool) (*identity, error) {
 		if !ok {
 			return nil, fmt.Errorf("%w: cannot read peer credentials on the unix socket", errdefs.ErrUnauthenticated)
 		}
+		if s.isSandboxUID(uid) {
+			return nil, fmt.Errorf("%w: uid %d belongs to the VMM sandbox and may not use the API", errdefs.ErrUnauthenticated, uid)
+		}
 		name := "uid" + strconv.FormatInt(uid, 10)
 		if uid == 0 {
 			name = "root"

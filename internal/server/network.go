@@ -62,9 +62,13 @@ func (s *Server) setupNetwork(ctx context.Context) error {
 		if v.Tap == "" || v.State == store.StateDestroying {
 			continue
 		}
-		if vn, err := s.vmNet(m, v); err == nil {
-			want = append(want, vn)
+		vn, err := s.vmNet(m, v)
+		if err != nil {
+			// Its TAP will be removed as an orphan: say why.
+			s.log.Warn("vm keeps no network: its address does not fit the configured pool", "vm", v.Name, "vm_id", v.ID, "ip", v.IP, "pool", nc.Pool.String(), "err", err)
+			continue
 		}
+		want = append(want, vn)
 	}
 	if err := m.Reconcile(ctx, want); err != nil {
 		s.log.Warn("reconciling VM networks", "err", err)

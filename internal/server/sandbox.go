@@ -127,6 +127,17 @@ func lookupUser(name string) (int, int, error) {
 	return uid, gid, nil
 }
 
+// isSandboxUID reports whether uid belongs to VMM processes. The API
+// refuses such callers on the unix socket: a compromised VMM must not get
+// an account of its own through peer credentials.
+func (s *Server) isSandboxUID(uid int64) bool {
+	if s.sandbox.uid != 0 && uid == int64(s.sandbox.uid) {
+		return true
+	}
+	base, count := s.cfg.Sandbox.UIDBase, s.cfg.Sandbox.UIDCount
+	return s.sandbox.perVM && uid >= base && uid < base+count
+}
+
 // sandboxSpec is the confinement of v's VMM, or nil when there is none.
 func (s *Server) sandboxSpec(v *store.VM) *vmm.Sandbox {
 	sb := &vmm.Sandbox{Seccomp: s.cfg.SeccompEnabled(), UID: s.sandbox.uid, GID: s.sandbox.gid}

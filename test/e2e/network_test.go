@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -478,7 +479,7 @@ func probeGuest(t *testing.T, c *client.Client, vm, url string) (g guestNet, fet
 	t.Helper()
 	script := `cat /sys/class/net/eth0/address; ip -4 addr show dev eth0 | awk '/inet /{print $2}'; ip -4 route show default | awk '{print $3}'; grep nameserver /etc/resolv.conf | awk '{print $2}'`
 	if url != "" {
-		script += `; echo =====; timeout 5 wget -q -O - ` + url + ` || echo FAILED`
+		script += fmt.Sprintf(`; echo =====; timeout %d wget -q -O - %s || echo FAILED`, okSecs, url)
 	}
 	out := mustSh(t, c, vm, script)
 	head, tail, _ := strings.Cut(out, "=====\n")
@@ -526,10 +527,23 @@ func resolve(t *testing.T, c *client.Client, vm, name string) []string {
 	return addrs
 }
 
-// canReach reports whether from (as c) fetches to's /id over the bridge.
-func canReach(t *testing.T, c *client.Client, from string, toIP string, toName string) bool {
+// Timeouts of connectivity checks: long where success is expected (they
+// return as soon as they succeed), short where a block is expected (they
+// always take that long), and "at once" where a stale neighbour entry
+// would delay success by several seconds.
+const (
+	okSecs      = 10
+	blockedSecs = 4
+	onceSecs    = 3
+	okWait      = okSecs * time.Second
+	onceWait    = onceSecs * time.Second
+)
+
+// canReach reports whether from (as c) fetches to's /id over the bridge
+// within secs seconds.
+func canReach(t *testing.T, c *client.Client, from string, toIP string, toName string, secs int) bool {
 	t.Helper()
-	out, ok := fetch(t, c, from, fmt.Sprintf("http://%s:%d/id", toIP, netVMPort), 4)
+	out, ok := fetch(t, c, from, fmt.Sprintf("http://%s:%d/id", toIP, netVMPort), secs)
 	if ok && out != toName {
 		t.Errorf("%s fetched %q from %s, want %q", from, out, toIP, toName)
 	}
@@ -601,6 +615,23 @@ func addUser(t *testing.T, e *Env, name string) *client.Client {
 	return c
 }
 
+// cliCreate runs `noid create NAME ARGS --json` and decodes the VM. It is
+// safe to call from any goroutine.
+func cliCreate(cx context.Context, e *Env, name string, args ...string) (*client.VM, error) {
+	cmd := exec.CommandContext(cx, e.Bins.Noid, append([]string{"create", name, "--json"}, args...)...)
+	cmd.Env = append(os.Environ(), "NOID_URL=unix://"+e.Socket)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("noid create %s %v: %v: %s", name, args, err, errb.String())
+	}
+	var v client.VM
+	if err := json.Unmarshal(out.Bytes(), &v); err != nil {
+		return nil, fmt.Errorf("noid create --json printed %q: %v", out.String(), err)
+	}
+	return &v, nil
+}
+
 func create(t *testing.T, c *client.Client, req client.CreateVMRequest) *client.VM {
 	t.Helper()
 	cx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -633,7 +664,7 @@ func TestNetwork(t *testing.T) {
 	dump := dumpServerLog(t)
 	e := NewEnv(t, WithNetNS(l.ns), WithConfig(fmt.Sprintf("[network]\nenabled = true\ngateway_tcp_ports = [%d]\n", netGwPort)))
 	*dump = e
-	alice := e.Client
+	alice := e.Client // root on the local socket
 	bob := addUser(t, e, "bob")
 	rulesAtStart := l.nft().rules
 	if rulesAtStart == 0 {
@@ -645,8 +676,8 @@ func TestNetwork(t *testing.T) {
 
 	var createNet, cloneNet, goldenNet []float64
 	vms := map[string]*client.VM{}
-	// Four VMs of alice (c and d allow peers) and one of bob, created in
-	// parallel.
+	// Four VMs of alice (c and d allow peers; d through the CLI flag) and
+	// one of bob, created in parallel.
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for _, r := range []struct {
@@ -659,7 +690,13 @@ func TestNetwork(t *testing.T) {
 			defer wg.Done()
 			cx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 			defer cancel()
-			v, err := r.c.CreateVM(cx, client.CreateVMRequest{Name: r.name, AllowPeers: r.allow})
+			var v *client.VM
+			var err error
+			if r.name == "d" {
+				v, err = cliCreate(cx, e, "d", "--allow-peers")
+			} else {
+				v, err = r.c.CreateVM(cx, client.CreateVMRequest{Name: r.name, AllowPeers: r.allow})
+			}
 			if err != nil {
 				t.Errorf("create %s: %v", r.name, err)
 				return
@@ -698,33 +735,33 @@ func TestNetwork(t *testing.T) {
 		a := vms["a"]
 		// VM → a TCP server on the gateway side (a gateway_tcp_ports port);
 		// the server sees the VM's own address.
-		out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwPort), 5)
+		out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwPort), okSecs)
 		if !ok || out != "gateway "+a.IP {
 			t.Errorf("a → gateway:%d: %q ok=%v, want %q", netGwPort, out, ok, "gateway "+a.IP)
 		}
 		// Gateway side → a TCP server in the VM.
-		if got, err := l.get(net.JoinHostPort(a.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "a" {
+		if got, err := l.get(net.JoinHostPort(a.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "a" {
 			t.Errorf("gateway → a:%d: %q %v", netVMPort, got, err)
 		}
 		// Other gateway ports are closed to VMs.
-		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwClosed), 3); ok {
+		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwClosed), blockedSecs); ok {
 			t.Errorf("a reached gateway:%d, which is not in gateway_tcp_ports: %q", netGwClosed, out)
 		}
 		// NAT out through the lab's default route; metadata is blocked.
-		out, ok = fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", netUplinkWAN, netWANPort), 5)
+		out, ok = fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", netUplinkWAN, netWANPort), okSecs)
 		if !ok || out != "internet "+netUplinkHost {
 			t.Errorf("a → internet: %q ok=%v, want %q (masqueraded)", out, ok, "internet "+netUplinkHost)
 		}
-		if out, ok := fetch(t, alice, "a", "http://"+netMetadata+"/", 3); ok {
+		if out, ok := fetch(t, alice, "a", "http://"+netMetadata+"/", blockedSecs); ok {
 			t.Errorf("a reached the metadata address: %q", out)
 		}
 		// The host's other addresses are closed to VMs, and nothing from
 		// outside gets in to a VM.
-		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", netUplinkHost, netGwPort), 3); ok {
+		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", netUplinkHost, netGwPort), blockedSecs); ok {
 			t.Errorf("a reached a service on the host's uplink address: %q", out)
 		}
 		if err := inNetNS(l.wan, func() error {
-			c, err := net.DialTimeout("tcp4", net.JoinHostPort(a.IP, fmt.Sprint(netVMPort)), 3*time.Second)
+			c, err := net.DialTimeout("tcp4", net.JoinHostPort(a.IP, fmt.Sprint(netVMPort)), blockedSecs*time.Second)
 			if err == nil {
 				c.Close()
 				return errors.New("connected")
@@ -763,7 +800,11 @@ func TestNetwork(t *testing.T) {
 			{"a", "c", false}, {"c", "a", false}, // only one side allows
 			{"c", "e", false}, {"e", "c", false}, // another user
 		} {
-			got := canReach(t, clientOf(p.from), p.from, vms[p.to].IP, p.to)
+			secs := blockedSecs
+			if p.want {
+				secs = okSecs
+			}
+			got := canReach(t, clientOf(p.from), p.from, vms[p.to].IP, p.to, secs)
 			if got != p.want {
 				t.Errorf("%s → %s: reachable=%v, want %v", p.from, p.to, got, p.want)
 			}
@@ -828,10 +869,10 @@ func TestNetwork(t *testing.T) {
 		// Both work: outbound from each, and each one's httpd (which a2
 		// inherited, running, from the checkpoint) answers on its own IP.
 		for _, v := range []*client.VM{a, a2} {
-			if out, ok := fetch(t, alice, v.Name, fmt.Sprintf("http://%s:%d/", gw, netGwPort), 5); !ok || out != "gateway "+v.IP {
+			if out, ok := fetch(t, alice, v.Name, fmt.Sprintf("http://%s:%d/", gw, netGwPort), okSecs); !ok || out != "gateway "+v.IP {
 				t.Errorf("%s → gateway: %q ok=%v", v.Name, out, ok)
 			}
-			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "a" {
+			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "a" {
 				t.Errorf("gateway → %s: %q %v", v.Name, got, err)
 			}
 		}
@@ -864,7 +905,7 @@ func TestNetwork(t *testing.T) {
 			t.Errorf("rewind did not rewind: /tmp/marker = %q", out)
 		}
 		checkWired(t, l, alice, ra, pool)
-		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwPort), 5); !ok || out != "gateway "+a.IP {
+		if out, ok := fetch(t, alice, "a", fmt.Sprintf("http://%s:%d/", gw, netGwPort), okSecs); !ok || out != "gateway "+a.IP {
 			t.Errorf("a → gateway after rewind: %q ok=%v", out, ok)
 		}
 		// Rewinding the clone to a's checkpoint (by id) restores a's
@@ -882,7 +923,7 @@ func TestNetwork(t *testing.T) {
 		}
 		checkWired(t, l, alice, r2, pool)
 		for _, v := range []*client.VM{a, a2} {
-			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "a" {
+			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "a" {
 				t.Errorf("gateway → %s after rewinds: %q %v", v.Name, got, err)
 			}
 		}
@@ -964,16 +1005,22 @@ func TestNetwork(t *testing.T) {
 		}
 		goldenNet = append(goldenNet, par...)
 		t.Logf("net_ms of %d parallel golden creates: p50 %.2f ms", n, p50(par))
-		// Every one is wired (API, guest, TAP, nftables) and works both ways.
-		for _, v := range got {
-			if out := checkWired(t, l, alice, v, pool, fmt.Sprintf("http://%s:%d/", gw, netGwPort)); out != "gateway "+v.IP {
-				t.Errorf("%s → gateway: %q", v.Name, out)
+		// Every one is wired (API, guest, TAP, nftables) and works both ways
+		// (checked in parallel: execs are slow under TCG).
+		t.Run("each", func(t *testing.T) {
+			for _, v := range got {
+				t.Run(v.Name, func(t *testing.T) {
+					t.Parallel()
+					if out := checkWired(t, l, alice, v, pool, fmt.Sprintf("http://%s:%d/", gw, netGwPort)); out != "gateway "+v.IP {
+						t.Errorf("%s → gateway: %q", v.Name, out)
+					}
+					// The golden VM's httpd came along, running.
+					if body, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(body) != "a" {
+						t.Errorf("gateway → %s: %q %v", v.Name, body, err)
+					}
+				})
 			}
-			// The golden VM's httpd came along, running.
-			if body, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(body) != "a" {
-				t.Errorf("gateway → %s: %q %v", v.Name, body, err)
-			}
-		}
+		})
 		for _, v := range got {
 			wg.Add(1)
 			go func() {
@@ -1009,7 +1056,7 @@ func TestNetwork(t *testing.T) {
 		before := l.links()
 		e.Kill9()
 		// The rules stay while the server is down: VMs keep connectivity.
-		if got, err := l.get(net.JoinHostPort(vms["b"].IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "b" {
+		if got, err := l.get(net.JoinHostPort(vms["b"].IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "b" {
 			t.Errorf("gateway → b with the server down: %q %v", got, err)
 		}
 		// Leftovers of a crash: a TAP of a VM that no longer exists, with its
@@ -1058,18 +1105,18 @@ func TestNetwork(t *testing.T) {
 		// Existing VMs still have connectivity, both ways, and DNS.
 		for _, name := range []string{"a", "a2", "b"} {
 			v := vms[name]
-			if out, ok := fetch(t, alice, name, fmt.Sprintf("http://%s:%d/", gw, netGwPort), 5); !ok || out != "gateway "+v.IP {
+			if out, ok := fetch(t, alice, name, fmt.Sprintf("http://%s:%d/", gw, netGwPort), okSecs); !ok || out != "gateway "+v.IP {
 				t.Errorf("%s → gateway after restart: %q ok=%v", name, out, ok)
 			}
 			want := name
 			if name == "a2" {
 				want = "a"
 			}
-			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != want {
+			if got, err := l.get(net.JoinHostPort(v.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != want {
 				t.Errorf("gateway → %s after restart: %q %v", name, got, err)
 			}
 		}
-		if !canReach(t, alice, "c", vms["d"].IP, "d") || canReach(t, alice, "a", vms["b"].IP, "b") {
+		if !canReach(t, alice, "c", vms["d"].IP, "d", okSecs) || canReach(t, alice, "a", vms["b"].IP, "b", blockedSecs) {
 			t.Errorf("peer rules changed across the restart")
 		}
 		if got := resolve(t, alice, "a", "b.noid"); !slices.Equal(got, []string{vms["b"].IP}) {
@@ -1188,10 +1235,10 @@ func TestNetworkSmallPool(t *testing.T) {
 		serveID(t, x.c, x.v.Name)
 	}
 	t.Run("allow_same_user", func(t *testing.T) {
-		if !canReach(t, alice, "p1", p2.IP, "p2") || !canReach(t, alice, "p2", p1.IP, "p1") {
+		if !canReach(t, alice, "p1", p2.IP, "p2", okSecs) || !canReach(t, alice, "p2", p1.IP, "p1", okSecs) {
 			t.Errorf("allow_same_user: p1 and p2 cannot talk")
 		}
-		if canReach(t, alice, "p1", q1.IP, "q1") || canReach(t, bob, "q1", p1.IP, "p1") {
+		if canReach(t, alice, "p1", q1.IP, "q1", blockedSecs) || canReach(t, bob, "q1", p1.IP, "p1", blockedSecs) {
 			t.Errorf("allow_same_user let VMs of different users talk")
 		}
 	})
@@ -1227,10 +1274,10 @@ func TestNetworkSmallPool(t *testing.T) {
 		// A destroyed VM's address is free again, and the new VM is
 		// reachable at once although the host last saw another MAC there.
 		serveID(t, alice, "p4")
-		if got, err := l.get(net.JoinHostPort(p4.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "p4" {
+		if got, err := l.get(net.JoinHostPort(p4.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "p4" {
 			t.Fatalf("gateway → p4: %q %v", got, err)
 		}
-		if !canReach(t, alice, "p1", p4.IP, "p4") {
+		if !canReach(t, alice, "p1", p4.IP, "p4", okSecs) {
 			t.Fatalf("p1 → p4 failed (allow_same_user)")
 		}
 		if _, err := alice.DestroyVM(ctx(t), "p4"); err != nil {
@@ -1241,10 +1288,10 @@ func TestNetworkSmallPool(t *testing.T) {
 			t.Errorf("p5 got %s %s, want the freed %s and a new MAC (p4 had %s)", p5.IP, p5.MAC, p4.IP, p4.MAC)
 		}
 		serveID(t, alice, "p5")
-		if got, err := l.get(net.JoinHostPort(p5.IP, fmt.Sprint(netVMPort)), "/id", 5*time.Second); err != nil || strings.TrimSpace(got) != "p5" {
+		if got, err := l.get(net.JoinHostPort(p5.IP, fmt.Sprint(netVMPort)), "/id", onceWait); err != nil || strings.TrimSpace(got) != "p5" {
 			t.Errorf("gateway → p5 (p4's old address): %q %v", got, err)
 		}
-		if !canReach(t, alice, "p1", p5.IP, "p5") {
+		if !canReach(t, alice, "p1", p5.IP, "p5", onceSecs) {
 			t.Errorf("p1 → p5 (p4's old address, which p1 last saw with p4's MAC) failed")
 		}
 		checkWired(t, l, alice, p5, pool)

@@ -154,6 +154,29 @@ func TestSandbox(t *testing.T) {
 		}
 	})
 
+	t.Run("vmm uids may not use the api", func(t *testing.T) {
+		// Let other uids reach the socket (the test's dir is 0700).
+		if err := os.Chmod(e.Dir, 0o711); err != nil {
+			t.Fatal(err)
+		}
+		whoami := func(uid uint32) string {
+			cmd := exec.Command("curl", "-s", "--unix-socket", e.Socket, "http://noid/v1/whoami")
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("curl as %d: %v", uid, err)
+			}
+			return string(out)
+		}
+		if out := whoami(ua); !strings.Contains(out, "unauthenticated") || !strings.Contains(out, "sandbox") {
+			t.Errorf("whoami as the vmm uid %d: %s", ua, out)
+		}
+		// Control: an ordinary local uid is let in (as a user of its own).
+		if out := whoami(65534); !strings.Contains(out, `"user"`) || strings.Contains(out, "unauthenticated") {
+			t.Errorf("whoami as uid 65534: %s", out)
+		}
+	})
+
 	t.Run("destroy removes the cgroup", func(t *testing.T) {
 		if _, err := e.Client.DestroyVM(ctx(t), "sbb"); err != nil {
 			t.Fatal(err)

@@ -137,6 +137,9 @@ type argOpts struct {
 	// so that ps and pgrep still show which VM and data dir a QEMU
 	// belongs to (it never reads the value).
 	filesDir string
+	// tbSizeMiB, when set, bounds the TCG translation cache (QEMU 7.2
+	// reserves 1 GiB by default), so that it fits the cgroup's overhead.
+	tbSizeMiB int
 }
 
 // args is Args for a confined QEMU (see argOpts).
@@ -180,7 +183,11 @@ func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 	case vmm.AccelKVM:
 		a = append(a, "-accel", "kvm", "-cpu", "host")
 	default:
-		a = append(a, "-accel", "tcg", "-cpu", "max")
+		accel := "tcg"
+		if o.tbSizeMiB > 0 {
+			accel += ",tb-size=" + strconv.Itoa(o.tbSizeMiB)
+		}
+		a = append(a, "-accel", accel, "-cpu", "max")
 	}
 	if spec.Net != nil {
 		netdev := "tap,id=net0,ifname=" + spec.Net.Tap + ",script=no,downscript=no,vnet_hdr=on"

@@ -31,6 +31,7 @@ import (
 //     itself and passes them as inherited file descriptors; QEMU is given
 //     /proc/self/fd/N paths (reopening through /proc checks only the file's
 //     own permissions, not the directories above it) and -netdev tap,fd=N.
+//     With the TAP as an fd, QEMU also gets an empty network namespace.
 //     The QMP and agent sockets were already passed as fds, and checkpoint
 //     and restore streams go over QMP with SCM_RIGHTS. The VM's disk, RAM
 //     file and serial log are chowned to its uid with mode 0600; the VM's
@@ -42,11 +43,18 @@ import (
 //     before QEMU runs (see package sandbox).
 
 // MemoryOverhead is the default allowance on top of guest RAM in a QEMU's
-// cgroup memory limit: QEMU's own heap, the TCG translation cache (QEMU
-// 7.2 reserves up to 1 GiB for it but touches only what it uses), device
-// buffers, and the page cache of the disk image that the VMM's I/O pulls in
-// (reclaimable, so it is squeezed, not fatal, at the limit).
+// cgroup memory limit: QEMU's own heap, the TCG translation cache (bounded
+// to TCGCacheMiB in a cgroup), device buffers, and the page cache of the
+// disk image that the VMM's I/O pulls in (reclaimable, so it is squeezed,
+// not fatal, at the limit). Guest RAM itself is a shared file mapping:
+// page cache that is written back, not killed, under pressure.
 const MemoryOverhead = 384 << 20
+
+// TCGCacheMiB is the TCG translation cache of a QEMU with a memory limit.
+// QEMU 7.2 reserves 1 GiB by default and fills it as the guest runs new
+// code, which a busy guest can do until the cgroup's limit kills QEMU; 256
+// MiB is eight times QEMU's default before 5.0.
+const TCGCacheMiB = 256
 
 // PidsLimit is the default pids.max of a QEMU's cgroup: the main loop, RCU
 // and signal threads, one thread per vCPU, the block layer's thread pool
@@ -285,6 +293,9 @@ func openTap(name string) (*os.File, error) {
 // argOpts returns the command-line extras of the confined QEMU of spec.
 func (c *confinement) argOpts(spec vmm.Spec) argOpts {
 	o := argOpts{tapFD: c.tapFD}
+	if c.cg != nil && spec.Accel != vmm.AccelKVM {
+		o.tbSizeMiB = TCGCacheMiB
+	}
 	if len(c.files) > 0 {
 		o.filesDir = spec.Dir
 	}
@@ -292,11 +303,16 @@ func (c *confinement) argOpts(spec vmm.Spec) argOpts {
 }
 
 // sysProcAttr returns the process attributes of a confined QEMU: its own
-// session, and the sandbox uid when there is one.
+// session, and with a sandbox uid also that uid and a network namespace of
+// its own with nothing in it but a loopback device that is down. Such a
+// QEMU got its TAP as an fd, so it needs no network: a compromised VMM
+// cannot reach the host's loopback services (the API's TCP listener), the
+// LAN or a cloud metadata service.
 func (c *confinement) sysProcAttr() *syscall.SysProcAttr {
 	a := &syscall.SysProcAttr{Setsid: true}
 	if c.uid != 0 {
 		a.Credential = &syscall.Credential{Uid: uint32(c.uid), Gid: uint32(c.gid), Groups: c.groups}
+		a.Cloneflags = syscall.CLONE_NEWNET
 	}
 	return a
 }

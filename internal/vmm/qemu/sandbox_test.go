@@ -193,6 +193,27 @@ func TestConfinement(t *testing.T) {
 		}
 	})
 
+	t.Run("no network", func(t *testing.T) {
+		own, _ := os.Readlink("/proc/self/ns/net")
+		ns, err := os.Readlink("/proc/" + strconv.Itoa(a.Pid()) + "/ns/net")
+		if err != nil || ns == own {
+			t.Fatalf("qemu's netns %q (%v), the test's %q", ns, err, own)
+		}
+		dev, err := os.ReadFile("/proc/" + strconv.Itoa(a.Pid()) + "/net/dev")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ifs []string
+		for _, line := range strings.Split(string(dev), "\n")[2:] {
+			if name, _, ok := strings.Cut(strings.TrimSpace(line), ":"); ok {
+				ifs = append(ifs, name)
+			}
+		}
+		if len(ifs) != 1 || ifs[0] != "lo" {
+			t.Errorf("interfaces in qemu's netns: %v, want only lo", ifs)
+		}
+	})
+
 	t.Run("cgroup and limits", func(t *testing.T) {
 		cg, _ := m.Open("confa")
 		if ok, err := cg.Has(a.Pid()); !ok || err != nil {
@@ -319,15 +340,15 @@ func TestArgsConfined(t *testing.T) {
 	spec := vmm.Spec{ID: "x", Name: "x", Dir: "/data/users/1/vms/x", MemoryMiB: 128, VCPUs: 1, Kernel: "/k", Initrd: "/i",
 		Disk: "/proc/self/fd/7", MemFile: "/proc/self/fd/8", SerialLog: "/proc/self/fd/9",
 		Net: &vmm.NetSpec{Tap: "noidt1", MAC: "02:00:00:00:00:01"}, Sandbox: &vmm.Sandbox{Seccomp: true, UID: 1234, GID: 1234}}
-	conf := strings.Join(args(spec, false, argOpts{tapFD: 10, filesDir: "/data,x"}), " ")
-	for _, want := range []string{"-netdev tap,id=net0,fd=10 ", "secret,id=noid-files,format=raw,data=/data,,x", "-sandbox on,obsolete=deny,elevateprivileges=deny",
+	conf := strings.Join(args(spec, false, argOpts{tapFD: 10, filesDir: "/data,x", tbSizeMiB: 256}), " ")
+	for _, want := range []string{"-netdev tap,id=net0,fd=10 ", "-accel tcg,tb-size=256 ", "secret,id=noid-files,format=raw,data=/data,,x", "-sandbox on,obsolete=deny,elevateprivileges=deny",
 		"mem-path=/proc/self/fd/8,share=on", "file=/proc/self/fd/7,format=raw"} {
 		if !strings.Contains(conf, want) {
 			t.Errorf("confined args lack %q:\n%s", want, conf)
 		}
 	}
 	plain := strings.Join(Args(spec, false), " ")
-	for _, bad := range []string{"-runas", "secret", "fd=10"} {
+	for _, bad := range []string{"-runas", "secret", "fd=10", "tb-size"} {
 		if strings.Contains(conf, "-runas") || strings.Contains(plain, bad) {
 			t.Errorf("args contain %q:\nconfined: %s\nplain: %s", bad, conf, plain)
 		}
