@@ -29,6 +29,7 @@ for dir in $(grep -rl --include='*_test.go' '^func Fuzz' . | xargs -n1 dirname |
 		# -test.timeout bounds a target even if an input hangs.
 		(cd "$root/$dir" && "$bin" -test.run='^$' -test.fuzz="^${target}\$" -test.fuzztime="$t" -test.timeout=5m \
 			-test.fuzzcachedir="$cache/$module/$dir") >"$tmp/log" 2>&1 || { cat "$tmp/log"; exit 1; }
+		grep '^fuzz: elapsed' "$tmp/log" | tail -1 | sed 's/^/  /' || true
 		n=$((n + 1))
 	done
 done

@@ -44,6 +44,16 @@
 // one small atomic nftables batch and the rules themselves never change
 // while VMs come and go.
 //
+// # Address reuse
+//
+// The store hands out the lowest free address, so a new VM or a clone
+// often gets the address of a VM destroyed a moment ago. The host would
+// keep that VM's MAC in its neighbour (ARP) table and send to it for
+// several seconds, so AddVM and RemoveVM delete the bridge's neighbour
+// entry of the address (Reconcile drops every entry no wanted VM has), and
+// the guest agent sends gratuitous ARP when it takes a new address or MAC,
+// which also updates the VM's peers.
+//
 // # Ownership
 //
 // noid owns the bridge named in Config, every interface whose name starts

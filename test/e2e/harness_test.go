@@ -43,7 +43,7 @@ type Env struct {
 	extraCf string
 	// ServerEnv is added to the server's environment on the next Start.
 	ServerEnv []string
-	netNS   netns.NsHandle // when open, the server (and its VMMs) run in it
+	netNS     netns.NsHandle // when open, the server (and its VMMs) run in it
 }
 
 // Option adjusts the server config.
@@ -135,7 +135,7 @@ func (e *Env) Start() {
 // ns is not open): a child inherits the namespace of the thread that forks
 // it.
 func startInNetNS(ns netns.NsHandle, cmd *exec.Cmd) error {
-	if !ns.IsOpen() {
+	if !ns.IsOpen() || ns == 0 { // 0: an Env not made by NewEnv (fd 0 is never a namespace here)
 		return cmd.Start()
 	}
 	return inNetNS(ns, cmd.Start)

@@ -243,7 +243,10 @@ func (l *netLab) upstreamDNS(wh *netlink.Handle) {
 		nlAddr(t, h, lo, ns.String()+"/32")
 	}
 	var pc net.PacketConn
-	if err := inNetNS(where, func() (err error) { pc, err = net.ListenPacket("udp4", net.JoinHostPort(ns.String(), "53")); return err }); err != nil {
+	if err := inNetNS(where, func() (err error) {
+		pc, err = net.ListenPacket("udp4", net.JoinHostPort(ns.String(), "53"))
+		return err
+	}); err != nil {
 		t.Fatalf("fake upstream resolver: %v", err)
 	}
 	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
@@ -778,7 +781,7 @@ func TestNetwork(t *testing.T) {
 		}
 		// info and list show the IP.
 		info := e.MustCLI("info", "a")
-		if !regexpLine(info, "ip", a.IP) || !regexpLine(info, "mac", a.MAC) {
+		if !tableHas(info, "ip", a.IP) || !tableHas(info, "mac", a.MAC) {
 			t.Errorf("noid info a does not show ip %s and mac %s:\n%s", a.IP, a.MAC, info)
 		}
 		list := e.MustCLI("list")
@@ -822,7 +825,7 @@ func TestNetwork(t *testing.T) {
 			{alice, "a", "a.noid", vms["a"].IP},
 			{alice, "c", "D.noid", vms["d"].IP},
 			{bob, "e", "e.noid", vms["e"].IP},
-			{bob, "e", "a.noid", ""}, // alice's VM: not for bob
+			{bob, "e", "a.noid", ""},   // alice's VM: not for bob
 			{alice, "a", "e.noid", ""}, // bob's VM: not for alice
 			{alice, "a", "nosuchvm.noid", ""},
 		} {
@@ -946,7 +949,7 @@ func TestNetwork(t *testing.T) {
 		if after := l.taps(); !slices.Equal(before, after) {
 			t.Errorf("--network none changed the TAPs: %v → %v", before, after)
 		}
-		if !regexpLine(e.MustCLI("info", "offline"), "ip", "-") {
+		if !tableHas(e.MustCLI("info", "offline"), "ip", "-") {
 			t.Errorf("info offline does not show ip -")
 		}
 		if _, err := alice.DestroyVM(ctx(t), "offline"); err != nil {
@@ -1190,8 +1193,8 @@ func addOrphanElements(t *testing.T, l *netLab, tap string, ip netip.Addr) {
 	}
 }
 
-// regexpLine reports whether the table output has a row "field value".
-func regexpLine(out, field, value string) bool {
+// tableHas reports whether the table output has a row "field value".
+func tableHas(out, field, value string) bool {
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
 		if len(f) >= 2 && f[0] == field && f[1] == value {
@@ -1295,7 +1298,13 @@ func TestNetworkSmallPool(t *testing.T) {
 			t.Errorf("p1 → p5 (p4's old address, which p1 last saw with p4's MAC) failed")
 		}
 		checkWired(t, l, alice, p5, pool)
-		_ = p3
+		seen := map[string]bool{}
+		for _, v := range []*client.VM{p1, p2, q1, p3, p5} {
+			if ip, err := netip.ParseAddr(v.IP); err != nil || !pool.Contains(ip) || seen[v.IP] {
+				t.Errorf("%s has ip %q (taken twice, or outside %s)", v.Name, v.IP, pool)
+			}
+			seen[v.IP] = true
+		}
 	})
 }
 
