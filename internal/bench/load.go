@@ -227,8 +227,6 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	rep.ServerRSSMiB[1] = rssMiB(s.Pid)
 	rep.Checks = append(rep.Checks, Check{Name: "server fds back to baseline", OK: fdsAfter <= rep.ServerFDs[0]+2,
 		Detail: fmt.Sprintf("%d before, %d after (%v)", rep.ServerFDs[0], fdsAfter, kinds)})
-	rep.Checks = append(rep.Checks, Check{Name: "server threads bounded", OK: rep.ServerThreads[1] <= rep.ServerThreads[0]+8,
-		Detail: fmt.Sprintf("%d before, %d after (Go threads; goroutines are not visible from outside the process)", rep.ServerThreads[0], rep.ServerThreads[1])})
 
 	// Figures.
 	rep.CyclesOK, rep.CyclesFailed = l.okCyc.Load(), l.badCyc.Load()
@@ -692,7 +690,8 @@ func (b *Bench) printLoad(r *LoadReport) {
 		}
 		fmt.Fprintf(w, "  %-11s %6d %6d %9.2f %9s %9s %9s\n", k, o.OK, o.Errors, float64(o.OK)/r.Seconds, fmtNum(o.Ms.P50), fmtNum(o.Ms.P99), fmtNum(o.Ms.Max))
 	}
-	fmt.Fprintf(w, "  server: fds %d → %d, threads %d → %d, RSS %.0f → %.0f MiB\n", r.ServerFDs[0], r.ServerFDs[1], r.ServerThreads[0], r.ServerThreads[1], r.ServerRSSMiB[0], r.ServerRSSMiB[1])
+	fmt.Fprintf(w, "  server: fds %d → %d, OS threads %d → %d (the Go runtime keeps idle threads; goroutines are not visible from outside), RSS %.0f → %.0f MiB\n",
+		r.ServerFDs[0], r.ServerFDs[1], r.ServerThreads[0], r.ServerThreads[1], r.ServerRSSMiB[0], r.ServerRSSMiB[1])
 	fmt.Fprintf(w, "  checks:\n")
 	for _, c := range r.Checks {
 		st := "ok  "

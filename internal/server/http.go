@@ -242,8 +242,13 @@ func bearer(r *http.Request) (string, bool) {
 // clientAddr is the caller's address; X-Forwarded-For only when trusted.
 func clientAddr(r *http.Request, trustProxy bool) string {
 	if trustProxy {
-		if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
-			return strings.TrimSpace(strings.Split(xff, ",")[0])
+		// The trusted proxy appends the address it saw; earlier entries
+		// come from the client and prove nothing.
+		if xff := r.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+			parts := strings.Split(xff[len(xff)-1], ",")
+			if last := strings.TrimSpace(parts[len(parts)-1]); last != "" {
+				return last
+			}
 		}
 	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)

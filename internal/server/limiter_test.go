@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"net/http"
 	"testing"
 	"time"
 
@@ -42,5 +43,21 @@ func TestAuthLimiter(t *testing.T) {
 	}
 	if n := l.size(); n > limiterMaxKeys {
 		t.Fatalf("limiter holds %d buckets", n)
+	}
+}
+
+func TestClientAddr(t *testing.T) {
+	r, _ := http.NewRequest("GET", "/", nil)
+	r.RemoteAddr = "10.0.0.9:5555"
+	r.Header.Add("X-Forwarded-For", "6.6.6.6, 1.2.3.4")
+	if got := clientAddr(r, false); got != "10.0.0.9" {
+		t.Errorf("untrusted proxy: %q", got)
+	}
+	if got := clientAddr(r, true); got != "1.2.3.4" {
+		t.Errorf("trusted proxy: %q, want the entry the proxy appended", got)
+	}
+	r.Header.Add("X-Forwarded-For", "5.5.5.5")
+	if got := clientAddr(r, true); got != "5.5.5.5" {
+		t.Errorf("two header lines: %q", got)
 	}
 }
