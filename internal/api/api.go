@@ -152,6 +152,8 @@ type Golden struct {
 	Source     string    `json:"source,omitempty"`
 	Owner      string    `json:"owner,omitempty"`
 	KernelHash string    `json:"kernel_sha256,omitempty"`
+	// Spares is the number of VMMs prepared from it and waiting (warm pool).
+	Spares int `json:"spares"`
 }
 
 // GoldenPromoteRequest is the body of POST /v1/golden.

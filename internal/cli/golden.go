@@ -84,13 +84,13 @@ the API (GET /v1/golden); its field names are stable.`,
 				}
 				return printJSON(e.stdout, gs)
 			}
-			t := newTable(e.stdout, "SPEC", "OWNER", "STATUS", "SOURCE", "SIZE", "CREATED")
+			t := newTable(e.stdout, "SPEC", "OWNER", "STATUS", "SPARES", "SOURCE", "SIZE", "CREATED")
 			for _, g := range gs {
 				status := "ready"
 				if g.Stale {
 					status = "STALE: " + g.StaleWhy
 				}
-				t.row(fmt.Sprintf("%d vCPU/%d MiB", g.VCPUs, g.MemoryMiB), g.Owner, status, orDash(g.Source), bytesHuman(g.SizeBytes), ago(g.CreatedAt))
+				t.row(fmt.Sprintf("%d vCPU/%d MiB", g.VCPUs, g.MemoryMiB), g.Owner, status, fmt.Sprint(g.Spares), orDash(g.Source), bytesHuman(g.SizeBytes), ago(g.CreatedAt))
 			}
 			return t.flush()
 		},

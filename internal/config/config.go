@@ -66,6 +66,25 @@ type Config struct {
 	Sandbox Sandbox `toml:"sandbox"`
 	// Storage configures where VM, checkpoint and golden files live.
 	Storage Storage `toml:"storage"`
+	// Pool configures the warm pool of VMMs prepared for golden snapshots.
+	Pool Pool `toml:"pool"`
+}
+
+// Pool is the [pool] section.
+type Pool struct {
+	// Spares is how many VMMs are kept prepared (memory and disk copied,
+	// process started, waiting for state) per golden snapshot in use, so a
+	// golden create skips the process start and the copies. Default 1; 0
+	// turns the pool off.
+	Spares *int `toml:"spares"`
+}
+
+// PoolSpares is the number of warm spares per golden snapshot.
+func (c *Config) PoolSpares() int {
+	if c.Pool.Spares == nil {
+		return 1
+	}
+	return *c.Pool.Spares
 }
 
 // Storage is the [storage] section.
@@ -320,6 +339,9 @@ func (c *Config) Validate() error {
 		if _, err := ParseSize(c.DefaultDiskSize); err != nil {
 			return bad("default_disk_size: %v", err)
 		}
+	}
+	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {
+		return bad("pool.spares must be 0..64, got %d", *c.Pool.Spares)
 	}
 	if c.Storage.ReflinkImageSize != "" {
 		n, err := ParseSize(c.Storage.ReflinkImageSize)

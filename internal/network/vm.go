@@ -171,6 +171,26 @@ func (m *Manager) AddVM(ctx context.Context, v VMNet) error {
 	return nil
 }
 
+// PrepareTap creates the TAP a VM with this id will use, without plugging
+// it into the bridge or adding any rule, so a VMM can be started ahead of
+// time (a warm spare). AddVM later plugs it in and allows its traffic;
+// RemoveVM deletes it. It returns the TAP's name.
+func (m *Manager) PrepareTap(ctx context.Context, id string) (string, error) {
+	if id == "" {
+		return "", fmt.Errorf("network: empty vm id: %w", errdefs.ErrInvalidArgument)
+	}
+	v := VMNet{ID: id, TapName: TapName(id)}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(ctx); err != nil {
+		return "", err
+	}
+	if _, err := m.ensureLink(v); err != nil {
+		return "", err
+	}
+	return v.TapName, nil
+}
+
 // RemoveVM deletes the VM's TAP and set elements. It is idempotent: an
 // unknown id, or a VM whose TAP is already gone, is not an error. For a VM
 // the Manager does not know (the server restarted and has not called

@@ -177,6 +177,39 @@ func (p *UIDPool) create(uid uint32, content []byte) error {
 	return nil
 }
 
+// Rehome records a new owner directory for id's lease (its files moved,
+// for example when a warm spare becomes a user's VM).
+func (p *UIDPool) Rehome(id, owner string) error {
+	if !filepath.IsAbs(owner) || strings.ContainsAny(owner, "\n\x00") {
+		return fmt.Errorf("invalid uid lease owner %q", owner)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	u, ok := p.byID[id]
+	if !ok {
+		return nil
+	}
+	tmp, err := os.CreateTemp(p.dir, ".tmp-")
+	if err != nil {
+		return fmt.Errorf("rewriting uid lease: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write([]byte(id + "\n" + owner + "\n"))
+	if serr := tmp.Sync(); err == nil {
+		err = serr
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), filepath.Join(p.dir, strconv.FormatUint(uint64(u), 10)))
+	}
+	if err != nil {
+		return fmt.Errorf("rewriting uid lease: %w", err)
+	}
+	return nil
+}
+
 // Release drops id's lease, if it has one.
 func (p *UIDPool) Release(id string) error {
 	p.mu.Lock()

@@ -38,5 +38,5 @@ var CrashPoints = []string{
 	"restore.after-kill", "restore.after-spawn",
 	"clone.after-insert", "clone.after-spawn",
 	"destroy.after-kill", "destroy.after-rmdir",
-	"golden.after-copy",
+	"golden.after-copy", "spare.after-insert",
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -164,6 +165,7 @@ func (s *Server) pickGolden(ctx context.Context, u *store.User, p *createParams,
 		}
 		if why := s.staleReason(ctx, c, bf); why != "" {
 			stale = append(stale, fmt.Sprintf("golden snapshot for %d vCPU/%d MiB is stale: %s", p.vcpus, p.memMiB, why))
+			s.pool.drain(d)
 			continue
 		}
 		return d, ""
@@ -176,6 +178,16 @@ func (s *Server) pickGolden(ctx context.Context, u *store.User, p *createParams,
 
 // createFromGolden starts a new VM from a golden directory.
 func (s *Server) createFromGolden(ctx context.Context, u *store.User, p *createParams, bf bootFiles, dir string, start time.Time) (*api.VM, error) {
+	// The golden is in use: keep spares ready for the next create.
+	defer s.pool.refill(dir)
+	if gc, err := readGoldenConfig(dir); err == nil {
+		if sp := s.pool.take(dir, gc.PromotedAt); sp != nil {
+			vm, err := s.createFromSpare(ctx, u, p, bf, dir, sp, start)
+			if !errors.Is(err, errStaleSpare) {
+				return vm, err
+			}
+		}
+	}
 	l := s.goldenLock(dir)
 	l.RLock()
 	defer l.RUnlock()
@@ -299,6 +311,9 @@ func (s *Server) PromoteGolden(ctx context.Context, u *store.User, req api.Golde
 		return nil, fmt.Errorf("publishing golden snapshot: %w", err)
 	}
 	ok = true
+	s.pool.drain(final)
+	// A golden is promoted to be used: prepare its spares now.
+	defer s.pool.refill(final)
 	storage.FsyncDir(root)
 	s.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
 	return s.apiGolden(ctx, final, &gc, u, bf), nil
@@ -329,6 +344,7 @@ func (s *Server) apiGolden(ctx context.Context, dir string, c *goldenConfig, u *
 	if why := s.staleReason(ctx, c, bf); why != "" {
 		g.Stale, g.StaleWhy = true, why
 	}
+	g.Spares = s.pool.ready(dir)
 	return g
 }
 
@@ -369,6 +385,7 @@ func (s *Server) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem int
 	if _, err := os.Stat(filepath.Join(d, vmm.GoldenConfig)); err != nil {
 		return errdefs.WithHint(fmt.Errorf("golden snapshot for %d vCPU/%d MiB: %w", vcpus, mem, errdefs.ErrNotFound), "noid golden list")
 	}
+	s.pool.drain(d)
 	if err := os.RemoveAll(d); err != nil {
 		return fmt.Errorf("removing golden snapshot: %w", err)
 	}
@@ -380,6 +397,10 @@ func (s *Server) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem int
 func (s *Server) removeUserGolden(ctx context.Context, u *store.User) error {
 	if u.IsAdmin {
 		return nil
+	}
+	ents, _ := os.ReadDir(s.goldenRoot(u))
+	for _, e := range ents {
+		s.pool.drain(filepath.Join(s.goldenRoot(u), e.Name()))
 	}
 	return os.RemoveAll(s.goldenRoot(u))
 }

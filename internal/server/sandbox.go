@@ -52,6 +52,7 @@ func (s *Server) qemuOptions(ctx context.Context) qemu.Options {
 			break
 		}
 		opts.UIDs = pool
+		s.uids = pool
 		s.sandbox.perVM = true
 		s.log.Info("sandbox: each VMM runs as a uid of its own", "uid_base", sb.UIDBase, "uid_count", sb.UIDCount)
 	default:

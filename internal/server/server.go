@@ -21,6 +21,7 @@ import (
 	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/network"
+	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -63,8 +64,10 @@ type Server struct {
 	closeOnce sync.Once
 	limiter   *authLimiter
 
-	net *network.Manager
-	dns *network.DNSServer
+	net  *network.Manager
+	dns  *network.DNSServer
+	pool *warmPool
+	uids *sandbox.UIDPool
 
 	goldenMu    sync.Mutex
 	goldenLocks map[string]*sync.RWMutex
@@ -131,6 +134,9 @@ func New(ctx context.Context, opts Options) (*Server, error) {
 		st.Close()
 		return nil, err
 	}
+	s.sweepPool(ctx)
+	s.pool = newWarmPool(s, cfg.PoolSpares())
+	s.warmUp(ctx)
 	return s, nil
 }
 
@@ -315,6 +321,7 @@ func (s *Server) Close() error {
 		for _, rt := range rts {
 			rt.release()
 		}
+		s.pool.close()
 		s.closeNetwork()
 		s.store.Close()
 	})

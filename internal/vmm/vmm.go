@@ -172,5 +172,24 @@ type Instance interface {
 	Close() error
 }
 
+// Preparer is implemented by backends that can start a VMM before its state
+// is known: a warm spare that a later Load turns into a running VM, so the
+// process start-up is off the critical path of a create or clone.
+type Preparer interface {
+	// Prepare starts a VMM for spec that waits for incoming state. The
+	// spec's disk and memory files must exist with their final sizes;
+	// their contents may still be written until Load is called.
+	Prepare(ctx context.Context, spec Spec) (Prepared, error)
+}
+
+// Prepared is a VMM started by Prepare and waiting for its state.
+type Prepared interface {
+	Instance
+	// Load streams the device state of the snapshot in dir into the VMM
+	// and resumes the vCPUs. The snapshot must fit the spec it was
+	// prepared with.
+	Load(ctx context.Context, dir string) (Timings, error)
+}
+
 // ErrGone is returned by Adopt when the VMM process no longer exists.
 var ErrGone = errors.New("vmm process is gone")

@@ -75,12 +75,19 @@ func TestGolden(t *testing.T) {
 		t.Errorf("golden config refers to its source's paths:\n%s", cfg)
 	}
 
+	// Promotion prepares a warm spare: the create then only loads state.
+	waitSpares(t, e, 1)
 	start := time.Now()
 	vm := e.Create("g1")
 	t.Logf("golden create took %v (%+v)", time.Since(start), *vm.Timings)
-	if vm.BootPath != "golden" {
-		t.Fatalf("boot path %q (%s)", vm.BootPath, vm.BootReason)
+	if vm.BootPath != "golden" || vm.BootReason != "warm spare" {
+		t.Fatalf("boot path %q (%s), want golden from a warm spare", vm.BootPath, vm.BootReason)
 	}
+	if vm.Timings.SpawnMs != 0 || vm.Timings.CopyMs != 0 {
+		t.Errorf("a create from a warm spare spawned or copied: %+v", *vm.Timings)
+	}
+	// The pool refills itself.
+	waitSpares(t, e, 1)
 	if got := e.MustExec("g1", "cat", "/root/marker"); got != "golden-marker\n" {
 		t.Fatalf("marker in golden VM: %q", got)
 	}
@@ -180,6 +187,26 @@ func TestGolden(t *testing.T) {
 	e.MustExec("after-kernel", "true")
 	if !strings.Contains(e.MustCLI("golden", "list"), "STALE: the kernel changed") {
 		t.Errorf("golden list does not mark the stale golden:\n%s", e.MustCLI("golden", "list"))
+	}
+}
+
+// waitSpares waits until the default golden has n warm spares.
+func waitSpares(t *testing.T, e *Env, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		gs, err := e.Client.ListGolden(ctx(t))
+		if err == nil {
+			for _, g := range gs {
+				if g.MemoryMiB == 256 && g.Spares >= n {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the golden never got %d warm spares: %+v %v", n, gs, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

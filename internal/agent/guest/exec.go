@@ -206,7 +206,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 		fail(fmt.Errorf("starting %s: %w", req.Argv[0], err))
 		return
 	}
-	a.log.Info("exec started", "session", s.n, "stream", st.ID(), "argv0", req.Argv[0], "pid", pid, "tty", req.TTY)
+	a.log.Debug("exec started", "session", s.n, "stream", st.ID(), "argv0", req.Argv[0], "pid", pid, "tty", req.TTY)
 
 	var reaped atomic.Bool
 	signalGroup := func(sig syscall.Signal) {
@@ -296,7 +296,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 	if !req.TTY {
 		_ = st.CloseWrite(proto.ChanStderr)
 	}
-	a.log.Info("exec exited", "session", s.n, "stream", st.ID(), "pid", pid, "code", e.Code, "signal", e.Signal,
+	a.log.Debug("exec exited", "session", s.n, "stream", st.ID(), "pid", pid, "code", e.Code, "signal", e.Signal,
 		"timed_out", e.TimedOut, "duration", time.Since(start).Round(time.Millisecond))
 	s.finish(h, e)
 }

@@ -60,7 +60,10 @@ type Backend struct {
 	verErr  error
 }
 
-var _ vmm.Backend = (*Backend)(nil)
+var (
+	_ vmm.Backend  = (*Backend)(nil)
+	_ vmm.Preparer = (*Backend)(nil)
+)
 
 // New returns a QEMU backend.
 func New(opts Options) *Backend {
@@ -344,25 +347,8 @@ func (b *Backend) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error)
 func (b *Backend) Restore(ctx context.Context, spec vmm.Spec, dir string, cp vmm.Copier) (vmm.Instance, vmm.Timings, error) {
 	var t vmm.Timings
 	start := time.Now()
-	meta, err := vmm.ReadMeta(dir)
-	if err != nil {
+	if err := b.checkSnapshot(ctx, spec, dir); err != nil {
 		return nil, t, err
-	}
-	if meta.Backend != Name {
-		return nil, t, fmt.Errorf("%w: snapshot was taken by the %s backend and cannot be restored under qemu", errdefs.ErrInvalidArgument, meta.Backend)
-	}
-	if meta.VCPUs != spec.VCPUs || meta.MemoryMiB != spec.MemoryMiB {
-		return nil, t, fmt.Errorf("%w: snapshot needs %d vCPUs and %d MiB, the VM has %d vCPUs and %d MiB",
-			errdefs.ErrInvalidArgument, meta.VCPUs, meta.MemoryMiB, spec.VCPUs, spec.MemoryMiB)
-	}
-	if meta.HasNet != (spec.Net != nil) {
-		return nil, t, fmt.Errorf("%w: snapshot and VM differ in network devices (snapshot has NIC: %v)", errdefs.ErrInvalidArgument, meta.HasNet)
-	}
-	if meta.Accel != "" && meta.Accel != spec.Accel {
-		return nil, t, fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
-	}
-	if ver, err := b.Version(ctx); err == nil && meta.VMMVersion != "" && meta.VMMVersion != ver {
-		return nil, t, fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
 	}
 	copyStart := time.Now()
 	os.Remove(spec.MemFile)
@@ -389,6 +375,44 @@ func (b *Backend) Restore(ctx context.Context, spec vmm.Spec, dir string, cp vmm
 	t.Load = time.Since(loadStart)
 	t.Total = time.Since(start)
 	return inst, t, nil
+}
+
+// checkSnapshot refuses a snapshot that this backend cannot restore into spec.
+func (b *Backend) checkSnapshot(ctx context.Context, spec vmm.Spec, dir string) error {
+	meta, err := vmm.ReadMeta(dir)
+	if err != nil {
+		return err
+	}
+	if meta.Backend != Name {
+		return fmt.Errorf("%w: snapshot was taken by the %s backend and cannot be restored under qemu", errdefs.ErrInvalidArgument, meta.Backend)
+	}
+	if meta.VCPUs != spec.VCPUs || meta.MemoryMiB != spec.MemoryMiB {
+		return fmt.Errorf("%w: snapshot needs %d vCPUs and %d MiB, the VM has %d vCPUs and %d MiB",
+			errdefs.ErrInvalidArgument, meta.VCPUs, meta.MemoryMiB, spec.VCPUs, spec.MemoryMiB)
+	}
+	if meta.HasNet != (spec.Net != nil) {
+		return fmt.Errorf("%w: snapshot and VM differ in network devices (snapshot has NIC: %v)", errdefs.ErrInvalidArgument, meta.HasNet)
+	}
+	if meta.Accel != "" && meta.Accel != spec.Accel {
+		return fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
+	}
+	if ver, err := b.Version(ctx); err == nil && meta.VMMVersion != "" && meta.VMMVersion != ver {
+		return fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
+	}
+	return nil
+}
+
+// Prepare starts QEMU for spec waiting for incoming state (a warm spare).
+func (b *Backend) Prepare(ctx context.Context, spec vmm.Spec) (vmm.Prepared, error) {
+	if _, err := os.Stat(spec.MemFile); err != nil {
+		return nil, fmt.Errorf("preparing vm %s: memory file: %w", spec.Name, err)
+	}
+	inst, err := b.spawn(ctx, spec, true)
+	if err != nil {
+		return nil, err
+	}
+	inst.prepared = true
+	return inst, nil
 }
 
 // Adopt reattaches to a QEMU started by an earlier server.
