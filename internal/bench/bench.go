@@ -52,6 +52,7 @@ type Options struct {
 	TempDir     string
 	Accel       string
 	Verbose     bool
+	PoolSpares  int
 
 	Load LoadOptions
 
@@ -159,6 +160,7 @@ func Main(args []string) int {
 	fs.StringVar(&o.TempDir, "tmp", os.TempDir(), "parent of the temporary data dirs (its filesystem is the \"copy\" storage)")
 	fs.StringVar(&o.Accel, "accel", "auto", "auto, kvm or tcg")
 	fs.BoolVar(&o.Verbose, "v", false, "log every run")
+	fs.IntVar(&o.PoolSpares, "pool-spares", -1, "set [pool] spares on every server (-1: the server's default)")
 	o.Load.flags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

@@ -243,7 +243,7 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 		idleCPU.Add((cpuSeconds(pids[name]) - cpu0[name]) / time.Since(idleStart).Seconds() * 100)
 	}
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: "host CPU of one idle clone (QEMU process)", Unit: "% core", Stats: idleCPU.Stats(),
-		Note: fmt.Sprintf("over 5 s with %d idle clones alive: under TCG an idle guest still costs host CPU (timer ticks are emulated), which is why later clones in the series come up slower", n)})
+		Note: fmt.Sprintf("over 5 s with %d idle clones alive: what keeping idle clones around costs the host in CPU (the guest tick is emulated under TCG)", n)})
 	var pss, priv, shared, rss, cache Sample
 	for _, name := range names {
 		if _, err := execOK(ctx, c, name, "true"); err != nil {

@@ -175,7 +175,8 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	loadReport = rep
 	// Baseline of the idle server (after the golden set-up, no VMs).
 	time.Sleep(time.Second)
-	rep.ServerFDs[0], _ = fdCount(s.Pid)
+	var kinds0 map[string]int
+	rep.ServerFDs[0], kinds0 = fdCount(s.Pid)
 	rep.ServerThreads[0] = threads(s.Pid)
 	rep.ServerRSSMiB[0] = rssMiB(s.Pid)
 	tapsBefore, _ := s.taps()
@@ -227,6 +228,10 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	rep.ServerRSSMiB[1] = rssMiB(s.Pid)
 	rep.Checks = append(rep.Checks, Check{Name: "server fds back to baseline", OK: fdsAfter <= rep.ServerFDs[0]+2,
 		Detail: fmt.Sprintf("%d before, %d after (%v)", rep.ServerFDs[0], fdsAfter, kinds)})
+	// Each VMM the server watches holds one pidfd; with no VMs left only
+	// the spares' should remain.
+	rep.Checks = append(rep.Checks, Check{Name: "no pidfd left for exited VMMs", OK: kinds["pidfd"] <= kinds0["pidfd"],
+		Detail: fmt.Sprintf("%d pidfds before the run, %d after, with the same VMs (none) and spares", kinds0["pidfd"], kinds["pidfd"])})
 
 	// Figures.
 	rep.CyclesOK, rep.CyclesFailed = l.okCyc.Load(), l.badCyc.Load()
@@ -546,7 +551,11 @@ func (l *loadRun) checks(ctx context.Context, tapsBefore int) []Check {
 	cpDirs := dirNames(filepath.Join(s.StorageDir(), "users", "*", "checkpoints", "*"))
 	out = append(out, Check{Name: "VM dirs on disk = VMs in the DB", OK: sameSet(vmDirs, ids), Detail: fmt.Sprintf("%d dirs, %d rows; %s", len(vmDirs), len(ids), setDiff(vmDirs, ids))})
 	out = append(out, Check{Name: "checkpoint dirs on disk = checkpoints in the DB", OK: sameSet(cpDirs, cpIDs), Detail: fmt.Sprintf("%d dirs, %d rows; %s", len(cpDirs), len(cpIDs), setDiff(cpDirs, cpIDs))})
-	// Sockets in the run dir belong to live VMs only.
+	// Warm-pool spares (prepared VMMs for the golden snapshot, not VMs) own
+	// a QEMU process, run-dir sockets and a TAP each; they are expected.
+	spares := dirNames(filepath.Join(s.StorageDir(), "pool", "*"))
+	out = append(out, Check{Name: "warm-pool spares (expected, not VMs)", OK: true, Detail: fmt.Sprintf("%d: %v", len(spares), keys(spares))})
+	// Sockets in the run dir belong to live VMs and spares only.
 	socks := map[string]bool{}
 	ents, _ := os.ReadDir(filepath.Join(s.DataDir, "run"))
 	for _, e := range ents {
@@ -557,55 +566,92 @@ func (l *loadRun) checks(ctx context.Context, tapsBefore int) []Check {
 	}
 	var stray []string
 	for id := range socks {
-		if !ids[id] {
+		if !ids[id] && !spares[id] {
 			stray = append(stray, id)
 		}
 	}
 	out = append(out, Check{Name: "no stray VMM sockets in the run dir", OK: len(stray) == 0, Detail: fmt.Sprintf("stray: %v", stray)})
 	// Processes.
-	var procs []int
+	var procs, spareProcs []int
 	for _, p := range pidsUsing(s.Dir) {
-		if p != s.Pid {
-			procs = append(procs, p)
+		if p == s.Pid {
+			continue
 		}
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); strings.Contains(string(b), "/pool/") {
+			spareProcs = append(spareProcs, p)
+			continue
+		}
+		procs = append(procs, p)
 	}
-	out = append(out, Check{Name: "QEMU processes = running VMs", OK: len(procs) == running, Detail: fmt.Sprintf("%d processes, %d running VMs", len(procs), running)})
+	out = append(out, Check{Name: "QEMU processes = running VMs (+ spares)", OK: len(procs) == running && len(spareProcs) <= len(spares),
+		Detail: fmt.Sprintf("%d VM processes, %d running VMs; %d spare processes, %d spares", len(procs), running, len(spareProcs), len(spares))})
 	// TAPs.
 	if s.Opts.Network {
-		taps, err := s.taps()
-		want := 0
+		have, err := s.tapNames()
+		want := map[string]bool{}
 		for _, v := range vms {
 			if v.Network != "none" {
-				want++
+				want[network.TapName(v.ID)] = true
 			}
 		}
-		out = append(out, Check{Name: "TAPs = networked VMs", OK: err == nil && taps == want && tapsBefore == 0,
-			Detail: fmt.Sprintf("%d TAPs (before the run %d), %d networked VMs; %v", taps, tapsBefore, want, err)})
+		for id := range spares {
+			want[network.TapName(id)] = true
+		}
+		var stray []string
+		for t := range have {
+			if !want[t] {
+				stray = append(stray, t)
+			}
+		}
+		out = append(out, Check{Name: "TAPs = networked VMs + spares", OK: err == nil && len(stray) == 0,
+			Detail: fmt.Sprintf("%d TAPs (%d before the run), %d networked VMs and spares; stray: %v %v", len(have), tapsBefore, len(want), stray, errString(err))})
 	}
 	return out
 }
 
 // taps counts noid TAP devices in the server's network namespace.
 func (s *Server) taps() (int, error) {
+	m, err := s.tapNames()
+	return len(m), err
+}
+
+// tapNames lists the TAP devices in the server's network namespace.
+func (s *Server) tapNames() (map[string]bool, error) {
+	out := map[string]bool{}
 	if !s.ns.IsOpen() {
-		return 0, nil
+		return out, nil
 	}
 	h, err := netlink.NewHandleAt(s.ns)
 	if err != nil {
-		return 0, err
+		return out, err
 	}
 	defer h.Close()
 	links, err := h.LinkList()
 	if err != nil {
-		return 0, err
+		return out, err
 	}
-	n := 0
 	for _, l := range links {
 		if l.Type() == "tuntap" || strings.HasPrefix(l.Attrs().Name, network.TapPrefix) {
-			n++
+			out[l.Attrs().Name] = true
 		}
 	}
-	return n, nil
+	return out, nil
+}
+
+func keys(m map[string]bool) []string {
+	k := make([]string, 0, len(m))
+	for s := range m {
+		k = append(k, s)
+	}
+	sort.Strings(k)
+	return k
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }
 
 func dirNames(glob string) map[string]bool {

@@ -88,6 +88,9 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = %q\ndefault_memory_mib = %d\nlog_level = \"info\"\n",
 		s.DataDir, s.Socket, img.Kernel, img.Initrd, img.Rootfs, b.opts.Accel, so.MemoryMiB)
 	cfg += so.Extra + "\n"
+	if b.opts.PoolSpares >= 0 {
+		cfg += fmt.Sprintf("[pool]\nspares = %d\n", b.opts.PoolSpares)
+	}
 	if so.Reflink {
 		cfg += "[storage]\nreflink_image_size = \"24G\"\n"
 	}

@@ -77,6 +77,19 @@ func (wp *warmPool) take(dir string, promoted time.Time) *spare {
 	return nil
 }
 
+// putBack returns an untouched spare to the pool.
+func (wp *warmPool) putBack(sp *spare) {
+	wp.mu.Lock()
+	if !wp.closed {
+		wp.spares[sp.golden] = append(wp.spares[sp.golden], sp)
+		sp = nil
+	}
+	wp.mu.Unlock()
+	if sp != nil {
+		wp.discard(sp)
+	}
+}
+
 // ready is the number of spares waiting for the golden in dir.
 func (wp *warmPool) ready(dir string) int {
 	if wp == nil {
@@ -267,7 +280,7 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
 	s.prepareNetwork(v, &opts)
 	if err := s.store.CreateVM(ctx, v, opts); err != nil {
-		go s.pool.discard(sp)
+		s.pool.putBack(sp) // untouched: the next create can use it
 		return nil, err
 	}
 	crashpoint("spare.after-insert")

@@ -61,6 +61,9 @@ type netLab struct {
 	h           *netlink.Handle
 	wan         netns.NsHandle
 	dnsUpstream string // the stand-in for the host's resolver, if any
+	// spareDir is the server's warm-pool directory: the TAPs of spares
+	// (VMMs prepared ahead of time, no VM yet) are not VM interfaces.
+	spareDir string
 }
 
 // newNamespace creates an anonymous network namespace with lo up. It is
@@ -337,9 +340,15 @@ func (l *netLab) links() map[string]netlink.Link {
 
 // taps returns the names of noid's VM interfaces in the lab, sorted.
 func (l *netLab) taps() []string {
+	spares := map[string]bool{}
+	if ents, err := os.ReadDir(l.spareDir); err == nil {
+		for _, e := range ents {
+			spares[network.TapName(e.Name())] = true
+		}
+	}
 	var out []string
 	for name := range l.links() {
-		if strings.HasPrefix(name, network.TapPrefix) {
+		if strings.HasPrefix(name, network.TapPrefix) && !spares[name] {
 			out = append(out, name)
 		}
 	}
@@ -666,6 +675,7 @@ func TestNetwork(t *testing.T) {
 	gw := pool.Addr().Next().String()
 	dump := dumpServerLog(t)
 	e := NewEnv(t, WithNetNS(l.ns), WithConfig(fmt.Sprintf("[network]\nenabled = true\ngateway_tcp_ports = [%d]\n", netGwPort)))
+	l.spareDir = filepath.Join(e.Dir, "data", "pool")
 	*dump = e
 	alice := e.Client // root on the local socket
 	bob := addUser(t, e, "bob")
@@ -1223,6 +1233,7 @@ func TestNetworkSmallPool(t *testing.T) {
 	pool := netip.MustParsePrefix("10.77.0.0/29") // 5 VM addresses
 	dump := dumpServerLog(t)
 	e := NewEnv(t, WithNetNS(l.ns), WithConfig("[network]\nenabled = true\npool = \"10.77.0.0/29\"\nallow_same_user = true\n"))
+	l.spareDir = filepath.Join(e.Dir, "data", "pool")
 	*dump = e
 	alice := e.Client
 	bob := addUser(t, e, "bob")
