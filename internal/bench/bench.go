@@ -78,6 +78,7 @@ type Bench struct {
 	sections []*SectionInfo
 	cleanups []cleanup
 	errs     []string
+	load     *LoadReport
 }
 
 type cleanup struct {
@@ -304,10 +305,8 @@ type JSONReport struct {
 	Load     *LoadReport    `json:"load,omitempty"`
 }
 
-var loadReport *LoadReport
-
 func (b *Bench) writeJSON() error {
-	r := JSONReport{Command: b.cmdline, Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: loadReport}
+	r := JSONReport{Command: b.cmdline, Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: b.load}
 	buf, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err

@@ -172,7 +172,7 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	}
 	rep := &LoadReport{Clients: lo.Clients, MaxLiveVMs: lo.MaxVMs, MemoryMiB: lo.MemMiB, CreatePath: path, Network: !lo.NoNet, LoadAvgStart: loadAvg(),
 		PollMs: ms(lo.Poll)}
-	loadReport = rep
+	b.load = rep
 	// Baseline of the idle server (after the golden set-up, no VMs).
 	time.Sleep(time.Second)
 	var kinds0 map[string]int

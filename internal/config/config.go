@@ -79,6 +79,14 @@ type Pool struct {
 	Spares *int `toml:"spares"`
 }
 
+// HostMemoryOvercommit is [quota] host_memory_overcommit with its default.
+func (c *Config) HostMemoryOvercommit() float64 {
+	if c.Quota.HostMemoryOvercommit <= 0 {
+		return 1.5
+	}
+	return c.Quota.HostMemoryOvercommit
+}
+
 // PoolSpares is the number of warm spares per golden snapshot.
 func (c *Config) PoolSpares() int {
 	if c.Pool.Spares == nil {
@@ -129,10 +137,13 @@ type Network struct {
 
 // Quota is the [quota] section; zero means unlimited.
 type Quota struct {
-	MaxVMs             int   `toml:"max_vms"`
-	MaxVCPUs           int   `toml:"max_vcpus"`
-	MaxMemoryMiB       int   `toml:"max_memory_mib"`
-	MaxCheckpointBytes int64 `toml:"max_checkpoint_bytes"`
+	// HostMemoryOvercommit is how many times the host's available memory
+	// one new VM may ask for (guest RAM is allocated lazily). Default 1.5.
+	HostMemoryOvercommit float64 `toml:"host_memory_overcommit"`
+	MaxVMs               int     `toml:"max_vms"`
+	MaxVCPUs             int     `toml:"max_vcpus"`
+	MaxMemoryMiB         int     `toml:"max_memory_mib"`
+	MaxCheckpointBytes   int64   `toml:"max_checkpoint_bytes"`
 }
 
 // Sandbox is the [sandbox] section. See SECURITY.md.
@@ -374,6 +385,9 @@ func (c *Config) Validate() error {
 		if _, err := netip.ParsePrefix(b); err != nil {
 			return bad("network.blocked_nets: %q is not a prefix", b)
 		}
+	}
+	if c.Quota.HostMemoryOvercommit < 0 || c.Quota.HostMemoryOvercommit > 100 {
+		return bad("quota.host_memory_overcommit must be between 0 and 100")
 	}
 	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
 		return bad("quota values must not be negative")

@@ -345,6 +345,9 @@ func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *sto
 // startFromSnapshot inserts v and starts it from the snapshot in dir
 // (clones and golden creates). On any failure everything is removed.
 func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.VM, dir string, start time.Time) (*api.VM, error) {
+	if err := s.checkHostMemory(v.MemoryMiB); err != nil {
+		return nil, err
+	}
 	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
 	s.prepareNetwork(v, &opts)
 	if err := s.store.CreateVM(ctx, v, opts); err != nil {

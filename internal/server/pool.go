@@ -311,6 +311,7 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 			return fail(err)
 		}
 	}
+	sp.inst.Moved(s.spec(v))
 	rt.setInstance(sp.inst)
 	v.PID = sp.inst.Pid()
 	if err := s.store.UpdateVM(ctx, v); err != nil {

@@ -367,14 +367,40 @@ func setupStorage(ctx context.Context, cfg *config.Config, log *slog.Logger) err
 // hostLimits are the ranges accepted for vcpus and memory.
 func hostLimits() (maxVCPUs int, maxMemMiB int) {
 	maxVCPUs = runtime.NumCPU()
-	maxMemMiB = 1 << 20
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			var kb int
-			if n, _ := fmt.Sscanf(line, "MemTotal: %d kB", &kb); n == 1 {
-				maxMemMiB = kb / 1024
-			}
-		}
+	maxMemMiB = meminfoMiB("MemTotal")
+	if maxMemMiB <= 0 {
+		maxMemMiB = 1 << 20
 	}
 	return
+}
+
+// meminfoMiB reads one field of /proc/meminfo, in MiB (-1 if absent).
+func meminfoMiB(field string) int {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var kb int
+		if n, _ := fmt.Sscanf(line, field+": %d kB", &kb); n == 1 {
+			return kb / 1024
+		}
+	}
+	return -1
+}
+
+// checkHostMemory refuses to start a VM the host has no memory for: guest
+// RAM is allocated lazily, so up to [quota] host_memory_overcommit times
+// the host's available memory may be promised to one new VM.
+func (s *Server) checkHostMemory(memMiB int) error {
+	avail := meminfoMiB("MemAvailable")
+	if avail < 0 {
+		return nil
+	}
+	limit := int(float64(avail) * s.cfg.HostMemoryOvercommit())
+	if memMiB > limit {
+		return errdefs.WithHint(fmt.Errorf("%w: the host is out of memory: %d MiB available (%d MiB with overcommit), the VM needs %d MiB",
+			errdefs.ErrResourceExhausted, avail, limit, memMiB), "destroy VMs, ask for less --memory, or raise [quota] host_memory_overcommit")
+	}
+	return nil
 }

@@ -441,6 +441,9 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	if err != nil {
 		return nil, err
 	}
+	if err := s.checkHostMemory(p.memMiB); err != nil {
+		return nil, err
+	}
 	if err := s.backend.Check(ctx); err != nil {
 		return nil, err
 	}

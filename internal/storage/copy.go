@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -30,7 +31,16 @@ type Copier struct {
 	// extent by extent even where reflinks work (for benchmarks and tests).
 	// Note that on XFS and btrfs copy_file_range may still share extents.
 	NoReflink bool
+
+	// reflinked is set once a FICLONE has worked.
+	reflinked atomic.Bool
 }
+
+// FlushFirst reports whether copies are reflinks here: a reflink must
+// write the source's dirty pages back first, so a caller about to pause a
+// VM for a copy does better to flush them while the VM still runs. It
+// implements vmm.FlushFirster.
+func (c *Copier) FlushFirst() bool { return c.reflinked.Load() }
 
 // CopyFile copies src to dst, which must not exist yet: it is created with
 // O_EXCL and gets src's size and permission bits. On any error, including a
@@ -77,6 +87,7 @@ func (c *Copier) CopyFile(ctx context.Context, src, dst string) (err error) {
 		switch {
 		case cerr == nil:
 			cloned = true
+			c.reflinked.Store(true)
 		case reflinkUnsupported(cerr):
 			// Fall through to the sparse copy.
 		default:

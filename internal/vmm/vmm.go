@@ -130,6 +130,13 @@ type Copier interface {
 	CopyFile(ctx context.Context, src, dst string) error
 }
 
+// FlushFirster is implemented by Copiers whose copies are cheaper when the
+// source's dirty pages are already on disk (reflinks): backends then write
+// the RAM file back before pausing the vCPUs, not during the pause.
+type FlushFirster interface {
+	FlushFirst() bool
+}
+
 // Backend is a VMM implementation. It is safe for concurrent use.
 type Backend interface {
 	// Name returns the backend's short name ("qemu", "firecracker").
@@ -189,6 +196,10 @@ type Prepared interface {
 	// and resumes the vCPUs. The snapshot must fit the spec it was
 	// prepared with.
 	Load(ctx context.Context, dir string) (Timings, error)
+	// Moved tells the instance that its files now live at spec's paths (a
+	// spare's directory was renamed to the VM's); the VMM itself holds
+	// open files and does not notice.
+	Moved(spec Spec)
 }
 
 // ErrGone is returned by Adopt when the VMM process no longer exists.

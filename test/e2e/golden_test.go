@@ -86,6 +86,25 @@ func TestGolden(t *testing.T) {
 	if vm.Timings.SpawnMs != 0 || vm.Timings.CopyMs != 0 {
 		t.Errorf("a create from a warm spare spawned or copied: %+v", *vm.Timings)
 	}
+	// A VM made from a spare is a VM like any other: it checkpoints,
+	// rewinds and clones.
+	e.MustExec("g1", "sh", "-c", "echo from-spare > /root/spare")
+	if _, err := e.Client.Checkpoint(ctx(t), "g1", client.CheckpointRequest{Name: "s"}); err != nil {
+		t.Fatalf("checkpoint of a VM made from a spare: %v", err)
+	}
+	e.MustExec("g1", "rm", "/root/spare")
+	if _, err := e.Client.Restore(ctx(t), "g1", "s"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Client.Clone(ctx(t), "g1", "s", "g1-clone"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"g1", "g1-clone"} {
+		if got := e.MustExec(n, "cat", "/root/spare", "/root/marker"); got != "from-spare\ngolden-marker\n" {
+			t.Errorf("%s: %q", n, got)
+		}
+	}
+	e.MustCLI("destroy", "g1-clone")
 	// The pool refills itself.
 	waitSpares(t, e, 1)
 	if got := e.MustExec("g1", "cat", "/root/marker"); got != "golden-marker\n" {

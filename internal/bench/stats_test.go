@@ -1,0 +1,42 @@
+package bench
+
+import (
+	"testing"
+	"time"
+)
+
+func TestStats(t *testing.T) {
+	var s Sample
+	for _, v := range []float64{5, 1, 4, 2, 3} {
+		s.Add(v)
+	}
+	st := s.Stats()
+	if st.N != 5 || st.Min != 1 || st.Max != 5 || st.P50 != 3 || st.P90 != 5 || st.Mean != 3 {
+		t.Fatalf("stats of 1..5: %+v", st)
+	}
+	s.Add(6)
+	if p := s.Stats().P50; p != 3.5 {
+		t.Fatalf("p50 of 1..6 = %v, want 3.5", p)
+	}
+	var d Sample
+	d.AddDur(1500 * time.Microsecond)
+	if d[0] != 1.5 {
+		t.Fatalf("AddDur: %v ms, want 1.5", d[0])
+	}
+	if (Sample{}).Stats().N != 0 {
+		t.Fatal("empty sample")
+	}
+}
+
+func TestTargets(t *testing.T) {
+	f := (&Figure{Unit: "ms", Stats: &Stats{P50: 20}}).below(20, true)
+	if f.Status != "missed" || f.Target != "< 20.0 ms" {
+		t.Fatalf("strict: %+v", f)
+	}
+	if f := (&Figure{Unit: "ms", Stats: &Stats{P50: 20}}).below(20, false); f.Status != "met" {
+		t.Fatalf("≤: %+v", f)
+	}
+	if f := (&Figure{Unit: "x", Value: val(9.9)}).atLeast(10); f.Status != "missed" {
+		t.Fatalf("≥: %+v", f)
+	}
+}
