@@ -220,6 +220,17 @@ func (LinuxSystem) AnnounceIPv4(ifname, ip string) error {
 	if err != nil {
 		return err
 	}
+	// A link just set up may not have its carrier yet, and an ARP sent
+	// before it is dropped: wait for it, briefly.
+	for deadline := time.Now().Add(time.Second); ; {
+		if l, err := netlink.LinkByName(ifname); err != nil || l.Attrs().OperState == netlink.OperUp || l.Attrs().OperState == netlink.OperUnknown {
+			break
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	ip4 := net.ParseIP(ip).To4()
 	if ip4 == nil || len(ifi.HardwareAddr) != 6 {
 		return fmt.Errorf("cannot announce %q on %s (mac %s)", ip, ifname, ifi.HardwareAddr)
