@@ -3,6 +3,8 @@ package server
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -128,6 +130,12 @@ func (s *Server) hMetrics(w http.ResponseWriter, r *http.Request) error {
 		fmt.Fprintf(&b, "noid_operation_seconds_sum{op=%q,result=%q} %g\n", k.op, k.result, h.sum)
 		fmt.Fprintf(&b, "noid_operation_seconds_count{op=%q,result=%q} %d\n", k.op, k.result, h.count)
 	}
+	fds := -1
+	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
+		fds = len(ents)
+	}
+	fmt.Fprintf(&b, "# HELP go_goroutines Number of goroutines in noid-server.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", runtime.NumGoroutine())
+	fmt.Fprintf(&b, "# HELP process_open_fds Open file descriptors of noid-server.\n# TYPE process_open_fds gauge\nprocess_open_fds %d\n", fds)
 	fmt.Fprintf(&b, "# HELP noid_uptime_seconds Seconds since the server started.\n# TYPE noid_uptime_seconds gauge\nnoid_uptime_seconds %g\n", time.Since(m.startTime).Seconds())
 	m.mu.Unlock()
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")

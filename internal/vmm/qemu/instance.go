@@ -93,6 +93,7 @@ func (i *Instance) watch() {
 		return err != nil || n > 0
 	})
 	close(i.done)
+	i.pidfd.Close()
 }
 
 // Load gives a prepared QEMU the device state in dir and resumes it.
@@ -383,9 +384,17 @@ func (i *Instance) Kill(ctx context.Context) error {
 		i.cleanupSandbox()
 		return nil
 	}
-	// The pidfd makes the signal race-free against pid reuse.
-	if err := unix.PidfdSendSignal(int(i.pidfd.Fd()), unix.SIGKILL, nil, 0); err != nil && err != unix.ESRCH {
-		return fmt.Errorf("killing qemu pid %d: %w", i.pid, err)
+	// The pidfd makes the signal race-free against pid reuse; Control
+	// keeps it open while in use, and fails once watch has closed it
+	// because the process is gone.
+	var serr error
+	if rc, err := i.pidfd.SyscallConn(); err == nil {
+		if cerr := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) }); cerr != nil {
+			serr = nil
+		}
+	}
+	if serr != nil && serr != unix.ESRCH {
+		return fmt.Errorf("killing qemu pid %d: %w", i.pid, serr)
 	}
 	select {
 	case <-i.done:
