@@ -42,6 +42,48 @@ type Copier struct {
 // implements vmm.FlushFirster.
 func (c *Copier) FlushFirst() bool { return c.reflinked.Load() }
 
+// CopyInto copies src into dst, an existing file of the same size that holds
+// no data yet (a fresh sparse file that another process may already have
+// open or mapped, like a warm spare's RAM file): with FICLONE where the
+// filesystem has it, extent by extent otherwise. dst keeps its inode.
+func (c *Copier) CopyInto(ctx context.Context, src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("copying %s into %s: %w", src, dst, err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("copying %s into %s: %w", src, dst, err)
+	}
+	defer out.Close()
+	si, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	di, err := out.Stat()
+	if err != nil {
+		return err
+	}
+	if si.Size() != di.Size() {
+		return fmt.Errorf("copying %s into %s: sizes differ (%d and %d bytes): %w", src, dst, si.Size(), di.Size(), errdefs.ErrInvalidArgument)
+	}
+	if !c.NoReflink && si.Size() > 0 {
+		cerr := unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
+		if cerr == nil {
+			c.reflinked.Store(true)
+			return nil
+		}
+		if !reflinkUnsupported(cerr) {
+			return fmt.Errorf("copying %s into %s: reflink: %w", src, dst, classify(dst, cerr))
+		}
+	}
+	if err := sparseCopy(ctx, in, out, si.Size()); err != nil {
+		return fmt.Errorf("copying %s into %s: %w", src, dst, classify(dst, err))
+	}
+	return nil
+}
+
 // CopyFile copies src to dst, which must not exist yet: it is created with
 // O_EXCL and gets src's size and permission bits. On any error, including a
 // cancelled ctx, dst is removed, so a failed copy never leaves a partial
