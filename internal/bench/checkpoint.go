@@ -160,6 +160,7 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, n int, op func(i int) (string, *client.VM, error), after func(name string)) error {
 	var total, opWall, vmmSide Sample
 	ps := parts{}
+	warm := 0
 	for i := -b.opts.Warmup; i < n; i++ {
 		t0 := time.Now()
 		name, vm, err := op(i + b.opts.Warmup)
@@ -191,12 +192,19 @@ func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, n
 		if vm.Timings != nil {
 			vmmSide.Add(vm.Timings.TotalMs - vm.Timings.AgentMs)
 		}
+		if vm.BootReason == "warm spare" {
+			warm++
+		}
+	}
+	spareNote := ""
+	if kind == "clone" {
+		spareNote = fmt.Sprintf("; %d of %d clones took a warm spare (spawn 0)", warm, n)
 	}
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: kind + " → first exec", Unit: "ms", Stats: total.Stats(), Parts: ps.stats(),
 		Anchor: anchorLoad,
-		Note:   "client wall time; agent = guest reconnect + clock/entropy/identity sync, which runs guest code under TCG; exec2 = a second `true` right after (not in the total)"})
+		Note:   "client wall time; agent = guest reconnect + clock/entropy/identity sync, which runs guest code under TCG; exec2 = a second `true` right after (not in the total)" + spareNote})
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: kind + ", VMM side (server total − agent)", Unit: "ms", Stats: vmmSide.Stats(),
-		Note: "copy + QEMU spawn + state load + DB: the cost that excludes guest execution"}).below(150, false)
+		Note: "copy + QEMU spawn + state load + DB: the cost that excludes guest execution" + spareNote}).below(150, false)
 	return nil
 }
 

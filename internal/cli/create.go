@@ -53,9 +53,9 @@ from it instead of booting.`,
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&req.VCPUs, "vcpus", 0, "number of vCPUs (default 1)")
+	f.IntVar(&req.VCPUs, "vcpus", 0, "number of vCPUs (default: the server's default_vcpus, 1 unless configured)")
 	f.IntVar(&req.VCPUs, "cpus", 0, "alias of --vcpus")
-	f.IntVar(&req.MemoryMiB, "memory", 0, "memory in MiB (default 2048)")
+	f.IntVar(&req.MemoryMiB, "memory", 0, "memory in MiB (default: the server's default_memory_mib, 2048 unless configured)")
 	f.IntVar(&req.MemoryMiB, "mem", 0, "alias of --memory")
 	f.StringVar(&req.DiskSize, "disk-size", "", "root disk size, e.g. 4G (default: the image's size)")
 	f.StringVar(&req.Network, "network", "", `"default" for a NIC with NAT, "none" for no network`)

@@ -72,10 +72,11 @@ type Config struct {
 
 // Pool is the [pool] section.
 type Pool struct {
-	// Spares is how many VMMs are kept prepared (memory and disk copied,
-	// process started, waiting for state) per golden snapshot in use, so a
-	// golden create skips the process start and the copies. Default 1; 0
-	// turns the pool off.
+	// Spares is how many VMMs are kept prepared (process started, waiting
+	// for state) per golden snapshot in use, so a golden create skips the
+	// process start and the copies, and per clone shape (vCPUs, memory,
+	// disk size, NIC; the 4 used last), so a clone skips the process start.
+	// Default 1; 0 turns the pool off.
 	Spares *int `toml:"spares"`
 }
 
@@ -87,7 +88,7 @@ func (c *Config) HostMemoryOvercommit() float64 {
 	return c.Quota.HostMemoryOvercommit
 }
 
-// PoolSpares is the number of warm spares per golden snapshot.
+// PoolSpares is the number of warm spares per golden snapshot and per clone shape.
 func (c *Config) PoolSpares() int {
 	if c.Pool.Spares == nil {
 		return 1

@@ -132,6 +132,10 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	}
 	s.metrics.op("checkpoint", start, nil)
 	s.metrics.checkpointBytes(c.SizeBytes)
+	// A clone of it is likely: have a VMM of its shape waiting.
+	if key, err := cloneKey(v, dir); err == nil {
+		s.pool.refillShape(key)
+	}
 	rt.log.Info("checkpoint taken", "user", u.Name, "checkpoint", name, "pause_ms", ms(t.Pause), "total_ms", ms(time.Since(start)), "bytes", c.SizeBytes)
 	out := s.apiCheckpoint(c, v.Name)
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), PauseMs: ms(t.Pause), CopyMs: ms(t.Copy)}
@@ -338,6 +342,19 @@ func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *sto
 		ID: newID(6), UserID: u.ID, Name: newName, State: store.StateCreating, VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB,
 		DiskBytes: src.DiskBytes, VMM: s.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
 		Network: src.Network, AllowPeers: src.AllowPeers, Source: src.Name + "/" + c.Name,
+	}
+	key, err := cloneKey(src, dir)
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint %s: %w", c.Name, err)
+	}
+	defer s.pool.refillShape(key)
+	if sp := s.pool.take(key.String(), time.Time{}); sp != nil {
+		if err := s.checkHostMemory(v.MemoryMiB); err != nil {
+			s.pool.putBack(sp)
+			return nil, err
+		}
+		v.ID, v.BootReason = sp.id, "warm spare"
+		return s.startFromSpare(ctx, u, v, dir, sp, true, start)
 	}
 	return s.startFromSnapshot(ctx, u, v, dir, start)
 }

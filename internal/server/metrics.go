@@ -136,6 +136,8 @@ func (s *Server) hMetrics(w http.ResponseWriter, r *http.Request) error {
 	}
 	fmt.Fprintf(&b, "# HELP go_goroutines Number of goroutines in noid-server.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", runtime.NumGoroutine())
 	fmt.Fprintf(&b, "# HELP process_open_fds Open file descriptors of noid-server.\n# TYPE process_open_fds gauge\nprocess_open_fds %d\n", fds)
+	golden, clone := s.pool.counts()
+	fmt.Fprintf(&b, "# HELP noid_warm_spares VMMs prepared ahead of time and waiting, by what they are for.\n# TYPE noid_warm_spares gauge\nnoid_warm_spares{kind=\"golden\"} %d\nnoid_warm_spares{kind=\"clone\"} %d\n", golden, clone)
 	fmt.Fprintf(&b, "# HELP noid_uptime_seconds Seconds since the server started.\n# TYPE noid_uptime_seconds gauge\nnoid_uptime_seconds %g\n", time.Since(m.startTime).Seconds())
 	m.mu.Unlock()
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")

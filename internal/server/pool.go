@@ -27,28 +27,53 @@ import (
 // copies are off its critical path. Spares are not VMs: they belong to no
 // user, are killed on shutdown and swept at start-up.
 
+//
+// Clones get spares too: a blank spare has empty memory and disk files of
+// the right sizes and a VMM that waits for state; a clone copies (reflinks
+// where it can) the checkpoint's memory and disk into those files, then
+// loads the device state. Blank spares are kept per shape (vCPUs, memory,
+// disk size, NIC, kernel), for the few shapes used last.
+
 // spare is one prepared VMM.
 type spare struct {
-	id       string
-	dir      string
-	golden   string
+	id  string
+	dir string
+	// key is the pool it belongs to: a golden directory, or a shapeKey.
+	key      string
 	promoted time.Time
 	inst     vmm.Prepared
 }
 
-// warmPool holds the spares, per golden directory.
+// maxShapes bounds how many clone shapes keep blank spares.
+const maxShapes = 4
+
+// warmPool holds the spares, per golden directory or clone shape.
 type warmPool struct {
 	s       *Server
 	size    int
 	mu      sync.Mutex
 	spares  map[string][]*spare
 	filling map[string]int
-	closed  bool
-	wg      sync.WaitGroup
+	// shapes is the clone shapes with blank spares, most recent last.
+	shapes []string
+	closed bool
+	wg     sync.WaitGroup
 }
 
 func newWarmPool(s *Server, size int) *warmPool {
 	return &warmPool{s: s, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
+}
+
+// shapeKey is what a blank spare must match for a clone of a snapshot.
+type shapeKey struct {
+	VCPUs, MemoryMiB int
+	DiskBytes        int64
+	HasNet           bool
+	Kernel, Initrd   string
+}
+
+func (k shapeKey) String() string {
+	return fmt.Sprintf("shape:%d:%d:%d:%t:%s:%s", k.VCPUs, k.MemoryMiB, k.DiskBytes, k.HasNet, k.Kernel, k.Initrd)
 }
 
 func (s *Server) poolDir() string { return filepath.Join(s.cfg.StorageDir(), "pool") }
@@ -81,7 +106,7 @@ func (wp *warmPool) take(dir string, promoted time.Time) *spare {
 func (wp *warmPool) putBack(sp *spare) {
 	wp.mu.Lock()
 	if !wp.closed {
-		wp.spares[sp.golden] = append(wp.spares[sp.golden], sp)
+		wp.spares[sp.key] = append(wp.spares[sp.key], sp)
 		sp = nil
 	}
 	wp.mu.Unlock()
@@ -100,30 +125,88 @@ func (wp *warmPool) ready(dir string) int {
 	return len(wp.spares[dir])
 }
 
-// refill starts spares in the background until dir has size of them.
+// counts is the number of spares waiting for golden creates and for clones.
+func (wp *warmPool) counts() (golden, clone int) {
+	if wp == nil {
+		return 0, 0
+	}
+	wp.mu.Lock()
+	defer wp.mu.Unlock()
+	for k, sps := range wp.spares {
+		if strings.HasPrefix(k, "shape:") {
+			clone += len(sps)
+		} else {
+			golden += len(sps)
+		}
+	}
+	return golden, clone
+}
+
+// refill starts spares in the background until the golden in dir has size
+// of them.
 func (wp *warmPool) refill(dir string) {
+	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.s.makeSpare(ctx, dir) })
+}
+
+// refillShape starts blank spares for clones of shape k, and drops the
+// spares of the shape used least recently when more than maxShapes have them.
+func (wp *warmPool) refillShape(k shapeKey) {
 	if wp == nil || wp.size <= 0 {
 		return
 	}
+	if _, ok := wp.s.backend.(vmm.Preparer); !ok {
+		return
+	}
+	key := k.String()
+	var evict []*spare
 	wp.mu.Lock()
-	need := wp.size - len(wp.spares[dir]) - wp.filling[dir]
+	for i, sk := range wp.shapes {
+		if sk == key {
+			wp.shapes = append(wp.shapes[:i:i], wp.shapes[i+1:]...)
+			break
+		}
+	}
+	wp.shapes = append(wp.shapes, key)
+	for len(wp.shapes) > maxShapes {
+		old := wp.shapes[0]
+		wp.shapes = wp.shapes[1:]
+		evict = append(evict, wp.spares[old]...)
+		delete(wp.spares, old)
+	}
+	wp.mu.Unlock()
+	for _, sp := range evict {
+		go wp.discard(sp)
+	}
+	wp.fill(key, func(ctx context.Context) (*spare, error) { return wp.s.makeBlankSpare(ctx, k) })
+}
+
+// fill starts spares for key in the background until it has size of them.
+func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error)) {
+	if wp == nil || wp.size <= 0 {
+		return
+	}
+	if _, ok := wp.s.backend.(vmm.Preparer); !ok {
+		return
+	}
+	wp.mu.Lock()
+	need := wp.size - len(wp.spares[key]) - wp.filling[key]
 	if wp.closed || need <= 0 {
 		wp.mu.Unlock()
 		return
 	}
-	wp.filling[dir] += need
+	wp.filling[key] += need
 	wp.wg.Add(1)
 	wp.mu.Unlock()
 	go func() {
 		defer wp.wg.Done()
 		for i := 0; i < need; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			sp, err := wp.s.makeSpare(ctx, dir)
+			sp, err := make(ctx)
 			cancel()
 			wp.mu.Lock()
-			wp.filling[dir]--
+			wp.filling[key]--
 			if err == nil && !wp.closed {
-				wp.spares[dir] = append(wp.spares[dir], sp)
+				wp.spares[key] = append(wp.spares[key], sp)
 				sp = nil
 			}
 			wp.mu.Unlock()
@@ -131,11 +214,22 @@ func (wp *warmPool) refill(dir string) {
 				wp.discard(sp)
 			}
 			if err != nil {
-				wp.s.log.Warn("warm pool: could not prepare a spare", "golden", filepath.Base(dir), "err", err)
+				wp.s.log.Warn("warm pool: could not prepare a spare", "for", poolLabel(key), "err", err)
+				wp.mu.Lock()
+				wp.filling[key] -= need - i - 1
+				wp.mu.Unlock()
 				return
 			}
 		}
 	}()
+}
+
+// poolLabel names a pool key in logs: a golden's directory name or a shape.
+func poolLabel(key string) string {
+	if strings.HasPrefix(key, "shape:") {
+		return key
+	}
+	return "golden " + filepath.Base(key)
 }
 
 // drain discards every spare of the golden in dir (it was replaced or removed).
@@ -217,38 +311,91 @@ func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
 	if err := os.MkdirAll(sdir, 0o700); err != nil {
 		return nil, err
 	}
-	sp := &spare{id: id, dir: sdir, golden: dir, promoted: gc.PromotedAt}
+	sp := &spare{id: id, dir: sdir, key: dir, promoted: gc.PromotedAt}
 	ok = false
 	defer func() {
 		if !ok {
 			s.releaseSpareResources(context.Background(), id, sdir)
 		}
 	}()
+	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
+		return nil, err
+	}
+	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4")); err != nil {
+		return nil, err
+	}
 	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, Accel: string(s.accel), Kernel: bf.Kernel, Initrd: bf.Initrd}
-	spec := s.spec(v)
-	spec.Dir = sdir
-	spec.Disk, spec.MemFile, spec.SerialLog = filepath.Join(sdir, "disk.ext4"), filepath.Join(sdir, "mem.raw"), filepath.Join(sdir, "serial.log")
-	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), spec.MemFile); err != nil {
+	if sp.inst, err = s.prepareSpare(ctx, prep, v, sdir, gc.HasNet); err != nil {
 		return nil, err
 	}
-	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), spec.Disk); err != nil {
-		return nil, err
-	}
-	if gc.HasNet {
-		tap, err := s.net.PrepareTap(ctx, id)
-		if err != nil {
-			return nil, err
-		}
-		spec.Net = &vmm.NetSpec{Tap: tap, MAC: network.MACFor(id).String()}
-	}
-	inst, err := prep.Prepare(ctx, spec)
-	if err != nil {
-		return nil, err
-	}
-	sp.inst = inst
 	ok = true
 	s.log.Debug("warm pool: spare ready", "spare", id, "golden", filepath.Base(dir))
 	return sp, nil
+}
+
+// makeBlankSpare prepares one spare for clones of shape k: empty memory and
+// disk files of the right sizes, filled by the clone that takes it.
+func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error) {
+	prep, ok := s.backend.(vmm.Preparer)
+	if !ok {
+		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, s.backend.Name())
+	}
+	if k.HasNet && s.net == nil {
+		return nil, fmt.Errorf("a clone shape with a NIC but networking is off")
+	}
+	id := newID(6)
+	sdir := filepath.Join(s.poolDir(), id)
+	if err := os.MkdirAll(sdir, 0o700); err != nil {
+		return nil, err
+	}
+	sp := &spare{id: id, dir: sdir, key: k.String()}
+	ok = false
+	defer func() {
+		if !ok {
+			s.releaseSpareResources(context.Background(), id, sdir)
+		}
+	}()
+	for name, size := range map[string]int64{"mem.raw": int64(k.MemoryMiB) << 20, "disk.ext4": k.DiskBytes} {
+		if err := createSparse(filepath.Join(sdir, name), size); err != nil {
+			return nil, err
+		}
+	}
+	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(s.accel), Kernel: k.Kernel, Initrd: k.Initrd}
+	var err error
+	if sp.inst, err = s.prepareSpare(ctx, prep, v, sdir, k.HasNet); err != nil {
+		return nil, err
+	}
+	ok = true
+	s.log.Debug("warm pool: blank spare ready", "spare", id, "shape", sp.key)
+	return sp, nil
+}
+
+// createSparse creates path as a file of size bytes that holds no data.
+func createSparse(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return fmt.Errorf("sizing %s: %w", path, err)
+	}
+	return f.Close()
+}
+
+// prepareSpare starts the VMM of a spare whose files are in sdir.
+func (s *Server) prepareSpare(ctx context.Context, prep vmm.Preparer, v *store.VM, sdir string, hasNet bool) (vmm.Prepared, error) {
+	spec := s.spec(v)
+	spec.Dir = sdir
+	spec.Disk, spec.MemFile, spec.SerialLog = filepath.Join(sdir, "disk.ext4"), filepath.Join(sdir, "mem.raw"), filepath.Join(sdir, "serial.log")
+	if hasNet {
+		tap, err := s.net.PrepareTap(ctx, v.ID)
+		if err != nil {
+			return nil, err
+		}
+		spec.Net = &vmm.NetSpec{Tap: tap, MAC: network.MACFor(v.ID).String()}
+	}
+	return prep.Prepare(ctx, spec)
 }
 
 // errStaleSpare means the golden changed after the spare was made.
@@ -277,6 +424,25 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 	if fi, err := os.Stat(filepath.Join(sp.dir, "disk.ext4")); err == nil {
 		v.DiskBytes = fi.Size()
 	}
+	return s.startFromSpare(ctx, u, v, dir, sp, false, start)
+}
+
+// cloneKey is the shape of blank spare that a clone of the snapshot in dir,
+// taken from src, needs.
+func cloneKey(src *store.VM, dir string) (shapeKey, error) {
+	fi, err := os.Stat(filepath.Join(dir, vmm.SnapDisk))
+	if err != nil {
+		return shapeKey{}, err
+	}
+	return shapeKey{VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB, DiskBytes: fi.Size(), HasNet: src.Tap != "", Kernel: src.Kernel, Initrd: src.Initrd}, nil
+}
+
+// startFromSpare inserts v (whose ID is the spare's), moves the spare's
+// directory to v's, fills its files from the snapshot in dir when fill is
+// set (a blank spare), loads the snapshot's device state and greets the
+// agent. A spare refused at insert goes back to the pool untouched; after
+// that, any failure removes everything.
+func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM, dir string, sp *spare, fill bool, start time.Time) (*api.VM, error) {
 	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
 	s.prepareNetwork(v, &opts)
 	if err := s.store.CreateVM(ctx, v, opts); err != nil {
@@ -290,13 +456,13 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 	rt.op.Lock()
 	defer rt.op.Unlock()
 	fail := func(err error) (*api.VM, error) {
-		log.Warn("create from a warm spare failed; cleaning up", "err", err)
+		log.Warn("start from a warm spare failed; cleaning up", "err", err)
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		rt.setInstance(sp.inst)
 		s.destroyVM(cctx, v)
 		os.RemoveAll(sp.dir)
-		s.metrics.op("golden", start, err)
+		s.metrics.op(v.BootPath, start, err)
 		return nil, classifyIOErr("starting "+v.Name, err)
 	}
 	vdir := s.vmDir(v)
@@ -311,11 +477,23 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 			return fail(err)
 		}
 	}
-	sp.inst.Moved(s.spec(v))
+	spec := s.spec(v)
+	sp.inst.Moved(spec)
 	rt.setInstance(sp.inst)
 	v.PID = sp.inst.Pid()
 	if err := s.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
+	}
+	var copyDur time.Duration
+	if fill {
+		copyStart := time.Now()
+		if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), spec.MemFile); err != nil {
+			return fail(err)
+		}
+		if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), spec.Disk); err != nil {
+			return fail(err)
+		}
+		copyDur = time.Since(copyStart)
 	}
 	netStart := time.Now()
 	if err := s.attachNetwork(ctx, v); err != nil {
@@ -335,10 +513,10 @@ func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createPa
 	if err := s.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
-	s.metrics.op("golden", start, nil)
-	log.Info("vm created from a warm spare", "source", v.Source, "ms", ms(time.Since(start)))
+	s.metrics.op(v.BootPath, start, nil)
+	log.Info("vm started from a warm spare", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
 	out := s.apiVM(ctx, v)
-	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(copyDur), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
 	return out, nil
 }
 

@@ -142,6 +142,31 @@ func TestCrashPoints(t *testing.T) {
 			t.Errorf("%s: half-made clone %s is listed", point, name)
 		}
 	}
+	// A clone that took a blank spare, killed right after its insert.
+	e.Stop()
+	e.ServerEnv = []string{"NOID_CRASHPOINT=spare.after-insert"}
+	e.Start()
+	e.ServerEnv = nil
+	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-spare"}); err != nil {
+		t.Fatal(err)
+	}
+	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	if _, err := e.Client.Clone(ctx(t), "base", "for-spare", "spareclone"); err == nil {
+		t.Error("spare.after-insert: the clone reported success although the server died")
+	}
+	select {
+	case <-e.exited:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("crash point spare.after-insert was never reached")
+	}
+	e.Start()
+	checkConsistent(t, e)
+	if listed("spareclone") {
+		t.Error("spare.after-insert: half-made clone is listed")
+	}
+	if err := e.Client.DeleteCheckpoint(ctx(t), "base", "for-spare"); err != nil {
+		t.Fatal(err)
+	}
 	crashAt(t, e, "restore.after-kill", func() error { _, err := e.Client.Restore(ctx(t), "base", "c0"); return err })
 	checkConsistent(t, e)
 	if v, _ := e.Client.GetVM(ctx(t), "base"); v.State != "dead" || !strings.Contains(v.StateReason, "restore") {

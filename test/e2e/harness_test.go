@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -309,4 +311,39 @@ func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	return c
+}
+
+// Metrics returns the server's /metrics text, read over its unix socket as root.
+func (e *Env) Metrics() string {
+	e.t.Helper()
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", e.Socket)
+	}}}
+	resp, err := hc.Get("http://noid/metrics")
+	if err != nil {
+		e.t.Fatalf("reading metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		e.t.Fatalf("reading metrics: %v (HTTP %d)", err, resp.StatusCode)
+	}
+	return string(b)
+}
+
+// WaitMetric waits until the metrics have the line want, or fails the test.
+func (e *Env) WaitMetric(want string, within time.Duration) {
+	e.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		m := e.Metrics()
+		if strings.Contains(m, "\n"+want+"\n") {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("metrics never showed %q within %s", want, within)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -275,6 +276,23 @@ func TestQuotas(t *testing.T) {
 	_, err = e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "q3"})
 	if !errors.Is(err, client.ErrQuotaExceeded) || !strings.Contains(err.Error(), "at most 2 VMs") {
 		t.Errorf("vm quota: %v", err)
+	}
+	// A user's own limit overrides the config at once, and "default" restores it.
+	who, err := e.Client.WhoAmI(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := e.serverCmd(t, "set-quota", who.User, "--max-vms", "1"); !regexp.MustCompile(`max_vms\s+1\s+user`).MatchString(out) {
+		t.Errorf("set-quota output:\n%s", out)
+	}
+	if _, err = e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "q3", MemoryMiB: 64}); !errors.Is(err, client.ErrQuotaExceeded) || !strings.Contains(err.Error(), "at most 1 VMs") {
+		t.Errorf("per-user vm quota: %v", err)
+	}
+	if out, err := exec.Command(e.Bins.Server, "set-quota", who.User, "--max-vms", "lots", "--config", e.Config).CombinedOutput(); err == nil || !strings.Contains(string(out), "non-negative number") {
+		t.Errorf("set-quota with a bad value: %v %s", err, out)
+	}
+	if out := e.serverCmd(t, "set-quota", who.User, "--max-vms", "default"); !regexp.MustCompile(`max_vms\s+2\s+config`).MatchString(out) {
+		t.Errorf("set-quota back to default:\n%s", out)
 	}
 	_, err = e.Client.Checkpoint(ctx(t), "q1", client.CheckpointRequest{Name: "big"})
 	if !errors.Is(err, client.ErrQuotaExceeded) || !strings.Contains(err.Error(), "checkpoint storage") {

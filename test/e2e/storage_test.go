@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/noid-vm/noid/client"
 )
@@ -43,9 +44,17 @@ func TestReflinkStorage(t *testing.T) {
 	if m, _ := filepath.Glob(filepath.Join(mnt, "users", "*", "checkpoints", cp.ID, "memory.snap")); len(m) != 1 {
 		t.Fatalf("checkpoint is not on the reflink mount: %v", m)
 	}
-	if _, err := e.Client.Clone(ctx(t), "r", "c", "r2"); err != nil {
+	// The clone takes the blank spare the checkpoint prepared: FICLONE into
+	// files a waiting QEMU already has mapped.
+	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	r2, err := e.Client.Clone(ctx(t), "r", "c", "r2")
+	if err != nil {
 		t.Fatal(err)
 	}
+	if r2.BootReason != "warm spare" {
+		t.Errorf("the clone did not use the waiting spare: %q %+v", r2.BootReason, *r2.Timings)
+	}
+	e.MustExec("r2", "sh", "-c", "echo clone > /root/g")
 	e.MustExec("r", "sh", "-c", "echo changed > /root/f")
 	if _, err := e.Client.Restore(ctx(t), "r", "c"); err != nil {
 		t.Fatal(err)
