@@ -19,22 +19,48 @@ say "building the guest image (Debian bookworm; the first build takes a few minu
 noid-server image build --config "$CONFIG"
 
 say "starting noid-server"
+up() { noid version 2>/dev/null | grep -q '^server: noid-server'; }
+LOG=/var/log/noid-server.log
+PIDFILE=/run/noid-server.pid
+pid=""
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+	systemd=1
 	systemctl daemon-reload
 	systemctl enable noid-server >/dev/null 2>&1 || true
 	systemctl restart noid-server
 else
-	# No systemd (a container, say): run it in the background.
-	if ! noid version 2>/dev/null | grep -q '^server: noid-server'; then
+	# No systemd (a container, say): run it in the background. One started by
+	# an earlier run is restarted if install.sh has replaced its binary since
+	# (VMs keep running across a restart).
+	systemd=0
+	old=$(cat "$PIDFILE" 2>/dev/null || true)
+	if [ -n "$old" ] && [[ "$(readlink "/proc/$old/exe" 2>/dev/null)" == *"noid-server (deleted)" ]]; then
+		echo "restarting noid-server (pid $old): its binary was updated"
+		kill "$old"
+		for _ in $(seq 1 150); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
+	fi
+	if ! up; then
 		mkdir -p /var/log
-		setsid nohup noid-server serve --config "$CONFIG" >>/var/log/noid-server.log 2>&1 </dev/null &
+		setsid nohup noid-server serve --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
+		pid=$!
+		echo "$pid" >"$PIDFILE"
 	fi
 fi
 for _ in $(seq 1 100); do
-	noid version 2>/dev/null | grep -q '^server: noid-server' && break
+	up && break
+	if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then break; fi
 	sleep 0.2
 done
 noid version
+if ! up; then
+	if [ $systemd = 1 ]; then
+		echo "quickstart: noid-server did not start; see \`systemctl status noid-server\` and \`journalctl -u noid-server\`" >&2
+	else
+		echo "quickstart: noid-server did not start; the end of $LOG:" >&2
+		tail -n 5 "$LOG" >&2
+	fi
+	exit 1
+fi
 
 if ! noid golden list 2>/dev/null | grep -q ready; then
 	say "provisioning the default golden snapshot (VMs then start from it instead of booting)"
@@ -57,3 +83,6 @@ noid is running. Try:
   noid restore $VM clean --as copy   clone it
   noid list / noid info $VM / noid destroy $VM
 MSG
+if [ $systemd = 0 ]; then
+	echo "noid-server runs in the background (log $LOG, pid in $PIDFILE); nothing restarts it after a reboot: re-run this script"
+fi

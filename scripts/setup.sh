@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GO_VERSION=1.26.8
-APT_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static cpio xfsprogs iproute2 ca-certificates curl unzip binutils)
+APT_PACKAGES=(make qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static cpio xfsprogs iproute2 ca-certificates curl unzip binutils)
 
 if [ "$(id -u)" != 0 ]; then
 	echo "setup.sh: run as root (it installs packages with apt)" >&2

@@ -72,5 +72,5 @@ func connect(getenv func(string) string) (*client.Client, string, error) {
 		}
 	}
 	return nil, "", errdefs.WithHint(fmt.Errorf("%w: no noid-server found (looked at NOID_URL, %s and %v)", errdefs.ErrUnavailable, authConfigPath(getenv), candidates),
-		"start it with `noid-server serve`, or point NOID_URL at it")
+		"start it with `noid-server serve --config /etc/noid/config.toml` (or `systemctl start noid-server`), or point NOID_URL at it")
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/noid-vm/noid/client"
@@ -28,7 +29,11 @@ func hintFor(e *env, err error) string {
 	}
 	switch {
 	case errors.Is(err, client.ErrUnavailable) && strings.Contains(err.Error(), "cannot reach noid-server"):
-		return "is noid-server running? `systemctl status noid-server`, or check NOID_URL (" + orDash(e.target) + ")"
+		how := "`noid-server serve --config /etc/noid/config.toml`"
+		if fi, err := os.Stat("/run/systemd/system"); err == nil && fi.IsDir() {
+			how = "`systemctl status noid-server`"
+		}
+		return "is noid-server running? " + how + ", or check NOID_URL (" + orDash(e.target) + ")"
 	case errors.Is(err, client.ErrUnauthenticated):
 		return "check NOID_TOKEN, or run `noid auth setup --url URL --token TOKEN`"
 	case errors.Is(err, client.ErrRateLimited):
