@@ -76,9 +76,15 @@ type VM struct {
 	StartedAt   time.Time `json:"started_at,omitempty"`
 	IP          string    `json:"ip"`
 	MAC         string    `json:"mac,omitempty"`
-	Network     string    `json:"network"`
-	VMM         string    `json:"vmm"`
-	Accel       string    `json:"accel"`
+	// Tap is the VM's host network interface, when it has a NIC.
+	Tap     string `json:"tap,omitempty"`
+	Network string `json:"network"`
+	// RuntimeID names the VM's current VMM process (noid-<runtime_id> in
+	// ps, and its cgroup). It equals ID until a rewind moves the VM to a
+	// VMM prepared ahead of time.
+	RuntimeID string `json:"runtime_id"`
+	VMM       string `json:"vmm"`
+	Accel     string `json:"accel"`
 	// BootPath is cold, golden, restore or clone.
 	BootPath string `json:"boot_path"`
 	// BootReason explains the boot path (for example why golden was not used).
@@ -104,6 +110,9 @@ type Timings struct {
 	LoadMs  float64 `json:"load_ms,omitempty"`
 	AgentMs float64 `json:"agent_ms,omitempty"`
 	NetMs   float64 `json:"net_ms,omitempty"`
+	// WarmSpare is set when the operation took a VMM prepared ahead of
+	// time, so no process was started on its path.
+	WarmSpare bool `json:"warm_spare,omitempty"`
 }
 
 // DestroyResult reports what a destroy removed.

@@ -192,14 +192,11 @@ func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, n
 		if vm.Timings != nil {
 			vmmSide.Add(vm.Timings.TotalMs - vm.Timings.AgentMs)
 		}
-		if vm.BootReason == "warm spare" {
+		if vm.Timings != nil && vm.Timings.WarmSpare {
 			warm++
 		}
 	}
-	spareNote := ""
-	if kind == "clone" {
-		spareNote = fmt.Sprintf("; %d of %d clones took a warm spare (spawn 0)", warm, n)
-	}
+	spareNote := fmt.Sprintf("; %d of %d took a warm spare (no QEMU start on the path)", warm, n)
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: kind + " → first exec", Unit: "ms", Stats: total.Stats(), Parts: ps.stats(),
 		Anchor: anchorLoad,
 		Note:   "client wall time; agent = guest reconnect + clock/entropy/identity sync, which runs guest code under TCG; exec2 = a second `true` right after (not in the total)" + spareNote})

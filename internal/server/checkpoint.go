@@ -277,6 +277,12 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}
+	if key, err := cloneKey(v, dir); err == nil {
+		defer s.pool.refillShape(key)
+		if sp := s.pool.take(key.String(), time.Time{}); sp != nil {
+			return s.rewindIntoSpare(ctx, u, v, c, dir, sp, start)
+		}
+	}
 	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
 		return nil, err
 	}
@@ -301,10 +307,14 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 	rt.setInstance(inst)
 	crashpoint("restore.after-spawn")
 	v.PID = inst.Pid()
-	v.State = store.StateRunning
-	v.StateReason = ""
-	v.StartedAt = time.Now().UTC()
-	v.Source = c.Name
+	return s.finishRewind(ctx, u, v, c, start, "vm rewound", api.Timings{CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load)})
+}
+
+// finishRewind records a rewound VM as running, waits for its agent and
+// reports the rewind; t has the VMM-side timings.
+func (s *Server) finishRewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, start time.Time, msg string, t api.Timings) (*api.VM, error) {
+	rt := s.rt(v.ID)
+	v.State, v.StateReason, v.StartedAt, v.Source = store.StateRunning, "", time.Now().UTC(), c.Name
 	if err := s.store.UpdateVM(ctx, v); err != nil {
 		return nil, err
 	}
@@ -314,9 +324,10 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 		return nil, fmt.Errorf("%w: vm %q restored but its agent did not answer: %v", errdefs.ErrUnavailable, v.Name, err)
 	}
 	s.metrics.op("restore", start, nil)
-	rt.log.Info("vm rewound", "user", u.Name, "checkpoint", c.Name, "ms", ms(time.Since(start)))
+	rt.log.Info(msg, "user", u.Name, "checkpoint", c.Name, "runtime_id", v.Runtime(), "ms", ms(time.Since(start)))
 	out := s.apiVM(ctx, v)
-	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart))}
+	t.TotalMs, t.AgentMs = ms(time.Since(start)), ms(time.Since(agentStart))
+	out.Timings = &t
 	return out, nil
 }
 

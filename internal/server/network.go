@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -88,7 +89,13 @@ func (s *Server) vmNet(m *network.Manager, v *store.VM) (network.VMNet, error) {
 	if err != nil {
 		return network.VMNet{}, fmt.Errorf("vm %s has no valid ip %q", v.Name, v.IP)
 	}
-	return m.Config().NormalizeVM(network.VMNet{ID: v.ID, IP: ip, Owner: strconv.FormatInt(v.UserID, 10), AllowPeers: v.AllowPeers})
+	vn := network.VMNet{ID: v.ID, TapName: v.Tap, IP: ip, Owner: strconv.FormatInt(v.UserID, 10), AllowPeers: v.AllowPeers}
+	if v.MAC != "" {
+		if vn.MAC, err = net.ParseMAC(v.MAC); err != nil {
+			return network.VMNet{}, fmt.Errorf("vm %s has no valid mac %q", v.Name, v.MAC)
+		}
+	}
+	return m.Config().NormalizeVM(vn)
 }
 
 // lookupVM answers "<vm>.noid" for the VM at asker's address, scoped to
@@ -148,6 +155,13 @@ func (s *Server) detachNetwork(ctx context.Context, v *store.VM) {
 	}
 	if err := s.net.RemoveVM(ctx, v.ID); err != nil {
 		s.log.Warn("removing vm network", "vm", v.Name, "err", err)
+	}
+	// A VM rewound into a warm spare uses the spare's TAP; if the manager
+	// did not know the VM, RemoveVM only looked for TapName(v.ID).
+	if rid := v.Runtime(); rid != v.ID {
+		if err := s.net.RemoveVM(ctx, rid); err != nil {
+			s.log.Warn("removing vm network", "vm", v.Name, "err", err)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -516,8 +517,123 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 	s.metrics.op(v.BootPath, start, nil)
 	log.Info("vm started from a warm spare", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
 	out := s.apiVM(ctx, v)
-	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(copyDur), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(copyDur), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur), WarmSpare: true}
 	return out, nil
+}
+
+// rewindIntoSpare rewinds v to checkpoint c (files in dir) by moving it to
+// a blank spare: the checkpoint's memory and disk are copied into the
+// spare's files while the VM still runs, then the old VMM is killed, the
+// VM's runtime id becomes the spare's, the files move into the VM's
+// directory and the spare loads the device state. The VM keeps its id,
+// name, MAC and IP; its TAP, cgroup, sandbox uid and sockets are the
+// spare's from then on. The caller holds the VM's op lock.
+func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, dir string, sp *spare, start time.Time) (*api.VM, error) {
+	rt := s.rt(v.ID)
+	owned := true // the spare is still ours to discard
+	defer func() {
+		if owned {
+			go s.pool.discard(sp)
+		}
+	}()
+	copyStart := time.Now()
+	for _, f := range [][2]string{{vmm.SnapMemory, "mem.raw"}, {vmm.SnapDisk, "disk.ext4"}} {
+		if err := s.copier.CopyInto(ctx, filepath.Join(dir, f[0]), filepath.Join(sp.dir, f[1])); err != nil {
+			s.metrics.op("restore", start, err)
+			return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
+		}
+	}
+	copyDur := time.Since(copyStart)
+	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
+		return nil, err
+	}
+	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := rt.kill(kctx)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	crashpoint("restore.after-kill")
+	old := s.spec(v)
+	os.Remove(filepath.Join(old.RunDir, old.ID+".qmp"))
+	os.Remove(filepath.Join(old.RunDir, old.ID+".agent"))
+	dead := func(err error) (*api.VM, error) {
+		rt.log.Warn("rewind into a warm spare failed", "err", err)
+		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		rt.kill(kctx)
+		cancel()
+		s.store.SetVMState(context.Background(), v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+		s.metrics.op("restore", start, err)
+		return nil, classifyIOErr("restoring "+v.Name, err)
+	}
+	// Record the new runtime first: from here a crash leaves a process the
+	// next start adopts (or reports dead), never one nobody knows of.
+	v.RuntimeID, v.PID = sp.id, sp.inst.Pid()
+	if v.Tap != "" {
+		v.Tap = network.TapName(sp.id)
+	}
+	if err := s.store.UpdateVM(ctx, v); err != nil {
+		return dead(err)
+	}
+	owned = false
+	rt.setInstance(sp.inst)
+	vdir := s.vmDir(v)
+	// One console log: the old one goes into the spare's (still empty)
+	// log, which the spare's VMM appends to.
+	if err := appendFileTo(filepath.Join(vdir, "serial.log"), filepath.Join(sp.dir, "serial.log")); err != nil {
+		rt.log.Warn("keeping the console log across the rewind", "err", err)
+	}
+	// The old files are moved aside and removed after the load: freeing a
+	// large RAM file's page cache and blocks takes longer than the rest
+	// of the rewind.
+	trash := filepath.Join(vdir, ".rewound-"+old.ID)
+	if err := os.Mkdir(trash, 0o700); err != nil && !os.IsExist(err) {
+		return dead(err)
+	}
+	defer func() { go os.RemoveAll(trash) }()
+	for _, name := range []string{"mem.raw", "disk.ext4", "serial.log", "qemu.pid"} {
+		os.Rename(filepath.Join(vdir, name), filepath.Join(trash, name))
+		if err := os.Rename(filepath.Join(sp.dir, name), filepath.Join(vdir, name)); err != nil && !os.IsNotExist(err) {
+			return dead(fmt.Errorf("moving the spare's %s into place: %w", name, err))
+		}
+	}
+	go os.RemoveAll(sp.dir)
+	if s.uids != nil {
+		if err := s.uids.Rehome(sp.id, vdir); err != nil {
+			return dead(err)
+		}
+	}
+	sp.inst.Moved(s.spec(v))
+	crashpoint("restore.spare-after-move")
+	if err := s.attachNetwork(ctx, v); err != nil {
+		return dead(err)
+	}
+	t, err := sp.inst.Load(ctx, dir)
+	if err != nil {
+		return dead(err)
+	}
+	crashpoint("restore.after-spawn")
+	return s.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
+}
+
+// appendFileTo appends the file at src, if any, to the file at dst.
+func appendFileTo(src, dst string) error {
+	in, err := os.Open(src)
+	if os.IsNotExist(err) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }
 
 // sweepPool removes spares left by an earlier server: their VMMs are killed

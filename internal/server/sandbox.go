@@ -143,7 +143,7 @@ func (s *Server) isSandboxUID(uid int64) bool {
 func (s *Server) sandboxSpec(v *store.VM) *vmm.Sandbox {
 	sb := &vmm.Sandbox{Seccomp: s.cfg.SeccompEnabled(), UID: s.sandbox.uid, GID: s.sandbox.gid}
 	if s.sandbox.cgroupParent != "" {
-		sb.CgroupPath = s.sandbox.cgroupParent + "/" + v.ID
+		sb.CgroupPath = s.sandbox.cgroupParent + "/" + v.Runtime()
 	}
 	if !sb.Seccomp && sb.UID == 0 && sb.CgroupPath == "" && !s.sandbox.perVM {
 		return nil

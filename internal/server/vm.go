@@ -160,7 +160,7 @@ func (rt *vmRT) release() {
 func (s *Server) spec(v *store.VM) vmm.Spec {
 	dir := s.vmDir(v)
 	sp := vmm.Spec{
-		ID:        v.ID,
+		ID:        v.Runtime(),
 		Name:      v.Name,
 		Dir:       dir,
 		RunDir:    s.runDir(),
@@ -314,6 +314,12 @@ func (s *Server) sweepVMDirs(ctx context.Context, dir string) {
 	for _, e := range ents {
 		id := strings.TrimPrefix(e.Name(), ".tmp-")
 		if _, err := s.store.GetVMByID(ctx, id); err == nil && id == e.Name() {
+			// Files a rewind into a warm spare moved aside and did not
+			// get to remove.
+			old, _ := filepath.Glob(filepath.Join(dir, id, ".rewound-*"))
+			for _, o := range old {
+				os.RemoveAll(o)
+			}
 			continue
 		}
 		s.log.Warn("removing orphaned vm directory", "dir", filepath.Join(dir, e.Name()))
@@ -645,8 +651,8 @@ func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 	}
 	crashpoint("destroy.after-rmdir")
 	sp := s.spec(v)
-	os.Remove(filepath.Join(sp.RunDir, v.ID+".qmp"))
-	os.Remove(filepath.Join(sp.RunDir, v.ID+".agent"))
+	os.Remove(filepath.Join(sp.RunDir, sp.ID+".qmp"))
+	os.Remove(filepath.Join(sp.RunDir, sp.ID+".agent"))
 	if err := s.store.DeleteVM(ctx, v.ID); err != nil {
 		return 0, err
 	}
@@ -691,6 +697,7 @@ func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
 		Name: v.Name, ID: v.ID, State: v.State, StateReason: v.StateReason, PID: v.PID, VCPUs: v.VCPUs,
 		MemoryMiB: v.MemoryMiB, DiskBytes: v.DiskBytes, CreatedAt: v.CreatedAt, StartedAt: v.StartedAt, IP: v.IP, MAC: v.MAC,
 		Network: v.Network, VMM: v.VMM, Accel: v.Accel, BootPath: v.BootPath, BootReason: v.BootReason, Source: v.Source,
+		Tap: v.Tap, RuntimeID: v.Runtime(),
 	}
 	if v.State == store.StateRunning {
 		if _, err := s.rt(v.ID).instance(); err != nil {

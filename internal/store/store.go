@@ -123,6 +123,8 @@ CREATE TABLE audit (
 	request_id TEXT NOT NULL DEFAULT ''
 );
 `,
+	// 2: the id of a VM's current VMM run, when a rewind moved it to a warm spare.
+	`ALTER TABLE vms ADD COLUMN runtime_id TEXT NOT NULL DEFAULT ''`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/noid-vm/noid/internal/errdefs"
 )
@@ -186,5 +187,29 @@ func TestCheckpointsAndCascade(t *testing.T) {
 	log, _ := s.AuditLog(ctx, 10)
 	if len(log) != 1 || log[0].Target != "v" {
 		t.Fatalf("audit %+v", log)
+	}
+}
+
+func TestRuntimeIDRoundTrip(t *testing.T) {
+	st := open(t)
+	ctx := context.Background()
+	u, _, err := st.CreateUser(ctx, "rt", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &VM{ID: "vm1", UserID: u.ID, Name: "a", State: StateRunning, VCPUs: 1, MemoryMiB: 64, CreatedAt: time.Now()}
+	if err := st.CreateVM(ctx, v, CreateOpts{}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := st.GetVMByID(ctx, "vm1")
+	if got.RuntimeID != "" || got.Runtime() != "vm1" {
+		t.Fatalf("a new VM's runtime is %q/%q, want its id", got.RuntimeID, got.Runtime())
+	}
+	got.RuntimeID = "spare7"
+	if err := st.UpdateVM(ctx, got); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := st.GetVMByID(ctx, "vm1"); again.Runtime() != "spare7" {
+		t.Fatalf("runtime after update: %q", again.Runtime())
 	}
 }

@@ -47,17 +47,29 @@ type VM struct {
 	Source    string
 	CreatedAt time.Time
 	StartedAt time.Time
+	// RuntimeID names the VM's current VMM run (its process name, sockets,
+	// cgroup and sandbox uid lease). Empty means ID; a rewind that took a
+	// warm spare sets it to the spare's id.
+	RuntimeID string
 }
 
-const vmInsertCols = `id, user_id, name, state, state_reason, pid, vcpus, memory_mib, disk_bytes, vmm, accel, boot_path, boot_reason, kernel, initrd, network, allow_peers, mac, ip, tap, source, created_at, started_at`
+// Runtime is the id of the VM's current VMM run: RuntimeID, or ID.
+func (v *VM) Runtime() string {
+	if v.RuntimeID != "" {
+		return v.RuntimeID
+	}
+	return v.ID
+}
 
-const vmCols = `id, user_id, name, state, state_reason, pid, vcpus, memory_mib, disk_bytes, vmm, accel, boot_path, boot_reason, kernel, initrd, network, allow_peers, mac, COALESCE(ip, ''), tap, source, created_at, started_at`
+const vmInsertCols = `id, user_id, name, state, state_reason, pid, vcpus, memory_mib, disk_bytes, vmm, accel, boot_path, boot_reason, kernel, initrd, network, allow_peers, mac, ip, tap, source, created_at, started_at, runtime_id`
+
+const vmCols = `id, user_id, name, state, state_reason, pid, vcpus, memory_mib, disk_bytes, vmm, accel, boot_path, boot_reason, kernel, initrd, network, allow_peers, mac, COALESCE(ip, ''), tap, source, created_at, started_at, runtime_id`
 
 func scanVM(sc interface{ Scan(...any) error }) (*VM, error) {
 	v := &VM{}
 	var created, started string
 	err := sc.Scan(&v.ID, &v.UserID, &v.Name, &v.State, &v.StateReason, &v.PID, &v.VCPUs, &v.MemoryMiB, &v.DiskBytes, &v.VMM, &v.Accel,
-		&v.BootPath, &v.BootReason, &v.Kernel, &v.Initrd, &v.Network, &v.AllowPeers, &v.MAC, &v.IP, &v.Tap, &v.Source, &created, &started)
+		&v.BootPath, &v.BootReason, &v.Kernel, &v.Initrd, &v.Network, &v.AllowPeers, &v.MAC, &v.IP, &v.Tap, &v.Source, &created, &started, &v.RuntimeID)
 	if err != nil {
 		return nil, err
 	}
@@ -118,10 +130,10 @@ func (s *Store) CreateVM(ctx context.Context, v *VM, opts CreateOpts) error {
 			}
 			v.IP = ip
 		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO vms(`+vmInsertCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+		_, err := tx.ExecContext(ctx, `INSERT INTO vms(`+vmInsertCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 			v.ID, v.UserID, v.Name, v.State, v.StateReason, v.PID, v.VCPUs, v.MemoryMiB, v.DiskBytes, v.VMM, v.Accel,
 			v.BootPath, v.BootReason, v.Kernel, v.Initrd, v.Network, v.AllowPeers, v.MAC, nullIP(v.IP), v.Tap, v.Source,
-			fmtTime(v.CreatedAt), fmtTime(v.StartedAt))
+			fmtTime(v.CreatedAt), fmtTime(v.StartedAt), v.RuntimeID)
 		if isUnique(err) {
 			return fmt.Errorf("vm %q: %w", v.Name, errdefs.ErrAlreadyExists)
 		}
@@ -149,9 +161,9 @@ func usedIPs(ctx context.Context, tx *sql.Tx) (map[string]bool, error) {
 // UpdateVM writes every mutable field of v.
 func (s *Store) UpdateVM(ctx context.Context, v *VM) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE vms SET state=?, state_reason=?, pid=?, vcpus=?, memory_mib=?, disk_bytes=?, vmm=?, accel=?,
-		boot_path=?, boot_reason=?, kernel=?, initrd=?, network=?, allow_peers=?, mac=?, ip=?, tap=?, source=?, started_at=? WHERE id=?`,
+		boot_path=?, boot_reason=?, kernel=?, initrd=?, network=?, allow_peers=?, mac=?, ip=?, tap=?, source=?, started_at=?, runtime_id=? WHERE id=?`,
 		v.State, v.StateReason, v.PID, v.VCPUs, v.MemoryMiB, v.DiskBytes, v.VMM, v.Accel, v.BootPath, v.BootReason, v.Kernel, v.Initrd,
-		v.Network, v.AllowPeers, v.MAC, nullIP(v.IP), v.Tap, v.Source, fmtTime(v.StartedAt), v.ID)
+		v.Network, v.AllowPeers, v.MAC, nullIP(v.IP), v.Tap, v.Source, fmtTime(v.StartedAt), v.RuntimeID, v.ID)
 	if err != nil {
 		return fmt.Errorf("updating vm %s: %w", v.Name, err)
 	}

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -68,12 +69,29 @@ func TestCheckpointRewind(t *testing.T) {
 
 	// Let the clock run on so a stale guest clock would be visible.
 	time.Sleep(10 * time.Second)
+	// The checkpoint prepared a blank VMM of the VM's shape: the first
+	// rewind moves the VM into it (its runtime id changes, its id, MAC and
+	// IP do not); the second may or may not find the refilled spare.
+	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	before, _ := e.Client.GetVM(ctx(t), "rw")
 	for round := 1; round <= 2; round++ {
 		vm, err := e.Client.Restore(ctx(t), "rw", "c1")
 		if err != nil {
 			t.Fatalf("rewind %d: %v", round, err)
 		}
-		t.Logf("rewind %d: %+v", round, *vm.Timings)
+		t.Logf("rewind %d: runtime %s, %+v", round, vm.RuntimeID, *vm.Timings)
+		if round == 1 {
+			if !vm.Timings.WarmSpare || vm.Timings.SpawnMs != 0 || vm.RuntimeID == before.RuntimeID || vm.ID != before.ID || vm.MAC != before.MAC {
+				t.Errorf("rewind 1 did not move the VM into the waiting spare: before %+v, after %+v %+v", before, vm, *vm.Timings)
+			}
+			if out, _ := exec.Command("pgrep", "-f", "noid-"+before.RuntimeID+",").Output(); len(out) > 0 {
+				t.Errorf("the VMM of the rewound run %s still runs: %s", before.RuntimeID, out)
+			}
+			// The console log of the boot before the rewind is kept.
+			if logs, err := e.Client.Logs(ctx(t), "rw", 1<<20); err != nil || !bytes.Contains(logs, []byte("Linux version")) {
+				t.Errorf("the console log lost the boot before the rewind (%v): %d bytes", err, len(logs))
+			}
+		}
 		host := time.Now().Unix()
 		guest, _ := strconv.ParseInt(strings.TrimSpace(e.MustExec("rw", "date", "+%s")), 10, 64)
 		if d := guest - host; d < -2 || d > 2 {

@@ -25,9 +25,9 @@ func checkConsistent(t *testing.T, e *Env) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ids := map[string]bool{}
+	ids, runtimes := map[string]bool{}, map[string]bool{}
 	for _, v := range vms {
-		ids[v.ID] = true
+		ids[v.ID], runtimes[v.RuntimeID] = true, true
 		switch v.State {
 		case "running":
 			if out, _, code := e.Exec(v.Name, "echo", "ok"); code != 0 || out != "ok\n" {
@@ -77,8 +77,8 @@ func checkConsistent(t *testing.T, e *Env) {
 	out, _ := exec.Command("pgrep", "-af", "qemu-system.*"+regexp.QuoteMeta(e.Dir)).Output()
 	re := regexp.MustCompile(`-name noid-([0-9a-f]+),`)
 	for _, m := range re.FindAllStringSubmatch(string(out), -1) {
-		if !ids[m[1]] {
-			t.Errorf("a VMM runs for vm id %s, which the server does not list", m[1])
+		if !runtimes[m[1]] {
+			t.Errorf("a VMM runs for runtime id %s, which the server does not list", m[1])
 		}
 	}
 }
@@ -164,8 +164,37 @@ func TestCrashPoints(t *testing.T) {
 	if listed("spareclone") {
 		t.Error("spare.after-insert: half-made clone is listed")
 	}
-	if err := e.Client.DeleteCheckpoint(ctx(t), "base", "for-spare"); err != nil {
+	// A rewind into a blank spare, killed after the files moved and before
+	// the state load: the VM is reported dead (its new VMM never got its
+	// state), and a second rewind works.
+	e.Stop()
+	e.ServerEnv = []string{"NOID_CRASHPOINT=restore.spare-after-move"}
+	e.Start()
+	e.ServerEnv = nil
+	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-rewind"}); err != nil {
 		t.Fatal(err)
+	}
+	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	if _, err := e.Client.Restore(ctx(t), "base", "for-rewind"); err == nil {
+		t.Error("restore.spare-after-move: the rewind reported success although the server died")
+	}
+	select {
+	case <-e.exited:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("crash point restore.spare-after-move was never reached")
+	}
+	e.Start()
+	checkConsistent(t, e)
+	if v, _ := e.Client.GetVM(ctx(t), "base"); v.State != "dead" {
+		t.Errorf("after a crash before a spare loaded the rewound state: %s (%s)", v.State, v.StateReason)
+	}
+	if _, err := e.Client.Restore(ctx(t), "base", "for-rewind"); err != nil {
+		t.Fatalf("rewinding again after the crash: %v", err)
+	}
+	for _, cp := range []string{"for-spare", "for-rewind"} {
+		if err := e.Client.DeleteCheckpoint(ctx(t), "base", cp); err != nil {
+			t.Fatal(err)
+		}
 	}
 	crashAt(t, e, "restore.after-kill", func() error { _, err := e.Client.Restore(ctx(t), "base", "c0"); return err })
 	checkConsistent(t, e)

@@ -577,7 +577,7 @@ func checkWired(t *testing.T, l *netLab, c *client.Client, v *client.VM, pool ne
 	if g != want {
 		t.Errorf("vm %s: guest sees %+v, want %+v", v.Name, g, want)
 	}
-	tap := network.TapName(v.ID)
+	tap := v.Tap
 	link, ok := l.links()[tap]
 	if !ok {
 		t.Fatalf("vm %s: no interface %s", v.Name, tap)
@@ -1056,7 +1056,7 @@ func TestNetwork(t *testing.T) {
 		taps, eips := after.refs()
 		for _, v := range got {
 			ip, _ := netip.ParseAddr(v.IP)
-			if taps[network.TapName(v.ID)] != 0 || eips[ip] != 0 {
+			if taps[v.Tap] != 0 || eips[ip] != 0 {
 				t.Errorf("%s: nftables elements left behind", v.Name)
 			}
 		}
@@ -1110,7 +1110,7 @@ func TestNetwork(t *testing.T) {
 			t.Errorf("%d rules after restart, %d at start", r, rulesAtStart)
 		}
 		for name, v := range vms {
-			tap := network.TapName(v.ID)
+			tap := v.Tap
 			if now[tap] == nil || before[tap] == nil || now[tap].Attrs().Index != before[tap].Attrs().Index {
 				t.Errorf("%s: TAP %s was not kept as it was across the restart", name, tap)
 			}
