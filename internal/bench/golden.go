@@ -108,13 +108,13 @@ func (b *Bench) runGoldenOn(ctx context.Context, st string) error {
 			p.add("exec2", ms(te2))
 		}
 	}
-	note := "copy = golden memory + disk into the VM's dir; agent = guest reconnect and sync under TCG; exec2 = a second `true` right after (not in the total). The ≤ 100 ms goal applies on KVM hosts only"
+	note := "copy = golden memory + disk into the VM's dir; agent = guest reconnect (none for a running spare) and sync under TCG; exec2 = a second `true` right after (not in the total). The ≤ 100 ms goal applies on KVM hosts only"
 	switch {
 	case len(warm) > 0 && len(nowarm) > 0:
 		note = fmt.Sprintf("%d of %d took a warm spare (p50 %.0f ms), %d did not (p50 %.0f ms); ",
 			len(warm), len(gold), warm.Stats().P50, len(nowarm), nowarm.Stats().P50) + note
 	case len(warm) > 0:
-		note = fmt.Sprintf("all %d took a warm spare (a QEMU already started with the golden's memory and disk; the pool refills during the interleaved cold boot), so there is no copy or spawn; ", len(warm)) + note
+		note = fmt.Sprintf("all %d took a warm spare (a VM already running from the golden's state, warmed up by a few execs, so there is no copy, spawn or load; the create gives it its identity; the pool refills during the interleaved cold boot); ", len(warm)) + note
 	}
 	gf := b.add(&Figure{Section: "golden", Storage: st, Name: "golden create → first exec", Unit: "ms", Stats: gold.Stats(), Parts: gp.stats(),
 		Anchor: anchorGolden, Note: note})

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -363,4 +365,32 @@ func (s *Server) checkpointDir(id string) string {
 		return ""
 	}
 	return m[0]
+}
+
+// WaitCloneSpare waits until the server has a blank warm spare (for clones
+// and rewinds) ready, as its /metrics report, or until ctx ends. It
+// reports whether one is ready.
+func (s *Server) WaitCloneSpare(ctx context.Context) bool {
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", s.Socket)
+	}}}
+	defer hc.CloseIdleConnections()
+	for {
+		req, _ := http.NewRequestWithContext(ctx, "GET", "http://noid/metrics", nil)
+		if resp, err := hc.Do(req); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, line := range strings.Split(string(b), "\n") {
+				if v, ok := strings.CutPrefix(line, `noid_warm_spares{kind="clone"} `); ok && v != "0" {
+					return true
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }

@@ -72,11 +72,11 @@ type Config struct {
 
 // Pool is the [pool] section.
 type Pool struct {
-	// Spares is how many VMMs are kept prepared (process started, waiting
-	// for state) per golden snapshot in use, so a golden create skips the
-	// process start and the copies, and per clone shape (vCPUs, memory,
-	// disk size, NIC; the 4 used last), so a clone skips the process start.
-	// Default 1; 0 turns the pool off.
+	// Spares is how many VMMs are kept prepared per golden snapshot in use
+	// (running from the golden's state, so a golden create only applies the
+	// VM's identity) and per clone shape (vCPUs, memory, disk size, NIC;
+	// the 4 used last; waiting for state, so a clone or rewind skips the
+	// process start). Default 1; 0 turns the pool off.
 	Spares *int `toml:"spares"`
 }
 

@@ -79,6 +79,27 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 	return c, nil
 }
 
+// takeAgent makes c, an agent connection made before the VM existed (a
+// running warm spare's), the VM's: it syncs the VM's clock, entropy and
+// identity over it first.
+func (rt *vmRT) takeAgent(ctx context.Context, c *client.Client, v *store.VM) error {
+	t0 := time.Now()
+	res, err := c.Sync(ctx, rt.s.syncFor(v))
+	if err != nil {
+		c.Close()
+		return err
+	}
+	rt.log.Debug("agent taken over from a warm spare", "sync_ms", ms(time.Since(t0)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
+	rt.mu.Lock()
+	old := rt.agent
+	rt.agent = c
+	rt.mu.Unlock()
+	if old != nil && old != c {
+		old.Close()
+	}
+	return nil
+}
+
 // dropAgent forgets the current agent connection (after a restore).
 func (rt *vmRT) dropAgent() {
 	rt.mu.Lock()

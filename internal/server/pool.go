@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	agentclient "github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/network"
@@ -22,10 +24,11 @@ import (
 
 // The warm pool keeps VMMs started ahead of time for golden snapshots: each
 // spare already has its own copy of the golden's memory and disk, its TAP,
-// its sandbox and a VMM process waiting for incoming state. A golden create
-// that finds a spare only moves the spare's directory to the new VM, loads
-// the device state, resumes and greets the agent; the process start and the
-// copies are off its critical path. Spares are not VMs: they belong to no
+// its sandbox and a VMM that has loaded the golden's state and runs, with a
+// warmed-up agent connection. A golden create that finds a spare only moves
+// the spare's directory to the new VM and syncs the VM's identity, clock
+// and entropy; the process start, the copies and the state load are off
+// its critical path. Spares are not VMs: they belong to no
 // user, are killed on shutdown and swept at start-up.
 
 //
@@ -43,6 +46,21 @@ type spare struct {
 	key      string
 	promoted time.Time
 	inst     vmm.Prepared
+	// agent is set for a golden spare that already runs: its state is
+	// loaded, its guest resumed and warmed up, and this is its agent
+	// connection. A create then only applies the VM's identity.
+	agent *agentclient.Client
+}
+
+// alive reports whether the spare's VMM (and, for a running spare, its
+// agent connection) still works.
+func (sp *spare) alive() bool {
+	select {
+	case <-sp.inst.Done():
+		return false
+	default:
+	}
+	return sp.agent == nil || sp.agent.Err() == nil
 }
 
 // maxShapes bounds how many clone shapes keep blank spares.
@@ -89,13 +107,7 @@ func (wp *warmPool) take(dir string, promoted time.Time) *spare {
 	for len(wp.spares[dir]) > 0 {
 		sp := wp.spares[dir][0]
 		wp.spares[dir] = wp.spares[dir][1:]
-		alive := true
-		select {
-		case <-sp.inst.Done():
-			alive = false
-		default:
-		}
-		if alive && sp.promoted.Equal(promoted) {
+		if sp.alive() && sp.promoted.Equal(promoted) {
 			return sp
 		}
 		go wp.discard(sp)
@@ -269,6 +281,9 @@ func (wp *warmPool) close() {
 func (wp *warmPool) discard(sp *spare) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if sp.agent != nil {
+		sp.agent.Close()
+	}
 	if sp.inst != nil {
 		sp.inst.Kill(ctx)
 	}
@@ -329,9 +344,62 @@ func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
 	if sp.inst, err = s.prepareSpare(ctx, prep, v, sdir, gc.HasNet); err != nil {
 		return nil, err
 	}
+	if err := s.startSpare(ctx, sp, dir); err != nil {
+		return nil, err
+	}
 	ok = true
 	s.log.Debug("warm pool: spare ready", "spare", id, "golden", filepath.Base(dir))
 	return sp, nil
+}
+
+// startSpare runs a golden spare ahead of its create: it loads the golden's
+// state, resumes the guest, connects to its agent (clock and entropy only;
+// the identity comes with the create) and runs a few commands, so the
+// guest code a create and its first exec need is already translated under
+// TCG, and paged in everywhere.
+func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
+	if _, err := sp.inst.Load(ctx, dir); err != nil {
+		return err
+	}
+	conn, err := sp.inst.DialAgent(ctx)
+	if err != nil {
+		return err
+	}
+	c, err := agentclient.Connect(ctx, conn, agentclient.Options{})
+	if err != nil {
+		conn.Close()
+		return fmt.Errorf("connecting to the spare's agent: %w", err)
+	}
+	sync := s.syncFor(&store.VM{})
+	sync.Identity = nil
+	if _, err := c.Sync(ctx, sync); err == nil {
+		for i := 0; i < 3 && err == nil; i++ {
+			err = runQuiet(ctx, c, "true")
+		}
+	}
+	if err != nil {
+		c.Close()
+		return fmt.Errorf("warming up the spare: %w", err)
+	}
+	sp.agent = c
+	return nil
+}
+
+// runQuiet runs argv through the agent and fails unless it exits 0.
+func runQuiet(ctx context.Context, c *agentclient.Client, argv ...string) error {
+	p, err := c.Exec(ctx, proto.ExecRequest{Argv: argv})
+	if err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { io.Copy(io.Discard, p.Stderr()); close(done) }()
+	io.Copy(io.Discard, p.Stdout())
+	<-done
+	ex, err := p.Wait()
+	if err == nil && ex.Code != 0 {
+		err = fmt.Errorf("%v exited %d", argv, ex.Code)
+	}
+	return err
 }
 
 // makeBlankSpare prepares one spare for clones of shape k: empty memory and
@@ -461,6 +529,9 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		rt.setInstance(sp.inst)
+		if sp.agent != nil {
+			sp.agent.Close()
+		}
 		s.destroyVM(cctx, v)
 		os.RemoveAll(sp.dir)
 		s.metrics.op(v.BootPath, start, err)
@@ -501,13 +572,22 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 		return fail(err)
 	}
 	netDur := time.Since(netStart)
-	t, err := sp.inst.Load(ctx, dir)
-	if err != nil {
-		return fail(err)
+	var t vmm.Timings
+	if sp.agent == nil {
+		var err error
+		if t, err = sp.inst.Load(ctx, dir); err != nil {
+			return fail(err)
+		}
 	}
 	v.StartedAt = time.Now().UTC()
 	agentStart := time.Now()
-	if _, err := rt.agentClient(ctx, v); err != nil {
+	if sp.agent != nil {
+		// A running spare: give it the VM's identity, clock and entropy
+		// over the connection it has.
+		if err := rt.takeAgent(ctx, sp.agent, v); err != nil {
+			return fail(fmt.Errorf("%w: the agent of the warm spare did not sync: %v", errdefs.ErrUnavailable, err))
+		}
+	} else if _, err := rt.agentClient(ctx, v); err != nil {
 		return fail(fmt.Errorf("%w: the agent did not answer after restore: %v", errdefs.ErrUnavailable, err))
 	}
 	v.State = store.StateRunning
