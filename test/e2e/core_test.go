@@ -142,7 +142,8 @@ func TestCoreConsole(t *testing.T) {
 	}
 	defer f.Close()
 	out := &syncBuf{}
-	go io.Copy(out, f)
+	copied := make(chan struct{})
+	go func() { io.Copy(out, f); close(copied) }()
 	waitFor := func(what string) {
 		t.Helper()
 		deadline := time.Now().Add(60 * time.Second)
@@ -172,6 +173,13 @@ func TestCoreConsole(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		cmd.Process.Kill()
 		t.Fatalf("console did not detach; output:\n%s", out.String())
+	}
+	// The console's last words may still be in the pty: read to its end
+	// (EIO once the console, the only holder of its other side, is gone).
+	select {
+	case <-copied:
+	case <-time.After(10 * time.Second):
+		t.Error("the console's pty did not reach its end after the console exited")
 	}
 	if !strings.Contains(out.String(), "detached") {
 		t.Errorf("no detach message in %q", out.String())
