@@ -380,7 +380,7 @@ func runDebootstrap(ctx context.Context, args []string, p progress) error {
 		sc := bufio.NewScanner(pr)
 		// debootstrap prints a Retrieving/Validating/Extracting line per
 		// package; report the first of each kind and every other step.
-		perPackage := map[string]bool{"Retrieving": true, "Validating": true, "Extracting": true}
+		perPackage := map[string]bool{"Retrieving": true, "Validating": true, "Extracting": true, "Unpacking": true, "Configuring": true, "Installing": true}
 		seen := map[string]bool{}
 		for sc.Scan() {
 			line := sc.Text()

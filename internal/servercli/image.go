@@ -2,15 +2,18 @@ package servercli
 
 import (
 	"fmt"
+	"io"
+	"os"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/noid-vm/noid/internal/image"
 )
 
 func newImageCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Build guest images"}
-	var tiny bool
+	var tiny, showProgress bool
 	build := &cobra.Command{
 		Use:   "build",
 		Short: "Build the default guest image (kernel, initramfs with the agent, rootfs)",
@@ -30,7 +33,13 @@ Outputs are cached and rebuilt only when their inputs change.`,
 			if err != nil {
 				return err
 			}
-			img, err := image.Build(cmd.Context(), image.BuildOptions{DataDir: cfg.DataDir, Tiny: tiny, AgentBinary: agent, Progress: e.stderr})
+			// Progress lines go to a terminal; piped, the build is quiet
+			// unless --progress is given (errors carry the tool's output).
+			var progress io.Writer
+			if showProgress || isTerminal(e.stderr) {
+				progress = e.stderr
+			}
+			img, err := image.Build(cmd.Context(), image.BuildOptions{DataDir: cfg.DataDir, Tiny: tiny, AgentBinary: agent, Progress: progress})
 			if err != nil {
 				return err
 			}
@@ -39,6 +48,13 @@ Outputs are cached and rebuilt only when their inputs change.`,
 		},
 	}
 	build.Flags().BoolVar(&tiny, "tiny", false, "build the small busybox image (for tests) instead of Debian")
+	build.Flags().BoolVar(&showProgress, "progress", false, "print progress lines even when stderr is not a terminal")
 	cmd.AddCommand(build)
 	return cmd
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }
