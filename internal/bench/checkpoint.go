@@ -48,7 +48,7 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 	}
 	c := s.Client
 	vms := []*ckptVM{
-		{label: "256 MiB idle", name: "ck-256", mem: 256},
+		{label: "256 MiB idle", name: "ck-256", mem: seriesMemMiB},
 		{label: "2 GiB idle", name: "ck-2g", mem: 2048},
 		{label: "2 GiB, 512 MiB touched", name: "ck-2g-touched", mem: 2048, touchMiB: 512},
 	}
@@ -161,6 +161,9 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 	return b.manyClones(octx, s, st, small.name, base)
 }
 
+// seriesMemMiB is the memory of the VM the rewind and clone series use (1 vCPU).
+const seriesMemMiB = 256
+
 // restoreSeries times warm-up+n restores (rewinds or clones) each followed
 // by a first exec.
 func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, waitSpare bool, n int, op func(i int) (string, *client.VM, error), after func(name string)) error {
@@ -174,7 +177,7 @@ func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, w
 	for i := -b.opts.Warmup; i < n; i++ {
 		if waitSpare {
 			wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			s.WaitCloneSpare(wctx)
+			s.WaitCloneSpare(wctx, seriesMemMiB)
 			cancel()
 		}
 		t0 := time.Now()
@@ -264,7 +267,7 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 	}
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: "host CPU of one idle clone (QEMU process)", Unit: "% core", Stats: idleCPU.Stats(),
 		Note: fmt.Sprintf("over 5 s with %d idle clones alive: what keeping idle clones around costs the host in CPU (the guest tick is emulated under TCG)", n)})
-	var pss, priv, shared, rss, cache Sample
+	var pss, priv, privRAM, privVMM, shared, rss, cache Sample
 	for _, name := range names {
 		if _, err := execOK(ctx, c, name, "true"); err != nil {
 			return err
@@ -278,6 +281,10 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 		}
 		pss.Add(mib(sm.Pss))
 		priv.Add(mib(sm.Private()))
+		if inRAM, rest, err := privateByMapping(pids[name], "/mem.raw"); err == nil {
+			privRAM.Add(float64(inRAM) / 1024)
+			privVMM.Add(float64(rest) / 1024)
+		}
 		shared.Add(mib(sm.Shared()))
 		rss.Add(mib(sm.Rss))
 		if d := s.vmDir(ids[name]); d != "" {
@@ -298,6 +305,12 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 		pf.below(touched/4, false)
 	}
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: "host memory per idle clone: PSS", Unit: "MiB", Stats: pss.Stats()})
+	if len(privRAM) > 0 {
+		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "  of the private memory: guest RAM pages (the mem.raw mapping)", Unit: "MiB", Stats: privRAM.Stats(),
+			Note: fmt.Sprintf("what the clone's guest has touched since the restore, against %.0f MiB touched at the checkpoint", touched)})
+		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "  of the private memory: the VMM's own (heap, TCG translation cache, libraries)", Unit: "MiB", Stats: privVMM.Stats(),
+			Note: "the same for any VM, whatever memory sharing is used; the TCG translation cache does not exist on KVM hosts"})
+	}
 	if len(cache) > 0 {
 		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "page cache held by each clone's own memory file", Unit: "MiB", Stats: cache.Stats(),
 			Note: "mincore of <vm>/mem.raw: host memory the clone costs beyond its mapped pages (smaps does not show unmapped page cache)"})

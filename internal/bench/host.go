@@ -278,3 +278,35 @@ func threads(pid int) int {
 }
 
 func mib(kib int) float64 { return float64(kib) / 1024 }
+
+// privateByMapping splits a process's private memory (KiB) into the
+// mappings of files whose path ends in suffix (the guest RAM file) and
+// everything else (the VMM's own: heap, TCG translation cache, libraries).
+func privateByMapping(pid int, suffix string) (inFile, rest int, err error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	match := false
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) == 0 {
+			continue
+		}
+		if !strings.HasSuffix(fs[0], ":") { // a mapping's header line
+			match = len(fs) >= 6 && strings.HasSuffix(fs[len(fs)-1], suffix)
+			continue
+		}
+		if (fs[0] == "Private_Clean:" || fs[0] == "Private_Dirty:") && len(fs) >= 2 {
+			n, _ := strconv.Atoi(fs[1])
+			if match {
+				inFile += n
+			} else {
+				rest += n
+			}
+		}
+	}
+	return inFile, rest, sc.Err()
+}

@@ -368,9 +368,10 @@ func (s *Server) checkpointDir(id string) string {
 }
 
 // WaitCloneSpare waits until the server has a blank warm spare (for clones
-// and rewinds) ready, as its /metrics report, or until ctx ends. It
-// reports whether one is ready.
-func (s *Server) WaitCloneSpare(ctx context.Context) bool {
+// and rewinds) of a VM with memMiB of memory ready, as its /metrics report,
+// or until ctx ends. It reports whether one is ready.
+func (s *Server) WaitCloneSpare(ctx context.Context, memMiB int) bool {
+	prefix := fmt.Sprintf(`noid_warm_spares{kind="clone",vcpus="1",memory_mib="%d",`, memMiB)
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", s.Socket)
@@ -382,7 +383,7 @@ func (s *Server) WaitCloneSpare(ctx context.Context) bool {
 			b, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			for _, line := range strings.Split(string(b), "\n") {
-				if v, ok := strings.CutPrefix(line, `noid_warm_spares{kind="clone"} `); ok && v != "0" {
+				if strings.HasPrefix(line, prefix) && !strings.HasSuffix(line, "} 0") {
 					return true
 				}
 			}

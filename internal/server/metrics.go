@@ -136,8 +136,16 @@ func (s *Server) hMetrics(w http.ResponseWriter, r *http.Request) error {
 	}
 	fmt.Fprintf(&b, "# HELP go_goroutines Number of goroutines in noid-server.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", runtime.NumGoroutine())
 	fmt.Fprintf(&b, "# HELP process_open_fds Open file descriptors of noid-server.\n# TYPE process_open_fds gauge\nprocess_open_fds %d\n", fds)
-	golden, clone := s.pool.counts()
-	fmt.Fprintf(&b, "# HELP noid_warm_spares VMMs prepared ahead of time and waiting, by what they are for.\n# TYPE noid_warm_spares gauge\nnoid_warm_spares{kind=\"golden\"} %d\nnoid_warm_spares{kind=\"clone\"} %d\n", golden, clone)
+	golden, shapes := s.pool.counts()
+	fmt.Fprintf(&b, "# HELP noid_warm_spares VMMs prepared ahead of time and waiting: for golden creates, or (blank) for clones and rewinds of one shape.\n# TYPE noid_warm_spares gauge\nnoid_warm_spares{kind=\"golden\"} %d\n", golden)
+	shapeKeys := make([]shapeKey, 0, len(shapes))
+	for k := range shapes {
+		shapeKeys = append(shapeKeys, k)
+	}
+	sort.Slice(shapeKeys, func(i, j int) bool { return shapeKeys[i].String() < shapeKeys[j].String() })
+	for _, k := range shapeKeys {
+		fmt.Fprintf(&b, "noid_warm_spares{kind=\"clone\",vcpus=\"%d\",memory_mib=\"%d\",disk_bytes=\"%d\",network=\"%s\"} %d\n", k.VCPUs, k.MemoryMiB, k.DiskBytes, netName(k.HasNet), shapes[k])
+	}
 	fmt.Fprintf(&b, "# HELP noid_uptime_seconds Seconds since the server started.\n# TYPE noid_uptime_seconds gauge\nnoid_uptime_seconds %g\n", time.Since(m.startTime).Seconds())
 	m.mu.Unlock()
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")

@@ -43,7 +43,9 @@ type spare struct {
 	id  string
 	dir string
 	// key is the pool it belongs to: a golden directory, or a shapeKey.
-	key      string
+	key string
+	// shape is set for a blank spare.
+	shape    *shapeKey
 	promoted time.Time
 	inst     vmm.Prepared
 	// agent is set for a golden spare that already runs: its state is
@@ -138,21 +140,25 @@ func (wp *warmPool) ready(dir string) int {
 	return len(wp.spares[dir])
 }
 
-// counts is the number of spares waiting for golden creates and for clones.
-func (wp *warmPool) counts() (golden, clone int) {
+// counts is the number of spares waiting for golden creates, and for
+// clones and rewinds per shape.
+func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
+	shapes = map[shapeKey]int{}
 	if wp == nil {
-		return 0, 0
+		return 0, shapes
 	}
 	wp.mu.Lock()
 	defer wp.mu.Unlock()
-	for k, sps := range wp.spares {
-		if strings.HasPrefix(k, "shape:") {
-			clone += len(sps)
-		} else {
-			golden += len(sps)
+	for _, sps := range wp.spares {
+		for _, sp := range sps {
+			if sp.shape != nil {
+				shapes[*sp.shape]++
+			} else {
+				golden++
+			}
 		}
 	}
-	return golden, clone
+	return golden, shapes
 }
 
 // refill starts spares in the background until the golden in dir has size
@@ -417,7 +423,7 @@ func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error)
 	if err := os.MkdirAll(sdir, 0o700); err != nil {
 		return nil, err
 	}
-	sp := &spare{id: id, dir: sdir, key: k.String()}
+	sp := &spare{id: id, dir: sdir, key: k.String(), shape: &k}
 	ok = false
 	defer func() {
 		if !ok {

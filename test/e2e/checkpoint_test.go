@@ -72,7 +72,7 @@ func TestCheckpointRewind(t *testing.T) {
 	// The checkpoint prepared a blank VMM of the VM's shape: the first
 	// rewind moves the VM into it (its runtime id changes, its id, MAC and
 	// IP do not); the second may or may not find the refilled spare.
-	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	e.WaitCloneSpare(2 * time.Minute)
 	before, _ := e.Client.GetVM(ctx(t), "rw")
 	for round := 1; round <= 2; round++ {
 		vm, err := e.Client.Restore(ctx(t), "rw", "c1")
@@ -133,7 +133,7 @@ func TestCheckpointClones(t *testing.T) {
 	// The checkpoint made the server prepare a blank VMM of its shape; the
 	// first clone takes it and only copies files and loads state. The
 	// others may or may not find the refilled spare.
-	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	e.WaitCloneSpare(2 * time.Minute)
 	names := []string{"clone-a", "clone-b", "clone-c"}
 	for i, n := range names {
 		vm, err := e.Client.Clone(ctx(t), "src", "base", n)

@@ -150,7 +150,7 @@ func TestCrashPoints(t *testing.T) {
 	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-spare"}); err != nil {
 		t.Fatal(err)
 	}
-	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	e.WaitCloneSpare(2 * time.Minute)
 	if _, err := e.Client.Clone(ctx(t), "base", "for-spare", "spareclone"); err == nil {
 		t.Error("spare.after-insert: the clone reported success although the server died")
 	}
@@ -174,7 +174,7 @@ func TestCrashPoints(t *testing.T) {
 	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-rewind"}); err != nil {
 		t.Fatal(err)
 	}
-	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	e.WaitCloneSpare(2 * time.Minute)
 	if _, err := e.Client.Restore(ctx(t), "base", "for-rewind"); err == nil {
 		t.Error("restore.spare-after-move: the rewind reported success although the server died")
 	}

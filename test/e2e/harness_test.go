@@ -332,17 +332,20 @@ func (e *Env) Metrics() string {
 	return string(b)
 }
 
-// WaitMetric waits until the metrics have the line want, or fails the test.
-func (e *Env) WaitMetric(want string, within time.Duration) {
+// WaitCloneSpare waits until the server has a blank warm spare (for clones
+// and rewinds) ready, as /metrics reports, or fails the test.
+func (e *Env) WaitCloneSpare(within time.Duration) {
 	e.t.Helper()
 	deadline := time.Now().Add(within)
 	for {
 		m := e.Metrics()
-		if strings.Contains(m, "\n"+want+"\n") {
-			return
+		for _, line := range strings.Split(m, "\n") {
+			if strings.HasPrefix(line, `noid_warm_spares{kind="clone",`) && !strings.HasSuffix(line, "} 0") {
+				return
+			}
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("metrics never showed %q within %s", want, within)
+			e.t.Fatalf("no blank warm spare within %s; metrics:\n%s", within, m)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

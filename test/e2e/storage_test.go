@@ -46,7 +46,7 @@ func TestReflinkStorage(t *testing.T) {
 	}
 	// The clone takes the blank spare the checkpoint prepared: FICLONE into
 	// files a waiting QEMU already has mapped.
-	e.WaitMetric(`noid_warm_spares{kind="clone"} 1`, 2*time.Minute)
+	e.WaitCloneSpare(2 * time.Minute)
 	r2, err := e.Client.Clone(ctx(t), "r", "c", "r2")
 	if err != nil {
 		t.Fatal(err)
