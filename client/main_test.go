@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"testing"
+
+	"github.com/noid-vm/noid/internal/testutil"
 )
 
 // TestMain starts a real noid-server for the Example functions when it can
@@ -27,5 +29,6 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	stop()
+	testutil.RemoveBinaries()
 	os.Exit(code)
 }

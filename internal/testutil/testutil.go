@@ -113,6 +113,21 @@ func Build(t testing.TB) Binaries {
 	return bins
 }
 
+// RemoveBinaries deletes what Build compiled (a temporary directory per
+// test process). A TestMain calls it after m.Run.
+func RemoveBinaries() {
+	if bins.Noid != "" {
+		os.RemoveAll(filepath.Dir(bins.Noid))
+	}
+}
+
+// Main runs a package's tests and then removes what Build compiled.
+func Main(m *testing.M) int {
+	code := m.Run()
+	RemoveBinaries()
+	return code
+}
+
 var (
 	imgOnce sync.Once
 	img     *image.Image

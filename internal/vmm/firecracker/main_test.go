@@ -5,6 +5,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/noid-vm/noid/internal/testutil"
 	"github.com/noid-vm/noid/internal/vmm/firecracker/fctest"
 )
 
@@ -17,7 +18,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv(fctest.ProcessEnv) == "1" {
 		os.Exit(fctest.RunProcess(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	os.Exit(testutil.Main(m))
 }
 
 // loadSchema returns Firecracker's pinned API schema, or skips the test
