@@ -791,8 +791,8 @@ func TestNetwork(t *testing.T) {
 		}
 		// info and list show the IP.
 		info := e.MustCLI("info", "a")
-		if !tableHas(info, "ip", a.IP) || !tableHas(info, "mac", a.MAC) {
-			t.Errorf("noid info a does not show ip %s and mac %s:\n%s", a.IP, a.MAC, info)
+		if !tableHas(info, "ip", a.IP) || !tableHas(info, "mac", a.MAC) || a.Tap == "" || !tableHas(info, "tap", a.Tap) {
+			t.Errorf("noid info a does not show ip %s, mac %s and tap %q:\n%s", a.IP, a.MAC, a.Tap, info)
 		}
 		list := e.MustCLI("list")
 		for _, n := range []string{"a", "b", "c", "d"} {
