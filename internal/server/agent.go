@@ -111,10 +111,15 @@ func (rt *vmRT) dropAgent() {
 	}
 }
 
-// syncFor builds the sync message: host time, fresh entropy, identity.
-func (s *Server) syncFor(v *store.VM) proto.Sync {
+// hostSync is a sync message with the host's time and fresh entropy only.
+func hostSync() proto.Sync {
 	ent := make([]byte, 64)
 	rand.Read(ent)
+	return proto.Sync{TimeUnixNano: time.Now().UnixNano(), Entropy: ent}
+}
+
+// syncFor builds the sync message: host time, fresh entropy, identity.
+func (s *Server) syncFor(v *store.VM) proto.Sync {
 	host := strings.TrimPrefix(v.Name, "_")
 	id := &proto.Identity{Hostname: host}
 	if v.IP != "" && v.Tap != "" {
@@ -123,5 +128,7 @@ func (s *Server) syncFor(v *store.VM) proto.Sync {
 		id.Gateway = s.gateway()
 		id.DNS = []string{s.gateway()}
 	}
-	return proto.Sync{TimeUnixNano: time.Now().UnixNano(), Entropy: ent, Identity: id}
+	sync := hostSync()
+	sync.Identity = id
+	return sync
 }

@@ -376,17 +376,12 @@ func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.
 	if err := s.checkHostMemory(v.MemoryMiB); err != nil {
 		return nil, err
 	}
-	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
-	s.prepareNetwork(v, &opts)
-	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+	rt, err := s.insertVM(ctx, u, v, "clone.after-insert")
+	if err != nil {
 		return nil, err
 	}
-	crashpoint("clone.after-insert")
-	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
-	rt := s.rt(v.ID)
-	rt.log = log
-	rt.op.Lock()
 	defer rt.op.Unlock()
+	log := rt.log
 	fail := func(err error) (*api.VM, error) {
 		log.Warn("start from snapshot failed; cleaning up", "err", err)
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

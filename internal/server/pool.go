@@ -173,9 +173,6 @@ func (wp *warmPool) refillShape(k shapeKey) {
 	if wp == nil || wp.size <= 0 {
 		return
 	}
-	if _, ok := wp.s.backend.(vmm.Preparer); !ok {
-		return
-	}
 	key := k.String()
 	var evict []*spare
 	wp.mu.Lock()
@@ -310,10 +307,6 @@ func (s *Server) releaseSpareResources(ctx context.Context, id, dir string) {
 
 // makeSpare prepares one spare for the golden in dir.
 func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
-	prep, ok := s.backend.(vmm.Preparer)
-	if !ok {
-		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, s.backend.Name())
-	}
 	bf, err := s.resolveBootFiles()
 	if err != nil {
 		return nil, err
@@ -325,36 +318,22 @@ func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
 	if err != nil {
 		return nil, err
 	}
-	if gc.HasNet && s.net == nil {
-		return nil, fmt.Errorf("golden %s has a NIC but networking is off", filepath.Base(dir))
-	}
-	id := newID(6)
-	sdir := filepath.Join(s.poolDir(), id)
-	if err := os.MkdirAll(sdir, 0o700); err != nil {
-		return nil, err
-	}
-	sp := &spare{id: id, dir: sdir, key: dir, promoted: gc.PromotedAt}
-	ok = false
-	defer func() {
-		if !ok {
-			s.releaseSpareResources(context.Background(), id, sdir)
+	k := shapeKey{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd}
+	sp, err := s.newSpare(ctx, dir, k, func(sdir string) error {
+		if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
+			return err
 		}
-	}()
-	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
+		return s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4"))
+	})
+	if err != nil {
 		return nil, err
 	}
-	if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4")); err != nil {
-		return nil, err
-	}
-	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, Accel: string(s.accel), Kernel: bf.Kernel, Initrd: bf.Initrd}
-	if sp.inst, err = s.prepareSpare(ctx, prep, v, sdir, gc.HasNet); err != nil {
-		return nil, err
-	}
+	sp.promoted = gc.PromotedAt
 	if err := s.startSpare(ctx, sp, dir); err != nil {
+		s.pool.discard(sp)
 		return nil, err
 	}
-	ok = true
-	s.log.Debug("warm pool: spare ready", "spare", id, "golden", filepath.Base(dir))
+	s.log.Debug("warm pool: spare ready", "spare", sp.id, "golden", filepath.Base(dir))
 	return sp, nil
 }
 
@@ -376,9 +355,7 @@ func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
 		conn.Close()
 		return fmt.Errorf("connecting to the spare's agent: %w", err)
 	}
-	sync := s.syncFor(&store.VM{})
-	sync.Identity = nil
-	if _, err := c.Sync(ctx, sync); err == nil {
+	if _, err = c.Sync(ctx, hostSync()); err == nil {
 		for i := 0; i < 3 && err == nil; i++ {
 			err = runQuiet(ctx, c, "true")
 		}
@@ -411,37 +388,49 @@ func runQuiet(ctx context.Context, c *agentclient.Client, argv ...string) error 
 // makeBlankSpare prepares one spare for clones of shape k: empty memory and
 // disk files of the right sizes, filled by the clone that takes it.
 func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error) {
+	sp, err := s.newSpare(ctx, k.String(), k, func(sdir string) error {
+		if err := createSparse(filepath.Join(sdir, "mem.raw"), int64(k.MemoryMiB)<<20); err != nil {
+			return err
+		}
+		return createSparse(filepath.Join(sdir, "disk.ext4"), k.DiskBytes)
+	})
+	if err != nil {
+		return nil, err
+	}
+	sp.shape = &k
+	s.log.Debug("warm pool: blank spare ready", "spare", sp.id, "shape", sp.key)
+	return sp, nil
+}
+
+// newSpare makes a spare for the pool key with the shape k: its directory
+// under the pool, the memory and disk files that files puts there (with
+// their final sizes), a TAP when k has a NIC, and a VMM prepared for state.
+// On any failure it removes everything, the VMM included.
+func (s *Server) newSpare(ctx context.Context, key string, k shapeKey, files func(sdir string) error) (_ *spare, err error) {
 	prep, ok := s.backend.(vmm.Preparer)
 	if !ok {
 		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, s.backend.Name())
 	}
 	if k.HasNet && s.net == nil {
-		return nil, fmt.Errorf("a clone shape with a NIC but networking is off")
+		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(key))
 	}
 	id := newID(6)
-	sdir := filepath.Join(s.poolDir(), id)
-	if err := os.MkdirAll(sdir, 0o700); err != nil {
+	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key}
+	if err := os.MkdirAll(sp.dir, 0o700); err != nil {
 		return nil, err
 	}
-	sp := &spare{id: id, dir: sdir, key: k.String(), shape: &k}
-	ok = false
 	defer func() {
-		if !ok {
-			s.releaseSpareResources(context.Background(), id, sdir)
+		if err != nil {
+			s.pool.discard(sp)
 		}
 	}()
-	for name, size := range map[string]int64{"mem.raw": int64(k.MemoryMiB) << 20, "disk.ext4": k.DiskBytes} {
-		if err := createSparse(filepath.Join(sdir, name), size); err != nil {
-			return nil, err
-		}
-	}
-	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(s.accel), Kernel: k.Kernel, Initrd: k.Initrd}
-	var err error
-	if sp.inst, err = s.prepareSpare(ctx, prep, v, sdir, k.HasNet); err != nil {
+	if err := files(sp.dir); err != nil {
 		return nil, err
 	}
-	ok = true
-	s.log.Debug("warm pool: blank spare ready", "spare", id, "shape", sp.key)
+	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(s.accel), Kernel: k.Kernel, Initrd: k.Initrd}
+	if sp.inst, err = s.prepareSpare(ctx, prep, v, sp.dir, k.HasNet); err != nil {
+		return nil, err
+	}
 	return sp, nil
 }
 
@@ -518,18 +507,13 @@ func cloneKey(src *store.VM, dir string) (shapeKey, error) {
 // agent. A spare refused at insert goes back to the pool untouched; after
 // that, any failure removes everything.
 func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM, dir string, sp *spare, fill bool, start time.Time) (*api.VM, error) {
-	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
-	s.prepareNetwork(v, &opts)
-	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+	rt, err := s.insertVM(ctx, u, v, "spare.after-insert")
+	if err != nil {
 		s.pool.putBack(sp) // untouched: the next create can use it
 		return nil, err
 	}
-	crashpoint("spare.after-insert")
-	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
-	rt := s.rt(v.ID)
-	rt.log = log
-	rt.op.Lock()
 	defer rt.op.Unlock()
+	log := rt.log
 	fail := func(err error) (*api.VM, error) {
 		log.Warn("start from a warm spare failed; cleaning up", "err", err)
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -580,7 +564,6 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 	netDur := time.Since(netStart)
 	var t vmm.Timings
 	if sp.agent == nil {
-		var err error
 		if t, err = sp.inst.Load(ctx, dir); err != nil {
 			return fail(err)
 		}

@@ -420,6 +420,23 @@ func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*create
 	return p, nil
 }
 
+// insertVM records v, a new VM in state creating, with the user's quota
+// checked and (with networking) its address allocated in the same
+// transaction, then reaches crash point point. It returns v's runtime with
+// its logger set and its op lock held: the caller unlocks it.
+func (s *Server) insertVM(ctx context.Context, u *store.User, v *store.VM, point string) (*vmRT, error) {
+	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
+	s.prepareNetwork(v, &opts)
+	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+		return nil, err
+	}
+	crashpoint(point)
+	rt := s.rt(v.ID)
+	rt.log = s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
+	rt.op.Lock()
+	return rt, nil
+}
+
 func (s *Server) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(store.Usage) error {
 	lim := func(override *int64, def int) int64 {
 		if override != nil {
@@ -476,17 +493,12 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "cold", BootReason: reason, Kernel: bf.Kernel, Initrd: bf.Initrd,
 		Network: p.network, AllowPeers: p.allowPeer,
 	}
-	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, p.vcpus, p.memMiB)}
-	s.prepareNetwork(v, &opts)
-	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+	rt, err := s.insertVM(ctx, u, v, "create.after-insert")
+	if err != nil {
 		return nil, err
 	}
-	crashpoint("create.after-insert")
-	log := s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
-	rt := s.rt(v.ID)
-	rt.log = log
-	rt.op.Lock()
 	defer rt.op.Unlock()
+	log := rt.log
 
 	fail := func(err error) (*api.VM, error) {
 		log.Warn("create failed; cleaning up", "err", err)
