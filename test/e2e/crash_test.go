@@ -142,24 +142,16 @@ func TestCrashPoints(t *testing.T) {
 			t.Errorf("%s: half-made clone %s is listed", point, name)
 		}
 	}
-	// A clone that took a blank spare, killed right after its insert.
-	e.Stop()
-	e.ServerEnv = []string{"NOID_CRASHPOINT=spare.after-insert"}
-	e.Start()
-	e.ServerEnv = nil
-	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-spare"}); err != nil {
-		t.Fatal(err)
-	}
-	e.WaitCloneSpare(2 * time.Minute)
-	if _, err := e.Client.Clone(ctx(t), "base", "for-spare", "spareclone"); err == nil {
-		t.Error("spare.after-insert: the clone reported success although the server died")
-	}
-	select {
-	case <-e.exited:
-	case <-time.After(2 * time.Minute):
-		t.Fatal("crash point spare.after-insert was never reached")
-	}
-	e.Start()
+	// A clone that took a blank spare, killed right after its insert. The
+	// checkpoint, made with the crash point armed, prepares the spare.
+	crashAt(t, e, "spare.after-insert", func() error {
+		if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-spare"}); err != nil {
+			t.Fatal(err)
+		}
+		e.WaitCloneSpare(2 * time.Minute)
+		_, err := e.Client.Clone(ctx(t), "base", "for-spare", "spareclone")
+		return err
+	})
 	checkConsistent(t, e)
 	if listed("spareclone") {
 		t.Error("spare.after-insert: half-made clone is listed")
@@ -167,23 +159,14 @@ func TestCrashPoints(t *testing.T) {
 	// A rewind into a blank spare, killed after the files moved and before
 	// the state load: the VM is reported dead (its new VMM never got its
 	// state), and a second rewind works.
-	e.Stop()
-	e.ServerEnv = []string{"NOID_CRASHPOINT=restore.spare-after-move"}
-	e.Start()
-	e.ServerEnv = nil
-	if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-rewind"}); err != nil {
-		t.Fatal(err)
-	}
-	e.WaitCloneSpare(2 * time.Minute)
-	if _, err := e.Client.Restore(ctx(t), "base", "for-rewind"); err == nil {
-		t.Error("restore.spare-after-move: the rewind reported success although the server died")
-	}
-	select {
-	case <-e.exited:
-	case <-time.After(2 * time.Minute):
-		t.Fatal("crash point restore.spare-after-move was never reached")
-	}
-	e.Start()
+	crashAt(t, e, "restore.spare-after-move", func() error {
+		if _, err := e.Client.Checkpoint(ctx(t), "base", client.CheckpointRequest{Name: "for-rewind"}); err != nil {
+			t.Fatal(err)
+		}
+		e.WaitCloneSpare(2 * time.Minute)
+		_, err := e.Client.Restore(ctx(t), "base", "for-rewind")
+		return err
+	})
 	checkConsistent(t, e)
 	if v, _ := e.Client.GetVM(ctx(t), "base"); v.State != "dead" {
 		t.Errorf("after a crash before a spare loaded the rewound state: %s (%s)", v.State, v.StateReason)
