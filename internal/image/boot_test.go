@@ -101,8 +101,10 @@ loop:
 			if res.Marker != 0 {
 				continue
 			}
+			// Only complete lines count: QEMU writes the serial file as the
+			// guest prints, so a marker can be seen half written.
 			b, _ := os.ReadFile(serial)
-			if marker.Match(b) {
+			if marker.Match(completeLines(b)) {
 				res.Marker = time.Since(start)
 				if s.KeepRunning {
 					break loop
@@ -116,7 +118,7 @@ loop:
 	}
 	b, _ := os.ReadFile(serial)
 	res.Serial = string(b)
-	if m := marker.FindStringSubmatch(res.Serial); m != nil {
+	if m := marker.FindStringSubmatch(string(completeLines(b))); m != nil {
 		res.Line = m[0]
 		if len(m) > 1 {
 			res.Uptime, _ = strconv.ParseFloat(m[1], 64)
@@ -126,6 +128,11 @@ loop:
 		t.Logf("qemu exited: %v: %s", exitErr, stderr.String())
 	}
 	return res
+}
+
+// completeLines returns b up to and including its last newline.
+func completeLines(b []byte) []byte {
+	return b[:bytes.LastIndexByte(b, '\n')+1]
 }
 
 // tinyImageForBoot builds (or reuses) a tiny image with the stand-in agent
