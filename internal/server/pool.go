@@ -46,6 +46,7 @@ type spare struct {
 	key string
 	// shape is set for a blank spare.
 	shape    *shapeKey
+	hasNet   bool
 	promoted time.Time
 	inst     vmm.Prepared
 	// agent is set for a golden spare that already runs: its state is
@@ -355,7 +356,7 @@ func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
 		conn.Close()
 		return fmt.Errorf("connecting to the spare's agent: %w", err)
 	}
-	if _, err = c.Sync(ctx, hostSync()); err == nil {
+	if _, err = c.Sync(ctx, spareSync(sp)); err == nil {
 		for i := 0; i < 3 && err == nil; i++ {
 			err = runQuiet(ctx, c, "true")
 		}
@@ -366,6 +367,26 @@ func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
 	}
 	sp.agent = c
 	return nil
+}
+
+// spareSync is a golden spare's first sync: the host clock and entropy,
+// and a placeholder identity (the spare's id as hostname and, with a NIC,
+// its own MAC and a link-local address) that the create replaces. Setting
+// one ahead of time runs, once, the guest code that a create's identity
+// change runs: under TCG that code is translated here instead of during
+// the create, which it made 70 ms (hostname) to 170 ms (with a NIC)
+// slower. The spare's TAP is not on the bridge, so nothing sees the
+// placeholder address.
+func spareSync(sp *spare) proto.Sync {
+	sync := hostSync()
+	sync.Identity = &proto.Identity{Hostname: "spare-" + sp.id}
+	if sp.hasNet {
+		sync.Identity.MAC = network.MACFor(sp.id).String()
+		sync.Identity.IPv4 = "169.254.0.2/16"
+		sync.Identity.Gateway = "169.254.0.1"
+		sync.Identity.DNS = []string{"169.254.0.1"}
+	}
+	return sync
 }
 
 // runQuiet runs argv through the agent and fails unless it exits 0.
@@ -415,7 +436,7 @@ func (s *Server) newSpare(ctx context.Context, key string, k shapeKey, files fun
 		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(key))
 	}
 	id := newID(6)
-	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key}
+	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key, hasNet: k.HasNet}
 	if err := os.MkdirAll(sp.dir, 0o700); err != nil {
 		return nil, err
 	}

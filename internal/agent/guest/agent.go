@@ -82,7 +82,7 @@ func New(cfg Config) *Agent {
 	}
 	sys := cfg.System
 	if sys == nil {
-		sys = LinuxSystem{}
+		sys = NewLinuxSystem()
 	}
 	return &Agent{cfg: cfg, log: cfg.Logger, sys: sys, reaper: NewReaper(cfg.ReapAll, cfg.Logger)}
 }

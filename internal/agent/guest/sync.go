@@ -66,6 +66,7 @@ func (s *session) runSync(h *handler, req proto.Sync) {
 func (a *Agent) applySync(req proto.Sync) proto.SyncResult {
 	var res proto.SyncResult
 	sys := a.sys
+	start := time.Now()
 	fail := func(format string, args ...any) {
 		res.Errors = append(res.Errors, fmt.Sprintf(format, args...))
 	}
@@ -93,7 +94,7 @@ func (a *Agent) applySync(req proto.Sync) proto.SyncResult {
 	if id := req.Identity; id != nil {
 		a.applyIdentity(*id, &res, fail)
 	}
-	a.log.Info("sync", "clock_step", time.Duration(res.ClockStepNS).Round(time.Millisecond), "entropy_bytes", res.EntropyBytes,
+	a.log.Info("sync", "took", time.Since(start).Round(10*time.Microsecond), "clock_step", time.Duration(res.ClockStepNS).Round(time.Millisecond), "entropy_bytes", res.EntropyBytes,
 		"reseeded", res.Reseeded, "changed", strings.Join(res.Changed, ","), "errors", len(res.Errors))
 	return res
 }

@@ -15,8 +15,31 @@ import (
 )
 
 // LinuxSystem is the real System: it changes the machine it runs on. Only
-// the agent inside a VM should use it.
-type LinuxSystem struct{}
+// the agent inside a VM should use it. The zero value works; NewLinuxSystem
+// gives one that keeps its netlink socket open.
+type LinuxSystem struct {
+	rtnl *netlink.Handle
+}
+
+// NewLinuxSystem returns a LinuxSystem with a route netlink socket opened
+// in the calling thread's network namespace and kept open. The package
+// level netlink functions open and close a socket per request, which
+// under TCG cost the guest several milliseconds each.
+func NewLinuxSystem() LinuxSystem {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return LinuxSystem{} // a socket per request
+	}
+	return LinuxSystem{rtnl: h}
+}
+
+// nl returns the netlink handle requests go through.
+func (s LinuxSystem) nl() *netlink.Handle {
+	if s.rtnl == nil {
+		return &netlink.Handle{}
+	}
+	return s.rtnl
+}
 
 // Now returns the current time.
 func (LinuxSystem) Now() time.Time { return time.Now() }
@@ -99,21 +122,21 @@ func (LinuxSystem) SetHostname(name string) error {
 }
 
 // NetState reads ifname's MAC, IPv4 addresses and default gateway.
-func (LinuxSystem) NetState(ifname string) (NetState, error) {
+func (s LinuxSystem) NetState(ifname string) (NetState, error) {
 	var st NetState
-	link, err := netlink.LinkByName(ifname)
+	link, err := s.nl().LinkByName(ifname)
 	if err != nil {
 		return st, fmt.Errorf("finding link %s: %w", ifname, err)
 	}
 	st.MAC = strings.ToLower(link.Attrs().HardwareAddr.String())
-	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	addrs, err := s.nl().AddrList(link, netlink.FAMILY_V4)
 	if err != nil {
 		return st, fmt.Errorf("listing addresses of %s: %w", ifname, err)
 	}
 	for _, a := range addrs {
 		st.IPv4 = append(st.IPv4, a.IPNet.String())
 	}
-	routes, err := netlink.RouteList(link, netlink.FAMILY_V4)
+	routes, err := s.nl().RouteList(link, netlink.FAMILY_V4)
 	if err != nil {
 		return st, fmt.Errorf("listing routes of %s: %w", ifname, err)
 	}
@@ -131,24 +154,24 @@ func isZeroMask(m net.IPMask) bool {
 }
 
 // SetMAC sets ifname's hardware address, taking the link down and up again.
-func (LinuxSystem) SetMAC(ifname, mac string) error {
+func (s LinuxSystem) SetMAC(ifname, mac string) error {
 	hw, err := net.ParseMAC(mac)
 	if err != nil {
 		return err
 	}
-	link, err := netlink.LinkByName(ifname)
+	link, err := s.nl().LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("finding link %s: %w", ifname, err)
 	}
 	up := link.Attrs().Flags&net.FlagUp != 0
 	// virtio-net without the MAC control feature needs the link down.
-	if err := netlink.LinkSetHardwareAddr(link, hw); err != nil {
-		if err := netlink.LinkSetDown(link); err != nil {
+	if err := s.nl().LinkSetHardwareAddr(link, hw); err != nil {
+		if err := s.nl().LinkSetDown(link); err != nil {
 			return fmt.Errorf("taking %s down: %w", ifname, err)
 		}
-		err = netlink.LinkSetHardwareAddr(link, hw)
+		err = s.nl().LinkSetHardwareAddr(link, hw)
 		if up {
-			if uerr := netlink.LinkSetUp(link); uerr != nil && err == nil {
+			if uerr := s.nl().LinkSetUp(link); uerr != nil && err == nil {
 				err = uerr
 			}
 		}
@@ -160,8 +183,8 @@ func (LinuxSystem) SetMAC(ifname, mac string) error {
 }
 
 // SetIPv4 makes cidr the only IPv4 address of ifname and brings it up.
-func (LinuxSystem) SetIPv4(ifname, cidr string) error {
-	link, err := netlink.LinkByName(ifname)
+func (s LinuxSystem) SetIPv4(ifname, cidr string) error {
+	link, err := s.nl().LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("finding link %s: %w", ifname, err)
 	}
@@ -169,7 +192,7 @@ func (LinuxSystem) SetIPv4(ifname, cidr string) error {
 	if err != nil {
 		return err
 	}
-	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	addrs, err := s.nl().AddrList(link, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("listing addresses of %s: %w", ifname, err)
 	}
@@ -179,24 +202,26 @@ func (LinuxSystem) SetIPv4(ifname, cidr string) error {
 			have = true
 			continue
 		}
-		if err := netlink.AddrDel(link, &a); err != nil {
+		if err := s.nl().AddrDel(link, &a); err != nil {
 			return fmt.Errorf("removing %s from %s: %w", a.IPNet, ifname, err)
 		}
 	}
 	if !have {
-		if err := netlink.AddrAdd(link, want); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := s.nl().AddrAdd(link, want); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("adding %s to %s: %w", cidr, ifname, err)
 		}
 	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		return fmt.Errorf("bringing %s up: %w", ifname, err)
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		if err := s.nl().LinkSetUp(link); err != nil {
+			return fmt.Errorf("bringing %s up: %w", ifname, err)
+		}
 	}
 	return nil
 }
 
 // SetGateway replaces the IPv4 default route with one via gw on ifname.
-func (LinuxSystem) SetGateway(ifname, gw string) error {
-	link, err := netlink.LinkByName(ifname)
+func (s LinuxSystem) SetGateway(ifname, gw string) error {
+	link, err := s.nl().LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("finding link %s: %w", ifname, err)
 	}
@@ -206,7 +231,7 @@ func (LinuxSystem) SetGateway(ifname, gw string) error {
 	}
 	r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: ip,
 		Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}}
-	if err := netlink.RouteReplace(r); err != nil {
+	if err := s.nl().RouteReplace(r); err != nil {
 		return fmt.Errorf("setting default route via %s: %w", gw, err)
 	}
 	return nil
@@ -215,25 +240,24 @@ func (LinuxSystem) SetGateway(ifname, gw string) error {
 // AnnounceIPv4 broadcasts gratuitous ARP for ip from ifname (a request and
 // a reply, as arping -U and -A do), so that neighbours holding an entry
 // for ip update it to ifname's MAC at once.
-func (LinuxSystem) AnnounceIPv4(ifname, ip string) error {
-	ifi, err := net.InterfaceByName(ifname)
-	if err != nil {
-		return err
-	}
+func (s LinuxSystem) AnnounceIPv4(ifname, ip string) error {
 	// A link just set up may not have its carrier yet, and an ARP sent
 	// before it is dropped: wait for it, briefly.
+	var attrs *netlink.LinkAttrs
 	for deadline := time.Now().Add(time.Second); ; {
-		if l, err := netlink.LinkByName(ifname); err != nil || l.Attrs().OperState == netlink.OperUp || l.Attrs().OperState == netlink.OperUnknown {
-			break
+		l, err := s.nl().LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("finding link %s: %w", ifname, err)
 		}
-		if time.Now().After(deadline) {
+		attrs = l.Attrs()
+		if attrs.OperState == netlink.OperUp || attrs.OperState == netlink.OperUnknown || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	ip4 := net.ParseIP(ip).To4()
-	if ip4 == nil || len(ifi.HardwareAddr) != 6 {
-		return fmt.Errorf("cannot announce %q on %s (mac %s)", ip, ifname, ifi.HardwareAddr)
+	if ip4 == nil || len(attrs.HardwareAddr) != 6 {
+		return fmt.Errorf("cannot announce %q on %s (mac %s)", ip, ifname, attrs.HardwareAddr)
 	}
 	proto := htons(unix.ETH_P_ARP)
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(proto))
@@ -241,16 +265,16 @@ func (LinuxSystem) AnnounceIPv4(ifname, ip string) error {
 		return fmt.Errorf("packet socket: %w", err)
 	}
 	defer unix.Close(fd)
-	to := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: ifi.Index, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	to := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: attrs.Index, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
 	for _, op := range []uint16{1, 2} { // request, reply
 		pkt := make([]byte, 0, 28)
 		pkt = append(pkt, 0, 1, 0x08, 0x00, 6, 4, byte(op>>8), byte(op)) // Ethernet, IPv4
-		pkt = append(pkt, ifi.HardwareAddr...)                           // sender MAC
+		pkt = append(pkt, attrs.HardwareAddr...)                           // sender MAC
 		pkt = append(pkt, ip4...)                                        // sender IP
 		if op == 1 {
 			pkt = append(pkt, 0, 0, 0, 0, 0, 0) // target MAC: unknown
 		} else {
-			pkt = append(pkt, ifi.HardwareAddr...)
+			pkt = append(pkt, attrs.HardwareAddr...)
 		}
 		pkt = append(pkt, ip4...) // target IP = sender IP: gratuitous
 		if err := unix.Sendto(fd, pkt, 0, to); err != nil {
