@@ -705,6 +705,16 @@ func (s *Server) DestroyVM(ctx context.Context, u *store.User, name string) (*ap
 
 // apiVM converts a stored VM for the API, with a live state check.
 func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
+	out := s.apiVMState(v)
+	if n, err := s.store.CheckpointCounts(ctx, v.UserID, v.ID); err == nil {
+		out.Checkpoints = n[v.ID]
+	}
+	return out
+}
+
+// apiVMState converts v for the API, with its liveness checked against
+// its VMM, but without its checkpoint count.
+func (s *Server) apiVMState(v *store.VM) *api.VM {
 	out := &api.VM{
 		Name: v.Name, ID: v.ID, State: v.State, StateReason: v.StateReason, PID: v.PID, VCPUs: v.VCPUs,
 		MemoryMiB: v.MemoryMiB, DiskBytes: v.DiskBytes, CreatedAt: v.CreatedAt, StartedAt: v.StartedAt, IP: v.IP, MAC: v.MAC,
@@ -723,8 +733,20 @@ func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
 	if out.State == store.StateRunning && !v.StartedAt.IsZero() {
 		out.UptimeSeconds = time.Since(v.StartedAt).Seconds()
 	}
-	if cps, err := s.store.ListCheckpoints(ctx, v.UserID, v.ID); err == nil {
-		out.Checkpoints = len(cps)
+	return out
+}
+
+// apiVMs converts VMs of one user for the API, counting their checkpoints
+// in one query rather than one per VM.
+func (s *Server) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*api.VM {
+	counts, err := s.store.CheckpointCounts(ctx, userID, "")
+	out := make([]*api.VM, 0, len(vms))
+	for _, v := range vms {
+		a := s.apiVMState(v)
+		if err == nil {
+			a.Checkpoints = counts[v.ID]
+		}
+		out = append(out, a)
 	}
 	return out
 }
@@ -735,11 +757,7 @@ func (s *Server) ListVMs(ctx context.Context, u *store.User) ([]*api.VM, error) 
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*api.VM, 0, len(vms))
-	for _, v := range vms {
-		out = append(out, s.apiVM(ctx, v))
-	}
-	return out, nil
+	return s.apiVMs(ctx, u.ID, vms), nil
 }
 
 // GetVM returns one of the user's VMs.

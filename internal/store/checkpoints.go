@@ -41,7 +41,7 @@ func scanCP(sc interface{ Scan(...any) error }) (*Checkpoint, error) {
 // checkpoint with that name.
 func (s *Store) CheckpointNameFree(ctx context.Context, vmID, name string) error {
 	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM checkpoints WHERE vm_id = ? AND name = ?`, vmID, name).Scan(&n); err != nil {
+	if err := s.rd.QueryRowContext(ctx, `SELECT COUNT(*) FROM checkpoints WHERE vm_id = ? AND name = ?`, vmID, name).Scan(&n); err != nil {
 		return err
 	}
 	if n > 0 {
@@ -77,7 +77,7 @@ func (s *Store) CreateCheckpoint(ctx context.Context, c *Checkpoint, checkQuota 
 
 // GetCheckpoint finds a VM's checkpoint by name or id.
 func (s *Store) GetCheckpoint(ctx context.Context, userID int64, vmID, nameOrID string) (*Checkpoint, error) {
-	c, err := scanCP(s.db.QueryRowContext(ctx, `SELECT `+cpCols+` FROM checkpoints WHERE user_id = ? AND vm_id = ? AND (name = ? OR id = ?) ORDER BY name = ? DESC LIMIT 1`,
+	c, err := scanCP(s.rd.QueryRowContext(ctx, `SELECT `+cpCols+` FROM checkpoints WHERE user_id = ? AND vm_id = ? AND (name = ? OR id = ?) ORDER BY name = ? DESC LIMIT 1`,
 		userID, vmID, nameOrID, nameOrID, nameOrID))
 	if err == sql.ErrNoRows {
 		return nil, errdefs.WithHint(notFound("checkpoint", nameOrID), "noid checkpoints <vm>")
@@ -87,14 +87,14 @@ func (s *Store) GetCheckpoint(ctx context.Context, userID int64, vmID, nameOrID 
 
 // GetCheckpointByID finds any of the user's checkpoints by id.
 func (s *Store) GetCheckpointByID(ctx context.Context, userID int64, id string) (*Checkpoint, error) {
-	c, err := scanCP(s.db.QueryRowContext(ctx, `SELECT `+cpCols+` FROM checkpoints WHERE user_id = ? AND id = ?`, userID, id))
+	c, err := scanCP(s.rd.QueryRowContext(ctx, `SELECT `+cpCols+` FROM checkpoints WHERE user_id = ? AND id = ?`, userID, id))
 	return c, wrapNoRows(err, "checkpoint", id)
 }
 
-// ListCheckpoints returns a VM's checkpoints, oldest first; vmID "" lists
-// all of the user's, and userID < 0 all users'.
-func (s *Store) ListCheckpoints(ctx context.Context, userID int64, vmID string) ([]*Checkpoint, error) {
-	q := `SELECT ` + cpCols + ` FROM checkpoints WHERE 1=1`
+// cpWhere is the WHERE clause that selects the checkpoints of userID (every
+// user's when negative) and of vmID (every VM's when empty).
+func cpWhere(userID int64, vmID string) (string, []any) {
+	q := ` WHERE 1=1`
 	var args []any
 	if userID >= 0 {
 		q += ` AND user_id = ?`
@@ -104,8 +104,36 @@ func (s *Store) ListCheckpoints(ctx context.Context, userID int64, vmID string) 
 		q += ` AND vm_id = ?`
 		args = append(args, vmID)
 	}
-	q += ` ORDER BY created_at, name`
-	rows, err := s.db.QueryContext(ctx, q, args...)
+	return q, args
+}
+
+// CheckpointCounts returns how many checkpoints each VM has, by VM id, in
+// one query: the user's VMs (every user's for a negative userID), or only
+// vmID when it is set. VMs without checkpoints are absent from the map.
+func (s *Store) CheckpointCounts(ctx context.Context, userID int64, vmID string) (map[string]int, error) {
+	where, args := cpWhere(userID, vmID)
+	rows, err := s.rd.QueryContext(ctx, `SELECT vm_id, COUNT(*) FROM checkpoints`+where+` GROUP BY vm_id`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("counting checkpoints: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var id string
+		var n int
+		if err := rows.Scan(&id, &n); err != nil {
+			return nil, fmt.Errorf("counting checkpoints: %w", err)
+		}
+		out[id] = n
+	}
+	return out, rows.Err()
+}
+
+// ListCheckpoints returns a VM's checkpoints, oldest first; vmID "" lists
+// all of the user's, and userID < 0 all users'.
+func (s *Store) ListCheckpoints(ctx context.Context, userID int64, vmID string) ([]*Checkpoint, error) {
+	where, args := cpWhere(userID, vmID)
+	rows, err := s.rd.QueryContext(ctx, `SELECT `+cpCols+` FROM checkpoints`+where+` ORDER BY created_at, name`, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -149,7 +177,7 @@ func (s *Store) Audit(ctx context.Context, e AuditEntry) error {
 
 // AuditLog returns the most recent entries, newest last.
 func (s *Store) AuditLog(ctx context.Context, limit int) ([]AuditEntry, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT at, user_name, action, target, result, request_id FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id`, limit)
+	rows, err := s.rd.QueryContext(ctx, `SELECT at, user_name, action, target, result, request_id FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id`, limit)
 	if err != nil {
 		return nil, err
 	}

@@ -23,8 +23,18 @@ import (
 
 // Store is the metadata database. It is safe for concurrent use.
 type Store struct {
+	// db is the single writer connection: writes and transactions go
+	// through it, one at a time, so they never meet SQLITE_BUSY.
 	db *sql.DB
+	// rd is a pool of read-only connections for plain reads. In WAL mode
+	// they read the last committed state while a write is in progress, so
+	// lists, lookups and every request's token check do not queue behind
+	// lifecycle writes.
+	rd *sql.DB
 }
+
+// readConns is how many read-only connections the store opens at most.
+const readConns = 4
 
 // Open opens (creating if needed) the database at path and applies pending
 // migrations.
@@ -49,11 +59,18 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("securing database %s: %w", path, err)
 	}
+	rd, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)")
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("opening database %s for reading: %w", path, err)
+	}
+	rd.SetMaxOpenConns(readConns)
+	s.rd = rd
 	return s, nil
 }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return errors.Join(s.rd.Close(), s.db.Close()) }
 
 // migrations are applied in order; never edit one that has shipped, append.
 var migrations = []string{

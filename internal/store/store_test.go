@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -211,5 +212,88 @@ func TestRuntimeIDRoundTrip(t *testing.T) {
 	}
 	if again, _ := st.GetVMByID(ctx, "vm1"); again.Runtime() != "spare7" {
 		t.Fatalf("runtime after update: %q", again.Runtime())
+	}
+}
+
+// TestCheckpointCounts: the counts are per VM and scoped to the user, a
+// VM without checkpoints is absent, and a vmID narrows the count to it.
+func TestCheckpointCounts(t *testing.T) {
+	s, ctx := open(t), context.Background()
+	u, _, _ := s.CreateUser(ctx, "u", false)
+	o, _, _ := s.CreateUser(ctx, "o", false)
+	for _, v := range []struct {
+		id   string
+		user int64
+		cps  int
+	}{{"a", u.ID, 3}, {"b", u.ID, 1}, {"c", u.ID, 0}, {"d", o.ID, 2}} {
+		if err := s.CreateVM(ctx, &VM{ID: v.id, UserID: v.user, Name: v.id, State: StateRunning, VCPUs: 1, MemoryMiB: 1, VMM: "qemu"}, CreateOpts{}); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < v.cps; i++ {
+			cp := &Checkpoint{ID: fmt.Sprintf("%s%d", v.id, i), VMID: v.id, UserID: v.user, Name: fmt.Sprint(i), Backend: "qemu", VCPUs: 1, MemoryMiB: 1}
+			if err := s.CreateCheckpoint(ctx, cp, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	check := func(what string, got map[string]int, err error, want map[string]int) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: %v, want %v", what, got, want)
+		}
+	}
+	got, err := s.CheckpointCounts(ctx, u.ID, "")
+	check("u's VMs", got, err, map[string]int{"a": 3, "b": 1})
+	got, err = s.CheckpointCounts(ctx, -1, "")
+	check("every user's", got, err, map[string]int{"a": 3, "b": 1, "d": 2})
+	got, err = s.CheckpointCounts(ctx, u.ID, "a")
+	check("vm a", got, err, map[string]int{"a": 3})
+	got, err = s.CheckpointCounts(ctx, u.ID, "d")
+	check("o's vm d asked by u", got, err, map[string]int{})
+}
+
+// TestReadsDoNotWaitForWrites: while a write transaction is open, lookups,
+// lists and token checks still answer, from the last committed state, and
+// once it commits they see the write. (With reads on the writer's single
+// connection they would wait for the commit and time out here.)
+func TestReadsDoNotWaitForWrites(t *testing.T) {
+	s, ctx := open(t), context.Background()
+	u, tok, err := s.CreateUser(ctx, "u", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateVM(ctx, &VM{ID: "a", UserID: u.ID, Name: "a", State: StateRunning, VCPUs: 1, MemoryMiB: 1, VMM: "qemu"}, CreateOpts{}); err != nil {
+		t.Fatal(err)
+	}
+	inTx, release, done := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		done <- s.tx(ctx, func(tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, `UPDATE vms SET state = ? WHERE id = ?`, StateDead, "a")
+			close(inTx)
+			<-release
+			return err
+		})
+	}()
+	<-inTx
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if v, err := s.GetVM(rctx, u.ID, "a"); err != nil || v.State != StateRunning {
+		t.Errorf("GetVM during the write: %+v %v, want the committed state %q", v, err, StateRunning)
+	}
+	if vms, err := s.ListVMs(rctx, u.ID); err != nil || len(vms) != 1 {
+		t.Errorf("ListVMs during the write: %d %v", len(vms), err)
+	}
+	if who, err := s.UserByToken(rctx, tok); err != nil || who.ID != u.ID {
+		t.Errorf("UserByToken during the write: %+v %v", who, err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if v, err := s.GetVM(ctx, u.ID, "a"); err != nil || v.State != StateDead {
+		t.Errorf("GetVM after the commit: %+v %v, want %q", v, err, StateDead)
 	}
 }

@@ -100,13 +100,13 @@ func (s *Store) EnsureUnixUser(ctx context.Context, uid int64, name string) (*Us
 
 // UserByName returns the named user.
 func (s *Store) UserByName(ctx context.Context, name string) (*User, error) {
-	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE name = ?`, name))
+	u, err := scanUser(s.rd.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE name = ?`, name))
 	return u, wrapNoRows(err, "user", name)
 }
 
 // UserByID returns the user with that id.
 func (s *Store) UserByID(ctx context.Context, id int64) (*User, error) {
-	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE id = ?`, id))
+	u, err := scanUser(s.rd.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE id = ?`, id))
 	return u, wrapNoRows(err, "user", fmt.Sprint(id))
 }
 
@@ -117,7 +117,7 @@ func (s *Store) UserByToken(ctx context.Context, tok string) (*User, error) {
 	}
 	h := auth.HashToken(tok)
 	var stored string
-	row := s.db.QueryRowContext(ctx, `SELECT token_hash, `+userCols+` FROM users WHERE token_hash = ?`, h)
+	row := s.rd.QueryRowContext(ctx, `SELECT token_hash, `+userCols+` FROM users WHERE token_hash = ?`, h)
 	u := &User{}
 	var created string
 	var a, b, c, d sql.NullInt64
@@ -133,7 +133,7 @@ func (s *Store) UserByToken(ctx context.Context, tok string) (*User, error) {
 
 // ListUsers returns every user, by name.
 func (s *Store) ListUsers(ctx context.Context) ([]*User, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+userCols+` FROM users ORDER BY name`)
+	rows, err := s.rd.QueryContext(ctx, `SELECT `+userCols+` FROM users ORDER BY name`)
 	if err != nil {
 		return nil, err
 	}

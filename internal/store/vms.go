@@ -184,7 +184,7 @@ func (s *Store) SetVMState(ctx context.Context, id, state, reason string, pid in
 
 // GetVM returns the user's VM by name.
 func (s *Store) GetVM(ctx context.Context, userID int64, name string) (*VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE user_id = ? AND name = ?`, userID, name))
+	v, err := scanVM(s.rd.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE user_id = ? AND name = ?`, userID, name))
 	if err == sql.ErrNoRows {
 		return nil, errdefs.WithHint(notFound("vm", name), "noid list")
 	}
@@ -193,13 +193,13 @@ func (s *Store) GetVM(ctx context.Context, userID int64, name string) (*VM, erro
 
 // GetVMByID returns a VM by id, for any user (server-internal use).
 func (s *Store) GetVMByID(ctx context.Context, id string) (*VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE id = ?`, id))
+	v, err := scanVM(s.rd.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE id = ?`, id))
 	return v, wrapNoRows(err, "vm", id)
 }
 
 // GetVMByIP returns the VM holding ip, for any user (DNS scoping).
 func (s *Store) GetVMByIP(ctx context.Context, ip string) (*VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE ip = ?`, ip))
+	v, err := scanVM(s.rd.QueryRowContext(ctx, `SELECT `+vmCols+` FROM vms WHERE ip = ?`, ip))
 	return v, wrapNoRows(err, "vm with ip", ip)
 }
 
@@ -211,7 +211,7 @@ func (s *Store) ListVMs(ctx context.Context, userID int64) ([]*VM, error) {
 		q = `SELECT ` + vmCols + ` FROM vms ORDER BY created_at, name`
 		args = nil
 	}
-	rows, err := s.db.QueryContext(ctx, q, args...)
+	rows, err := s.rd.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
 	}
