@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -295,5 +296,35 @@ func TestReadsDoNotWaitForWrites(t *testing.T) {
 	}
 	if v, err := s.GetVM(ctx, u.ID, "a"); err != nil || v.State != StateDead {
 		t.Errorf("GetVM after the commit: %+v %v, want %q", v, err, StateDead)
+	}
+}
+
+// TestReadPoolOpenAtStart: the store opens its read connections when it
+// opens, so many parallel reads do not change how many files the process
+// holds (the load benchmark counts the server's descriptors to find leaks).
+func TestReadPoolOpenAtStart(t *testing.T) {
+	s, ctx := open(t), context.Background()
+	u, _, _ := s.CreateUser(ctx, "u", false)
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Skipf("no /proc/self/fd: %v", err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	var wg sync.WaitGroup
+	for i := 0; i < 4*readConns; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := s.ListVMs(ctx, u.ID); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if after := fds(); after != before {
+		t.Errorf("open files: %d before the reads, %d after", before, after)
 	}
 }
