@@ -68,20 +68,27 @@ func (c *Copier) CopyInto(ctx context.Context, src, dst string) error {
 	if si.Size() != di.Size() {
 		return fmt.Errorf("copying %s into %s: sizes differ (%d and %d bytes): %w", src, dst, si.Size(), di.Size(), errdefs.ErrInvalidArgument)
 	}
-	if !c.NoReflink && si.Size() > 0 {
+	if err := c.copyData(ctx, in, out, si.Size(), dst); err != nil {
+		return fmt.Errorf("copying %s into %s: %w", src, dst, err)
+	}
+	return nil
+}
+
+// copyData gives out (the file at dst) the size bytes of in: with FICLONE
+// unless NoReflink or the filesystem cannot, extent by extent otherwise.
+// A full filesystem is classified as such.
+func (c *Copier) copyData(ctx context.Context, in, out *os.File, size int64, dst string) error {
+	if !c.NoReflink && size > 0 {
 		cerr := unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
 		if cerr == nil {
 			c.reflinked.Store(true)
 			return nil
 		}
 		if !reflinkUnsupported(cerr) {
-			return fmt.Errorf("copying %s into %s: reflink: %w", src, dst, classify(dst, cerr))
+			return fmt.Errorf("reflink: %w", classify(dst, cerr))
 		}
 	}
-	if err := sparseCopy(ctx, in, out, si.Size()); err != nil {
-		return fmt.Errorf("copying %s into %s: %w", src, dst, classify(dst, err))
-	}
-	return nil
+	return classify(dst, sparseCopy(ctx, in, out, size))
 }
 
 // CopyFile copies src to dst, which must not exist yet: it is created with
@@ -123,23 +130,8 @@ func (c *Copier) CopyFile(ctx context.Context, src, dst string) (err error) {
 		}
 	}()
 
-	cloned := false
-	if !c.NoReflink && fi.Size() > 0 {
-		cerr := unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
-		switch {
-		case cerr == nil:
-			cloned = true
-			c.reflinked.Store(true)
-		case reflinkUnsupported(cerr):
-			// Fall through to the sparse copy.
-		default:
-			return fmt.Errorf("copying %s to %s: reflink: %w", src, dst, classify(dst, cerr))
-		}
-	}
-	if !cloned {
-		if err := sparseCopy(ctx, in, out, fi.Size()); err != nil {
-			return fmt.Errorf("copying %s to %s: %w", src, dst, classify(dst, err))
-		}
+	if err := c.copyData(ctx, in, out, fi.Size(), dst); err != nil {
+		return fmt.Errorf("copying %s to %s: %w", src, dst, err)
 	}
 	if err := out.Chmod(perm); err != nil {
 		return fmt.Errorf("copying %s to %s: setting mode: %w", src, dst, err)
