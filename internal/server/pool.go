@@ -42,11 +42,11 @@ import (
 type spare struct {
 	id  string
 	dir string
-	// key is the pool it belongs to: a golden directory, or a shapeKey.
+	// key is the pool it belongs to: a golden directory, or (for a blank
+	// spare) its shape's String.
 	key string
-	// shape is set for a blank spare.
-	shape    *shapeKey
-	hasNet   bool
+	// shape is the VM shape its VMM was started for.
+	shape    shapeKey
 	promoted time.Time
 	inst     vmm.Prepared
 	// agent is set for a golden spare that already runs: its state is
@@ -54,6 +54,10 @@ type spare struct {
 	// connection. A create then only applies the VM's identity.
 	agent *agentclient.Client
 }
+
+// blank reports whether the spare waits for state (for a clone or rewind)
+// rather than running a golden's.
+func (sp *spare) blank() bool { return sp.key == sp.shape.String() }
 
 // alive reports whether the spare's VMM (and, for a running spare, its
 // agent connection) still works.
@@ -152,8 +156,8 @@ func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
 	defer wp.mu.Unlock()
 	for _, sps := range wp.spares {
 		for _, sp := range sps {
-			if sp.shape != nil {
-				shapes[*sp.shape]++
+			if sp.blank() {
+				shapes[sp.shape]++
 			} else {
 				golden++
 			}
@@ -380,7 +384,7 @@ func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
 func spareSync(sp *spare) proto.Sync {
 	sync := hostSync()
 	sync.Identity = &proto.Identity{Hostname: "spare-" + sp.id}
-	if sp.hasNet {
+	if sp.shape.HasNet {
 		sync.Identity.MAC = network.MACFor(sp.id).String()
 		sync.Identity.IPv4 = "169.254.0.2/16"
 		sync.Identity.Gateway = "169.254.0.1"
@@ -418,7 +422,6 @@ func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error)
 	if err != nil {
 		return nil, err
 	}
-	sp.shape = &k
 	s.log.Debug("warm pool: blank spare ready", "spare", sp.id, "shape", sp.key)
 	return sp, nil
 }
@@ -436,7 +439,7 @@ func (s *Server) newSpare(ctx context.Context, key string, k shapeKey, files fun
 		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(key))
 	}
 	id := newID(6)
-	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key, hasNet: k.HasNet}
+	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key, shape: k}
 	if err := os.MkdirAll(sp.dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -570,10 +573,7 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 	var copyDur time.Duration
 	if fill {
 		copyStart := time.Now()
-		if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), spec.MemFile); err != nil {
-			return fail(err)
-		}
-		if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), spec.Disk); err != nil {
+		if err := s.fillSpare(ctx, dir, spec.MemFile, spec.Disk); err != nil {
 			return fail(err)
 		}
 		copyDur = time.Since(copyStart)
@@ -627,11 +627,9 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 		}
 	}()
 	copyStart := time.Now()
-	for _, f := range [][2]string{{vmm.SnapMemory, "mem.raw"}, {vmm.SnapDisk, "disk.ext4"}} {
-		if err := s.copier.CopyInto(ctx, filepath.Join(dir, f[0]), filepath.Join(sp.dir, f[1])); err != nil {
-			s.metrics.op("restore", start, err)
-			return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
-		}
+	if err := s.fillSpare(ctx, dir, filepath.Join(sp.dir, "mem.raw"), filepath.Join(sp.dir, "disk.ext4")); err != nil {
+		s.metrics.op("restore", start, err)
+		return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
 	}
 	copyDur := time.Since(copyStart)
 	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
@@ -704,6 +702,15 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 	}
 	crashpoint("restore.after-spawn")
 	return s.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
+}
+
+// fillSpare copies (reflinks where it can) the memory and disk of the
+// snapshot in dir into a blank spare's memory file mem and disk file disk.
+func (s *Server) fillSpare(ctx context.Context, dir, mem, disk string) error {
+	if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), mem); err != nil {
+		return err
+	}
+	return s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), disk)
 }
 
 // appendFileTo appends the file at src, if any, to the file at dst.
