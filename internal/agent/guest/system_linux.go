@@ -269,7 +269,7 @@ func (s LinuxSystem) AnnounceIPv4(ifname, ip string) error {
 	for _, op := range []uint16{1, 2} { // request, reply
 		pkt := make([]byte, 0, 28)
 		pkt = append(pkt, 0, 1, 0x08, 0x00, 6, 4, byte(op>>8), byte(op)) // Ethernet, IPv4
-		pkt = append(pkt, attrs.HardwareAddr...)                           // sender MAC
+		pkt = append(pkt, attrs.HardwareAddr...)                         // sender MAC
 		pkt = append(pkt, ip4...)                                        // sender IP
 		if op == 1 {
 			pkt = append(pkt, 0, 0, 0, 0, 0, 0) // target MAC: unknown
