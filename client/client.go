@@ -254,6 +254,17 @@ func (c *Client) Logs(ctx context.Context, name string, tail int64) ([]byte, err
 	return io.ReadAll(resp.Body)
 }
 
+// Metrics returns the server's Prometheus metrics text (admins only).
+func (c *Client) Metrics(ctx context.Context) (string, error) {
+	resp, err := c.raw(ctx, "GET", "/metrics", nil, "")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
 // Checkpoint captures a running VM.
 func (c *Client) Checkpoint(ctx context.Context, vm string, req CheckpointRequest) (*Checkpoint, error) {
 	var cp Checkpoint

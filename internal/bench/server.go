@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -372,17 +370,9 @@ func (s *Server) checkpointDir(id string) string {
 // or until ctx ends. It reports whether one is ready.
 func (s *Server) WaitCloneSpare(ctx context.Context, memMiB int) bool {
 	prefix := fmt.Sprintf(`noid_warm_spares{kind="clone",vcpus="1",memory_mib="%d",`, memMiB)
-	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", s.Socket)
-	}}}
-	defer hc.CloseIdleConnections()
 	for {
-		req, _ := http.NewRequestWithContext(ctx, "GET", "http://noid/metrics", nil)
-		if resp, err := hc.Do(req); err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			for _, line := range strings.Split(string(b), "\n") {
+		if m, err := s.Client.Metrics(ctx); err == nil {
+			for _, line := range strings.Split(m, "\n") {
 				if strings.HasPrefix(line, prefix) && !strings.HasSuffix(line, "} 0") {
 					return true
 				}

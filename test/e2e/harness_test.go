@@ -12,8 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -316,20 +314,11 @@ func ctx(t *testing.T) context.Context {
 // Metrics returns the server's /metrics text, read over its unix socket as root.
 func (e *Env) Metrics() string {
 	e.t.Helper()
-	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", e.Socket)
-	}}}
-	resp, err := hc.Get("http://noid/metrics")
+	m, err := e.Client.Metrics(ctx(e.t))
 	if err != nil {
 		e.t.Fatalf("reading metrics: %v", err)
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		e.t.Fatalf("reading metrics: %v (HTTP %d)", err, resp.StatusCode)
-	}
-	return string(b)
+	return m
 }
 
 // WaitCloneSpare waits until the server has a blank warm spare (for clones
