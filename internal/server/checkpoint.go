@@ -100,6 +100,9 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 		bm.KernelSHA256, bm.InitrdSHA256 = meta.KernelSHA256, meta.InitrdSHA256
 		meta = bm
 	}
+	if err := s.sealSnapshot(ctx, tmp, meta); err != nil {
+		return nil, classifyIOErr("checksumming checkpoint", err)
+	}
 	if err := vmm.WriteMeta(tmp, meta); err != nil {
 		return nil, classifyIOErr("writing checkpoint metadata", err)
 	}
@@ -277,12 +280,28 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}
+	// Nothing touches the VM before the checkpoint proved whole.
+	if _, err := s.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
+		s.metrics.op("restore", start, err)
+		return nil, err
+	}
 	if key, err := cloneKey(v, dir); err == nil {
 		defer s.pool.refillShape(key)
-		if sp := s.pool.take(key.String(), time.Time{}); sp != nil {
+		sp := s.pool.take(key.String(), time.Time{})
+		if _, ok := s.backend.(vmm.Preparer); ok && sp == nil {
+			// No spare waits: prepare one now. The rewind then loads the
+			// checkpoint into it before it stops the VM, as with a spare.
+			if sp, err = s.makeBlankSpare(ctx, key); err != nil {
+				s.metrics.op("restore", start, err)
+				return nil, classifyIOErr("preparing a VMM for the rewind of "+v.Name, err)
+			}
+		}
+		if sp != nil {
 			return s.rewindIntoSpare(ctx, u, v, c, dir, sp, start)
 		}
 	}
+	// Backends that cannot prepare a VMM (Firecracker) restore in place:
+	// the old VMM is stopped first.
 	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
 		return nil, err
 	}
@@ -347,6 +366,9 @@ func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *sto
 		src = owner
 	}
 	if err := s.checkSnapshotFits(dir, src); err != nil {
+		return nil, err
+	}
+	if _, err := s.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
 		return nil, err
 	}
 	v := &store.VM{

@@ -195,6 +195,9 @@ func (s *Server) createFromGolden(ctx context.Context, u *store.User, p *createP
 	if _, err := readGoldenConfig(dir); err != nil {
 		return nil, fmt.Errorf("%w: golden snapshot disappeared", errdefs.ErrConflict)
 	}
+	if _, err := s.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
+		return nil, err
+	}
 	src := "system"
 	if strings.HasPrefix(dir, s.userDir(u.ID)) {
 		src = "user"
@@ -252,7 +255,7 @@ func (s *Server) PromoteGolden(ctx context.Context, u *store.User, req api.Golde
 		return nil, err
 	}
 	cpDir := s.checkpointDir(c)
-	meta, err := vmm.ReadMeta(cpDir)
+	meta, err := s.verifySnapshot(ctx, cpDir, "checkpoint "+c.Name)
 	if err != nil {
 		return nil, err
 	}

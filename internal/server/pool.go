@@ -323,6 +323,9 @@ func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
 	if err != nil {
 		return nil, err
 	}
+	if _, err := s.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
+		return nil, err
+	}
 	k := shapeKey{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd}
 	sp, err := s.newSpare(ctx, dir, k, func(sdir string) error {
 		if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
@@ -613,11 +616,12 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 
 // rewindIntoSpare rewinds v to checkpoint c (files in dir) by moving it to
 // a blank spare: the checkpoint's memory and disk are copied into the
-// spare's files while the VM still runs, then the old VMM is killed, the
-// VM's runtime id becomes the spare's, the files move into the VM's
-// directory and the spare loads the device state. The VM keeps its id,
-// name, MAC and IP; its TAP, cgroup, sandbox uid and sockets are the
-// spare's from then on. The caller holds the VM's op lock.
+// spare's files and its device state loaded, vCPUs stopped, while the VM
+// still runs; only then is the old VMM killed, the VM's runtime id made the
+// spare's, the files moved into the VM's directory and the spare resumed.
+// A checkpoint that does not load so leaves the VM running as it was. The
+// VM keeps its id, name, MAC and IP; its TAP, cgroup, sandbox uid and
+// sockets are the spare's from then on. The caller holds the VM's op lock.
 func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, dir string, sp *spare, start time.Time) (*api.VM, error) {
 	rt := s.rt(v.ID)
 	owned := true // the spare is still ours to discard
@@ -632,11 +636,17 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 		return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
 	}
 	copyDur := time.Since(copyStart)
+	t, err := sp.inst.LoadPaused(ctx, dir)
+	if err != nil {
+		s.metrics.op("restore", start, err)
+		return nil, errdefs.WithHint(fmt.Errorf("%w: checkpoint %s of vm %q did not load, and the vm keeps running as it was: %v", errdefs.ErrConflict, c.Name, v.Name, err),
+			"the checkpoint may be damaged or from another QEMU; `noid logs "+v.Name+"` and the server log say more")
+	}
 	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
 		return nil, err
 	}
 	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err := rt.kill(kctx)
+	err = rt.kill(kctx)
 	cancel()
 	if err != nil {
 		return nil, err
@@ -655,7 +665,8 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 		return nil, classifyIOErr("restoring "+v.Name, err)
 	}
 	// Record the new runtime first: from here a crash leaves a process the
-	// next start adopts (or reports dead), never one nobody knows of.
+	// next start adopts (and whose files it moves into place), never one
+	// nobody knows of.
 	v.RuntimeID, v.PID = sp.id, sp.inst.Pid()
 	if v.Tap != "" {
 		v.Tap = network.TapName(sp.id)
@@ -665,43 +676,73 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 	}
 	owned = false
 	rt.setInstance(sp.inst)
-	vdir := s.vmDir(v)
-	// One console log: the old one goes into the spare's (still empty)
-	// log, which the spare's VMM appends to.
-	if err := appendFileTo(filepath.Join(vdir, "serial.log"), filepath.Join(sp.dir, "serial.log")); err != nil {
-		rt.log.Warn("keeping the console log across the rewind", "err", err)
-	}
-	// The old files are moved aside and removed after the load: freeing a
-	// large RAM file's page cache and blocks takes longer than the rest
-	// of the rewind.
-	trash := filepath.Join(vdir, ".rewound-"+old.ID)
-	if err := os.Mkdir(trash, 0o700); err != nil && !os.IsExist(err) {
+	if err := s.moveSpareFiles(v, sp.dir, old.ID); err != nil {
 		return dead(err)
-	}
-	defer func() { go os.RemoveAll(trash) }()
-	for _, name := range []string{"mem.raw", "disk.ext4", "serial.log", "qemu.pid"} {
-		os.Rename(filepath.Join(vdir, name), filepath.Join(trash, name))
-		if err := os.Rename(filepath.Join(sp.dir, name), filepath.Join(vdir, name)); err != nil && !os.IsNotExist(err) {
-			return dead(fmt.Errorf("moving the spare's %s into place: %w", name, err))
-		}
-	}
-	go os.RemoveAll(sp.dir)
-	if s.uids != nil {
-		if err := s.uids.Rehome(sp.id, vdir); err != nil {
-			return dead(err)
-		}
 	}
 	sp.inst.Moved(s.spec(v))
 	crashpoint("restore.spare-after-move")
 	if err := s.attachNetwork(ctx, v); err != nil {
 		return dead(err)
 	}
-	t, err := sp.inst.Load(ctx, dir)
-	if err != nil {
-		return dead(err)
+	resumeStart := time.Now()
+	if err := sp.inst.Resume(ctx); err != nil {
+		return dead(fmt.Errorf("resuming the rewound vm: %w", err))
 	}
+	t.Load += time.Since(resumeStart)
 	crashpoint("restore.after-spawn")
 	return s.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
+}
+
+// moveSpareFiles moves the files of the spare in spDir, which v now runs
+// on, into v's directory, and the files of v's previous runtime oldID out
+// of the way (removed in the background: freeing a large RAM file's page
+// cache and blocks takes longer than the rest of a rewind). The old
+// console log is kept at the head of the new one. A rewind calls it, and
+// so does start-up for a rewind a crash interrupted after the VM was
+// recorded on the spare.
+func (s *Server) moveSpareFiles(v *store.VM, spDir, oldID string) error {
+	vdir := s.vmDir(v)
+	// One console log: the old one goes into the spare's (still empty)
+	// log, which the spare's VMM appends to.
+	if err := appendFileTo(filepath.Join(vdir, "serial.log"), filepath.Join(spDir, "serial.log")); err != nil {
+		s.log.Warn("keeping the console log across the rewind", "vm", v.Name, "vm_id", v.ID, "err", err)
+	}
+	trash := filepath.Join(vdir, ".rewound-"+oldID)
+	if err := os.Mkdir(trash, 0o700); err != nil && !os.IsExist(err) {
+		return err
+	}
+	defer func() { go os.RemoveAll(trash) }()
+	for _, name := range []string{"mem.raw", "disk.ext4", "serial.log", "qemu.pid"} {
+		os.Rename(filepath.Join(vdir, name), filepath.Join(trash, name))
+		if err := os.Rename(filepath.Join(spDir, name), filepath.Join(vdir, name)); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("moving the spare's %s into place: %w", name, err)
+		}
+	}
+	go os.RemoveAll(spDir)
+	if s.uids != nil {
+		if err := s.uids.Rehome(v.Runtime(), vdir); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// finishSpareMove completes a rewind into a spare that a crash interrupted
+// after the VM was recorded on the spare but before the spare's files were
+// moved into the VM's directory. It runs at start-up, before the pool is
+// swept (which would kill the spare's VMM).
+func (s *Server) finishSpareMove(v *store.VM) {
+	spDir := filepath.Join(s.poolDir(), v.Runtime())
+	if v.Runtime() == v.ID {
+		return
+	}
+	if _, err := os.Stat(spDir); err != nil {
+		return
+	}
+	s.log.Warn("finishing a rewind interrupted by a crash: moving the spare's files into place", "vm", v.Name, "vm_id", v.ID, "runtime_id", v.Runtime())
+	if err := s.moveSpareFiles(v, spDir, "crash-"+newID(2)); err != nil {
+		s.log.Warn("moving a spare's files into place", "vm", v.Name, "vm_id", v.ID, "err", err)
+	}
 }
 
 // fillSpare copies (reflinks where it can) the memory and disk of the

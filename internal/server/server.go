@@ -52,6 +52,8 @@ type Server struct {
 	accel   vmm.Accel
 	copier  *storage.Copier
 	storage storage.Mode
+	// verifier checks snapshot files against their recorded checksums.
+	verifier storage.Verifier
 	metrics *metrics
 
 	mu  sync.Mutex

@@ -233,6 +233,7 @@ func (s *Server) recover(ctx context.Context) error {
 			s.destroyVM(ctx, v)
 			continue
 		case store.StateRunning, store.StateRestoring:
+			s.finishSpareMove(v)
 			inst, err := s.adopt(ctx, v)
 			if err != nil {
 				reason := "vmm process exited while the server was down"

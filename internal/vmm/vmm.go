@@ -108,7 +108,25 @@ type SnapshotMeta struct {
 	InitrdSHA256 string `json:"initrd_sha256,omitempty"`
 	// CreatedAt is when the snapshot was taken.
 	CreatedAt time.Time `json:"created_at"`
+	// Files holds the size and content checksum of each snapshot file
+	// (SnapMemory, SnapState, SnapDisk), recorded when the snapshot was
+	// written, so that a damaged or truncated snapshot is refused before
+	// anything is done with it. Snapshots written before noid recorded
+	// them have none.
+	Files map[string]FileSum `json:"files,omitempty"`
 }
+
+// FileSum is the size and content checksum of one snapshot file.
+type FileSum struct {
+	// Size is the file's size in bytes.
+	Size int64 `json:"size"`
+	// Sum is storage.Checksum's checksum of its content.
+	Sum string `json:"sum"`
+}
+
+// SnapshotFiles are the files every snapshot directory holds besides its
+// metadata.
+var SnapshotFiles = []string{SnapMemory, SnapState, SnapDisk}
 
 // Timings reports where time went during a checkpoint or restore.
 type Timings struct {
@@ -196,6 +214,11 @@ type Prepared interface {
 	// and resumes the vCPUs. The snapshot must fit the spec it was
 	// prepared with.
 	Load(ctx context.Context, dir string) (Timings, error)
+	// LoadPaused is Load without the resume: the VM has its state and
+	// waits, vCPUs stopped, for Resume. A rewind loads the spare this way
+	// before it stops the VM it replaces, so a snapshot that does not
+	// load leaves that VM running.
+	LoadPaused(ctx context.Context, dir string) (Timings, error)
 	// Moved tells the instance that its files now live at spec's paths (a
 	// spare's directory was renamed to the VM's); the VMM itself holds
 	// open files and does not notice.

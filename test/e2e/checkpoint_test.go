@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/storage"
 )
 
 // counter reads the guest's in-memory counter from its tmpfs file.
@@ -380,3 +382,155 @@ func mustRun(t *testing.T, name string, args ...string) {
 
 var _ = fmt.Sprint
 var _ sync.Mutex
+
+// TestRewindRefusesDamagedCheckpoint: a rewind or clone to a checkpoint
+// whose files were removed, truncated or damaged on the host is refused
+// before the VM is touched, and a checkpoint that passes its checks but
+// does not load is refused too: the VM keeps running as it was, with the
+// same VMM, its memory (a counter process) and its disk (a file written
+// after the checkpoint).
+func TestRewindRefusesDamagedCheckpoint(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("dmg")
+	e.MustExec("dmg", "sh", "-c", "setsid sh -c '"+counterScript+"' </dev/null >/dev/null 2>&1 &")
+	waitCounter(t, e, "dmg", 2)
+	cpRoot := filepath.Join(e.Dir, "data", "users")
+	checkpoint := func(name string) string {
+		t.Helper()
+		cp, err := e.Client.Checkpoint(ctx(t), "dmg", client.CheckpointRequest{Name: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dirs, _ := filepath.Glob(filepath.Join(cpRoot, "*", "checkpoints", cp.ID))
+		if len(dirs) != 1 {
+			t.Fatalf("checkpoint %s (%s) has no directory: %v", name, cp.ID, dirs)
+		}
+		return dirs[0]
+	}
+	// The marker is written after every checkpoint: a rewind would remove it.
+	e.MustExec("dmg", "sh", "-c", "echo after > /root/after && sync")
+	flipMiddle := func(p string) {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fi, _ := f.Stat()
+		// Find a non-zero byte near the middle (a hole reads as zeros and
+		// writing one there would not change the content a rewind loads).
+		buf := make([]byte, 1<<20)
+		for off := fi.Size() / 2; ; off = (off + int64(len(buf))) % fi.Size() {
+			n, _ := f.ReadAt(buf, off)
+			for i := 0; i < n; i++ {
+				if buf[i] != 0 {
+					if _, err := f.WriteAt([]byte{^buf[i]}, off+int64(i)); err != nil {
+						t.Fatal(err)
+					}
+					return
+				}
+			}
+		}
+	}
+	truncateHalf := func(p string) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, fi.Size()/2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// stateLoadsBadly garbles the device state but records the garbled
+	// file's size and checksum, as if the checkpoint had been written so:
+	// the checks pass and the state load itself fails.
+	stateLoadsBadly := func(dir string) {
+		p := filepath.Join(dir, "vmstate.snap")
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 64; i < len(b); i += 97 {
+			b[i] ^= 0x5a
+		}
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		size, sum, err := storage.Checksum(context.Background(), p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mp := filepath.Join(dir, "meta.json")
+		var meta map[string]any
+		mb, _ := os.ReadFile(mp)
+		if err := json.Unmarshal(mb, &meta); err != nil {
+			t.Fatal(err)
+		}
+		files, _ := meta["files"].(map[string]any)
+		if files == nil {
+			t.Fatalf("meta.json records no file checksums: %s", mb)
+		}
+		files["vmstate.snap"] = map[string]any{"size": size, "sum": sum}
+		mb, _ = json.Marshal(meta)
+		if err := os.WriteFile(mp, mb, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cases := []struct {
+		name   string
+		damage func(dir string)
+		want   string // in the error
+	}{
+		{"memory removed", func(d string) { os.Remove(filepath.Join(d, "memory.snap")) }, "memory.snap is missing"},
+		{"memory truncated", func(d string) { truncateHalf(filepath.Join(d, "memory.snap")) }, "memory.snap has"},
+		{"memory damaged", func(d string) { flipMiddle(filepath.Join(d, "memory.snap")) }, "memory.snap is damaged"},
+		{"state removed", func(d string) { os.Remove(filepath.Join(d, "vmstate.snap")) }, "vmstate.snap is missing"},
+		{"state truncated", func(d string) { truncateHalf(filepath.Join(d, "vmstate.snap")) }, "vmstate.snap has"},
+		{"disk removed", func(d string) { os.Remove(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 is missing"},
+		{"disk truncated", func(d string) { truncateHalf(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 has"},
+		{"disk damaged", func(d string) { flipMiddle(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 is damaged"},
+		{"metadata removed", func(d string) { os.Remove(filepath.Join(d, "meta.json")) }, "metadata"},
+		{"state does not load", stateLoadsBadly, "did not load"},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cpName := fmt.Sprintf("cp%d", i)
+			dir := checkpoint(cpName)
+			e.MustExec("dmg", "sh", "-c", "echo after > /root/after && sync")
+			before, err := e.Client.GetVM(ctx(t), "dmg")
+			if err != nil {
+				t.Fatal(err)
+			}
+			c0 := counter(t, e, "dmg")
+			tc.damage(dir)
+			_, err = e.Client.Restore(ctx(t), "dmg", cpName)
+			if !errors.Is(err, client.ErrConflict) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("rewind to a checkpoint with %s: %v, want a conflict error mentioning %q", tc.name, err, tc.want)
+			}
+			if _, err := e.Client.Clone(ctx(t), "dmg", cpName, "dmg-clone"); err == nil {
+				t.Errorf("clone of a checkpoint with %s succeeded", tc.name)
+				e.Client.DestroyVM(ctx(t), "dmg-clone")
+			} else if _, gerr := e.Client.GetVM(ctx(t), "dmg-clone"); !errors.Is(gerr, client.ErrNotFound) {
+				t.Errorf("a refused clone left a VM behind: %v", gerr)
+			}
+			after, err := e.Client.GetVM(ctx(t), "dmg")
+			if err != nil || after.State != "running" || after.PID != before.PID || after.RuntimeID != before.RuntimeID {
+				t.Fatalf("vm after the refused rewind: %+v %v (before: pid %d runtime %s)", after, err, before.PID, before.RuntimeID)
+			}
+			// Memory and disk are the VM's own, not the checkpoint's.
+			waitCounter(t, e, "dmg", c0+2)
+			if out := e.MustExec("dmg", "cat", "/root/after"); out != "after\n" {
+				t.Fatalf("/root/after = %q after a refused rewind", out)
+			}
+		})
+	}
+	// A whole checkpoint still rewinds (a positive control for the checks).
+	checkpoint("whole")
+	e.MustExec("dmg", "sh", "-c", "echo later > /root/later && sync")
+	if _, err := e.Client.Restore(ctx(t), "dmg", "whole"); err != nil {
+		t.Fatalf("rewind to an intact checkpoint: %v", err)
+	}
+	if _, _, code := e.Exec("dmg", "test", "-e", "/root/later"); code == 0 {
+		t.Error("the rewind to an intact checkpoint kept a file written after it")
+	}
+}
+

@@ -98,6 +98,22 @@ func (i *Instance) watch() {
 
 // Load gives a prepared QEMU the device state in dir and resumes it.
 func (i *Instance) Load(ctx context.Context, dir string) (vmm.Timings, error) {
+	t, err := i.LoadPaused(ctx, dir)
+	if err != nil {
+		return t, err
+	}
+	start := time.Now()
+	if err := i.qmp.Execute(ctx, "cont", nil, nil); err != nil {
+		return t, fmt.Errorf("resuming after loading snapshot state: %w", err)
+	}
+	t.Load += time.Since(start)
+	t.Total = t.Load
+	return t, nil
+}
+
+// LoadPaused gives a prepared QEMU the device state in dir and leaves its
+// vCPUs stopped until Resume.
+func (i *Instance) LoadPaused(ctx context.Context, dir string) (vmm.Timings, error) {
 	var t vmm.Timings
 	start := time.Now()
 	if !i.prepared {
@@ -108,7 +124,7 @@ func (i *Instance) Load(ctx context.Context, dir string) (vmm.Timings, error) {
 			return t, err
 		}
 	}
-	if err := i.incoming(ctx, filepath.Join(dir, vmm.SnapState)); err != nil {
+	if err := i.incomingPaused(ctx, filepath.Join(dir, vmm.SnapState)); err != nil {
 		return t, fmt.Errorf("loading snapshot state: %w", err)
 	}
 	i.prepared = false
@@ -244,6 +260,16 @@ func (i *Instance) waitMigration(ctx context.Context, cmd string) error {
 // incoming loads device state from path into a QEMU started with
 // -incoming defer and resumes the vCPUs.
 func (i *Instance) incoming(ctx context.Context, path string) error {
+	if err := i.incomingPaused(ctx, path); err != nil {
+		return err
+	}
+	return i.qmp.Execute(ctx, "cont", nil, nil)
+}
+
+// incomingPaused loads device state from path into a QEMU started with
+// -incoming defer. The snapshot was taken with the vCPUs stopped, so the
+// VM stays paused once it has loaded.
+func (i *Instance) incomingPaused(ctx context.Context, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", path, err)
@@ -258,10 +284,7 @@ func (i *Instance) incoming(ctx context.Context, path string) error {
 	if err := i.qmp.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:vmstate"}, nil); err != nil {
 		return err
 	}
-	if err := i.waitIncoming(ctx); err != nil {
-		return err
-	}
-	return i.qmp.Execute(ctx, "cont", nil, nil)
+	return i.waitIncoming(ctx)
 }
 
 // waitIncoming waits until the incoming migration has loaded and the VM is paused.

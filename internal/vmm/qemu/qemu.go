@@ -208,7 +208,9 @@ func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 		a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	}
 	if incoming {
-		a = append(a, "-incoming", "defer")
+		// -S: a loaded VM stays paused until the server resumes it, even
+		// where the snapshot's own run state would let it start.
+		a = append(a, "-S", "-incoming", "defer")
 	}
 	return a
 }

@@ -1,0 +1,63 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// sealSnapshot records the size and checksum of every file of the snapshot
+// in dir into meta.Files. It runs after the VM resumed, never in its pause.
+func (s *Server) sealSnapshot(ctx context.Context, dir string, meta *vmm.SnapshotMeta) error {
+	meta.Files = map[string]vmm.FileSum{}
+	for _, name := range vmm.SnapshotFiles {
+		size, sum, err := s.verifier.Sum(ctx, filepath.Join(dir, name))
+		if err != nil {
+			return err
+		}
+		meta.Files[name] = vmm.FileSum{Size: size, Sum: sum}
+	}
+	return nil
+}
+
+// verifySnapshot checks that the snapshot in dir is whole before anything
+// is done with it: its metadata reads, and each of its files exists with
+// the size and checksum recorded when it was written. A snapshot written
+// before noid recorded checksums is checked for its files and the memory
+// size its metadata implies. what names the snapshot in the error.
+func (s *Server) verifySnapshot(ctx context.Context, dir, what string) (*vmm.SnapshotMeta, error) {
+	damaged := func(err error) error {
+		return errdefs.WithHint(fmt.Errorf("%w: %s cannot be used: %v", errdefs.ErrConflict, what, err),
+			"nothing was changed; the snapshot's files were damaged or removed on the host: delete it (`noid checkpoint rm`) and take a new one")
+	}
+	meta, err := vmm.ReadMeta(dir)
+	if err != nil {
+		return nil, damaged(err)
+	}
+	for _, name := range vmm.SnapshotFiles {
+		p := filepath.Join(dir, name)
+		if want, ok := meta.Files[name]; ok {
+			if err := s.verifier.Verify(ctx, p, want.Size, want.Sum); err != nil {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				return nil, damaged(err)
+			}
+			continue
+		}
+		fi, err := os.Stat(p)
+		switch {
+		case err != nil:
+			return nil, damaged(fmt.Errorf("%s is missing: %w", p, err))
+		case fi.Size() == 0:
+			return nil, damaged(fmt.Errorf("%s is empty", p))
+		case name == vmm.SnapMemory && fi.Size() != int64(meta.MemoryMiB)<<20:
+			return nil, damaged(fmt.Errorf("%s has %d bytes, the VM's %d MiB need %d", p, fi.Size(), meta.MemoryMiB, int64(meta.MemoryMiB)<<20))
+		}
+	}
+	return meta, nil
+}
