@@ -54,7 +54,7 @@ type Server struct {
 	storage storage.Mode
 	// verifier checks snapshot files against their recorded checksums.
 	verifier storage.Verifier
-	metrics *metrics
+	metrics  *metrics
 
 	mu  sync.Mutex
 	vms map[string]*vmRT // by VM id

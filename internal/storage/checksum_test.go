@@ -48,7 +48,7 @@ func TestChecksumFollowsContentNotLayout(t *testing.T) {
 	}
 
 	changed := map[string]func(p string){
-		"one byte": func(p string) { writeAt(t, p, 3<<20+17, []byte{1}) },
+		"one byte":  func(p string) { writeAt(t, p, 3<<20+17, []byte{1}) },
 		"in a hole": func(p string) { writeAt(t, p, 6<<20, []byte{1}) },
 		"size":      func(p string) { os.Truncate(p, size+4096) },
 		"moved block": func(p string) {

@@ -533,4 +533,3 @@ func TestRewindRefusesDamagedCheckpoint(t *testing.T) {
 		t.Error("the rewind to an intact checkpoint kept a file written after it")
 	}
 }
-
