@@ -3,52 +3,18 @@ package server
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"sort"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
 
-	"github.com/noid-vm/noid/internal/agent/client"
-	"github.com/noid-vm/noid/internal/agent/proto"
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
-	"github.com/noid-vm/noid/internal/store"
 )
-
-// agentFor resolves the user's VM to a connected agent, failing fast when the
-// VM is not running.
-func (s *Server) agentFor(ctx context.Context, u *store.User, name string) (*store.VM, *client.Client, error) {
-	v, err := s.store.GetVM(ctx, u.ID, name)
-	if err != nil {
-		return nil, nil, err
-	}
-	switch v.State {
-	case store.StateRunning, store.StateCreating:
-	default:
-		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q is %s: %w", name, v.State, errdefs.ErrNotRunning), "noid info "+name)
-	}
-	rt := s.rt(v.ID)
-	if _, err := rt.instance(); err != nil {
-		return nil, nil, fmt.Errorf("vm %q: %w", name, err)
-	}
-	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	c, err := rt.agentClient(actx, v)
-	if err != nil {
-		if errors.Is(err, errdefs.ErrNotRunning) {
-			return nil, nil, fmt.Errorf("vm %q: %w", name, errdefs.ErrNotRunning)
-		}
-		return nil, nil, err
-	}
-	return v, c, nil
-}
 
 func (s *Server) hExec(w http.ResponseWriter, r *http.Request) error {
 	return s.serveExec(w, r, false)
@@ -61,9 +27,7 @@ func (s *Server) hConsole(w http.ResponseWriter, r *http.Request) error {
 // serveExec runs one process over a WebSocket. Errors before the upgrade are
 // ordinary HTTP errors; after it they are sent as an error message.
 func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool) error {
-	u := userOf(r.Context())
-	name := r.PathValue("name")
-	_, ac, err := s.agentFor(r.Context(), u, name)
+	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), r.PathValue("name"))
 	if err != nil {
 		return err
 	}
@@ -92,19 +56,14 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		sendErr(fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument))
 		return nil
 	}
-	preq, err := execParams(first, console)
-	if err != nil {
-		sendErr(err)
+	var req api.ExecRequest
+	if json.Unmarshal(first, &req) != nil {
+		sendErr(fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument))
 		return nil
 	}
-	var proc *client.Process
-	if console && len(preq.Argv) == 0 {
-		proc, err = ac.Console(ctx, preq)
-	} else {
-		proc, err = ac.Exec(ctx, preq)
-	}
+	proc, err := g.Exec(ctx, req, console)
 	if err != nil {
-		sendErr(fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err))
+		sendErr(err)
 		return nil
 	}
 	started, _ := json.Marshal(api.StreamMsg{Type: api.MsgStarted})
@@ -128,14 +87,14 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		}
 	}()
 	go func() {
-		stdinOpen := preq.Stdin
+		stdinOpen := req.Stdin || console
 		closeStdin := func() {
 			if stdinOpen {
 				stdinOpen = false
 				close(stdinCh)
 			}
 		}
-		if !preq.Stdin {
+		if !stdinOpen {
 			close(stdinCh)
 		}
 		for {
@@ -216,40 +175,6 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	ws.Write(ctx, websocket.MessageText, b)
 	ws.Close(websocket.StatusNormalClosure, "")
 	return nil
-}
-
-// execParams decodes and checks the first message of an exec or console
-// WebSocket (an api.ExecRequest) and turns it into the agent's request.
-func execParams(first []byte, console bool) (proto.ExecRequest, error) {
-	var req api.ExecRequest
-	if json.Unmarshal(first, &req) != nil {
-		return proto.ExecRequest{}, fmt.Errorf("%w: the first message must be a JSON exec request", errdefs.ErrInvalidArgument)
-	}
-	if console {
-		req.TTY = true
-		req.Stdin = true
-	}
-	if len(req.Argv) == 0 && !console {
-		return proto.ExecRequest{}, errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]")
-	}
-	if req.TimeoutMs < 0 {
-		return proto.ExecRequest{}, fmt.Errorf("%w: timeout must not be negative", errdefs.ErrInvalidArgument)
-	}
-	env := make([]string, 0, len(req.Env))
-	for k, v := range req.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
-			return proto.ExecRequest{}, fmt.Errorf("%w: invalid environment variable name %q", errdefs.ErrInvalidArgument, k)
-		}
-		env = append(env, k+"="+v)
-	}
-	sort.Strings(env)
-	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
-		return proto.ExecRequest{}, fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument)
-	}
-	return proto.ExecRequest{
-		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
-		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
-	}, nil
 }
 
 // clientMsg decodes a text message a client sends during an exec. It

@@ -2,10 +2,10 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -137,7 +137,7 @@ func (s *Server) Handler(local bool) http.Handler {
 func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, local bool) {
 	rid := r.Header.Get("X-Request-Id")
 	if rid == "" || len(rid) > 64 {
-		rid = newID(8)
+		rid = newRequestID()
 	}
 	w.Header().Set("X-Request-Id", rid)
 	ctx := context.WithValue(r.Context(), keyRequestID, rid)
@@ -209,7 +209,7 @@ func (s *Server) authenticate(r *http.Request, local bool) (*identity, error) {
 		if !ok {
 			return nil, fmt.Errorf("%w: cannot read peer credentials on the unix socket", errdefs.ErrUnauthenticated)
 		}
-		if s.isSandboxUID(uid) {
+		if s.mgr.IsSandboxUID(uid) {
 			return nil, fmt.Errorf("%w: uid %d belongs to the VMM sandbox and may not use the API", errdefs.ErrUnauthenticated, uid)
 		}
 		name := "uid" + strconv.FormatInt(uid, 10)
@@ -280,21 +280,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) error {
 	return enc.Encode(v)
 }
 
-// decodeJSON reads a bounded JSON body into v, rejecting unknown fields.
+// decodeJSON reads a bounded JSON body into v (see api.Decode).
 func decodeJSON(r *http.Request, v any) error {
-	body := http.MaxBytesReader(nil, r.Body, 1<<20)
-	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		if errors.Is(err, io.EOF) {
-			return fmt.Errorf("%w: empty request body", errdefs.ErrInvalidArgument)
-		}
-		return fmt.Errorf("%w: bad request body: %v", errdefs.ErrInvalidArgument, err)
-	}
-	if dec.More() {
-		return fmt.Errorf("%w: trailing data after JSON body", errdefs.ErrInvalidArgument)
-	}
-	return nil
+	return api.Decode(http.MaxBytesReader(nil, r.Body, api.MaxRequestBody), v)
 }
 
 func (s *Server) hHealth(w http.ResponseWriter, r *http.Request) error {
@@ -302,11 +290,8 @@ func (s *Server) hHealth(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) versionInfo(ctx context.Context) api.VersionInfo {
-	vi := api.VersionInfo{Server: Version, API: api.Version, GoVersion: runtime.Version(), VMM: s.backend.Name(), Accel: string(s.accel)}
-	if v, err := s.backend.Version(ctx); err == nil {
-		vi.VMMVersion = v
-	}
-	return vi
+	return api.VersionInfo{Server: Version, API: api.Version, GoVersion: runtime.Version(), VMM: s.mgr.BackendName(),
+		Accel: string(s.mgr.Accel()), VMMVersion: s.mgr.VMMVersion(ctx)}
 }
 
 func (s *Server) hVersion(w http.ResponseWriter, r *http.Request) error {
@@ -319,7 +304,7 @@ func (s *Server) hWhoAmI(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hListVMs(w http.ResponseWriter, r *http.Request) error {
-	vms, err := s.ListVMs(r.Context(), userOf(r.Context()))
+	vms, err := s.mgr.ListVMs(r.Context(), userOf(r.Context()))
 	if err != nil {
 		return err
 	}
@@ -331,7 +316,7 @@ func (s *Server) hCreateVM(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeJSON(r, &req); err != nil {
 		return err
 	}
-	vm, err := s.CreateVM(r.Context(), userOf(r.Context()), req)
+	vm, err := s.mgr.CreateVM(r.Context(), userOf(r.Context()), req)
 	if err != nil {
 		return err
 	}
@@ -339,7 +324,7 @@ func (s *Server) hCreateVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
-	vm, err := s.GetVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	vm, err := s.mgr.GetVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
 	if err != nil {
 		return err
 	}
@@ -347,7 +332,7 @@ func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hDestroyVM(w http.ResponseWriter, r *http.Request) error {
-	res, err := s.DestroyVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	res, err := s.mgr.DestroyVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
 	if err != nil {
 		return err
 	}
@@ -363,7 +348,7 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 		tail = n
 	}
-	b, err := s.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
+	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
 	if err != nil {
 		return err
 	}
@@ -371,3 +356,13 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 	_, err = w.Write(b)
 	return err
 }
+
+// newRequestID makes an id for a request that came without one.
+func newRequestID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// ms is a duration in milliseconds, for logs.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

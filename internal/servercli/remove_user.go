@@ -8,7 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/noid-vm/noid/client"
-	"github.com/noid-vm/noid/internal/server"
+	"github.com/noid-vm/noid/internal/manager"
 )
 
 func newRemoveUserCmd(e *env) *cobra.Command {
@@ -39,12 +39,12 @@ the unix socket); otherwise it is done directly.`,
 				fmt.Fprintf(e.stdout, "removed user %s (%d VMs destroyed)\n", args[0], n)
 				return nil
 			}
-			srv, err := server.New(ctx, server.Options{Config: cfg, Logger: e.logger(cfg)})
+			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: e.logger(cfg)})
 			if err != nil {
 				return err
 			}
-			defer srv.Close()
-			n, err := srv.RemoveUser(ctx, args[0])
+			defer mgr.Close()
+			n, err := mgr.RemoveUser(ctx, args[0])
 			if err != nil {
 				return err
 			}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/noid-vm/noid/internal/manager"
 	"github.com/noid-vm/noid/internal/server"
 )
 
@@ -28,10 +29,12 @@ serves until SIGTERM or SIGINT. Stopping the server leaves VMs running.`,
 			log := e.logger(cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			srv, err := server.New(ctx, server.Options{Config: cfg, Logger: log})
+			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: log})
 			if err != nil {
 				return err
 			}
+			defer mgr.Close()
+			srv := server.New(mgr, log)
 			defer srv.Close()
 			err = srv.Serve(ctx)
 			log.Info("shutting down; VMs keep running", "pid", os.Getpid())

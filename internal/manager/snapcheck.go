@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"context"
@@ -12,10 +12,10 @@ import (
 
 // sealSnapshot records the size and checksum of every file of the snapshot
 // in dir into meta.Files. It runs after the VM resumed, never in its pause.
-func (s *Server) sealSnapshot(ctx context.Context, dir string, meta *vmm.SnapshotMeta) error {
+func (m *Manager) sealSnapshot(ctx context.Context, dir string, meta *vmm.SnapshotMeta) error {
 	meta.Files = map[string]vmm.FileSum{}
 	for _, name := range vmm.SnapshotFiles {
-		size, sum, err := s.verifier.Sum(ctx, filepath.Join(dir, name))
+		size, sum, err := m.verifier.Sum(ctx, filepath.Join(dir, name))
 		if err != nil {
 			return err
 		}
@@ -29,7 +29,7 @@ func (s *Server) sealSnapshot(ctx context.Context, dir string, meta *vmm.Snapsho
 // the size and checksum recorded when it was written. A snapshot written
 // before noid recorded checksums is checked for its files and the memory
 // size its metadata implies. what names the snapshot in the error.
-func (s *Server) verifySnapshot(ctx context.Context, dir, what string) (*vmm.SnapshotMeta, error) {
+func (m *Manager) verifySnapshot(ctx context.Context, dir, what string) (*vmm.SnapshotMeta, error) {
 	damaged := func(err error) error {
 		return errdefs.WithHint(fmt.Errorf("%w: %s cannot be used: %v", errdefs.ErrConflict, what, err),
 			"nothing was changed; the snapshot's files were damaged or removed on the host: delete it (`noid checkpoint rm`) and take a new one")
@@ -41,7 +41,7 @@ func (s *Server) verifySnapshot(ctx context.Context, dir, what string) (*vmm.Sna
 	for _, name := range vmm.SnapshotFiles {
 		p := filepath.Join(dir, name)
 		if want, ok := meta.Files[name]; ok {
-			if err := s.verifier.Verify(ctx, p, want.Size, want.Sum); err != nil {
+			if err := m.verifier.Verify(ctx, p, want.Size, want.Sum); err != nil {
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}

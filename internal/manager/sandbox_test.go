@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"testing"
@@ -9,10 +9,10 @@ import (
 
 func TestSandboxSpecAndUIDs(t *testing.T) {
 	cfg := config.Default()
-	s := &Server{cfg: cfg, sandbox: sandboxState{perVM: true, cgroupParent: "noid"}}
+	s := &Manager{cfg: cfg, sandbox: sandboxState{perVM: true, cgroupParent: "noid"}}
 	base := cfg.Sandbox.UIDBase
 	for uid, want := range map[int64]bool{0: false, 1000: false, base - 1: false, base: true, base + cfg.Sandbox.UIDCount - 1: true, base + cfg.Sandbox.UIDCount: false} {
-		if got := s.isSandboxUID(uid); got != want {
+		if got := s.IsSandboxUID(uid); got != want {
 			t.Errorf("isSandboxUID(%d) = %v", uid, got)
 		}
 	}
@@ -25,7 +25,7 @@ func TestSandboxSpecAndUIDs(t *testing.T) {
 	if sb := s.sandboxSpec(&store.VM{ID: "abc"}); sb == nil || sb.UID != 977 || sb.GID != 978 || sb.CgroupPath != "" {
 		t.Errorf("sandboxSpec with a shared user = %+v", sb)
 	}
-	if !s.isSandboxUID(977) || s.isSandboxUID(base) {
+	if !s.IsSandboxUID(977) || s.IsSandboxUID(base) {
 		t.Error("shared-user uid check")
 	}
 	// Nothing on: no sandbox at all.

@@ -1,10 +1,9 @@
-package server
+package manager
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,7 +26,7 @@ import (
 // vmRT is the server's in-memory handle on one VM: its VMM instance and
 // agent connection. The DB row stays the source of truth for metadata.
 type vmRT struct {
-	s  *Server
+	m  *Manager
 	id string
 
 	// op serialises lifecycle operations (checkpoint, restore, destroy).
@@ -48,21 +47,21 @@ func newID(n int) string {
 	return hex.EncodeToString(b)
 }
 
-func (s *Server) rt(id string) *vmRT {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	rt := s.vms[id]
+func (m *Manager) rt(id string) *vmRT {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rt := m.vms[id]
 	if rt == nil {
-		rt = &vmRT{s: s, id: id, log: s.log.With("vm_id", id)}
-		s.vms[id] = rt
+		rt = &vmRT{m: m, id: id, log: m.log.With("vm_id", id)}
+		m.vms[id] = rt
 	}
 	return rt
 }
 
-func (s *Server) dropRT(id string) {
-	s.mu.Lock()
-	delete(s.vms, id)
-	s.mu.Unlock()
+func (m *Manager) dropRT(id string) {
+	m.mu.Lock()
+	delete(m.vms, id)
+	m.mu.Unlock()
 }
 
 // instance returns the running instance or ErrNotRunning.
@@ -111,16 +110,16 @@ func (rt *vmRT) watch(inst vmm.Instance) {
 		ag.Close()
 	}
 	select {
-	case <-rt.s.closed:
+	case <-rt.m.closed:
 		return
 	default:
 	}
 	rt.log.Warn("vmm process exited unexpectedly", "pid", inst.Pid())
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if v, err := rt.s.store.GetVMByID(ctx, rt.id); err == nil && v.State == store.StateRunning {
-		rt.s.store.SetVMState(ctx, rt.id, store.StateDead, "vmm process exited unexpectedly", 0)
-		rt.s.metrics.vmDied()
+	if v, err := rt.m.store.GetVMByID(ctx, rt.id); err == nil && v.State == store.StateRunning {
+		rt.m.store.SetVMState(ctx, rt.id, store.StateDead, "vmm process exited unexpectedly", 0)
+		rt.m.metrics.vmDied()
 	}
 }
 
@@ -157,13 +156,13 @@ func (rt *vmRT) release() {
 }
 
 // spec builds the VMM spec of a stored VM.
-func (s *Server) spec(v *store.VM) vmm.Spec {
-	dir := s.vmDir(v)
+func (m *Manager) spec(v *store.VM) vmm.Spec {
+	dir := m.vmDir(v)
 	sp := vmm.Spec{
 		ID:        v.Runtime(),
 		Name:      v.Name,
 		Dir:       dir,
-		RunDir:    s.runDir(),
+		RunDir:    m.runDir(),
 		VCPUs:     v.VCPUs,
 		MemoryMiB: v.MemoryMiB,
 		Kernel:    v.Kernel,
@@ -176,156 +175,8 @@ func (s *Server) spec(v *store.VM) vmm.Spec {
 	if v.Tap != "" {
 		sp.Net = &vmm.NetSpec{Tap: v.Tap, MAC: v.MAC}
 	}
-	sp.Sandbox = s.sandboxSpec(v)
+	sp.Sandbox = m.sandboxSpec(v)
 	return sp
-}
-
-// adopt re-attaches to a VM's VMM process: by the pid in the DB, or by the
-// pid file the backend wrote at spawn (a crash may have come between the
-// spawn and the DB update).
-func (s *Server) adopt(ctx context.Context, v *store.VM) (vmm.Instance, error) {
-	inst, err := s.backend.Adopt(ctx, s.spec(v), v.PID)
-	if err == nil || !errors.Is(err, vmm.ErrGone) {
-		return inst, err
-	}
-	for _, name := range []string{"qemu.pid", "firecracker.pid"} {
-		b, rerr := os.ReadFile(filepath.Join(s.vmDir(v), name))
-		if rerr != nil {
-			continue
-		}
-		var pid int
-		if _, serr := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); serr == nil && pid > 0 && pid != v.PID {
-			if inst, err2 := s.backend.Adopt(ctx, s.spec(v), pid); err2 == nil {
-				v.PID = pid
-				return inst, nil
-			}
-		}
-	}
-	return nil, err
-}
-
-// recover reconciles the DB with the processes and disk after a start-up:
-// running VMs are re-adopted, vanished ones are marked dead, half-created
-// VMs and half-written checkpoints are removed.
-func (s *Server) recover(ctx context.Context) error {
-	vms, err := s.store.ListVMs(ctx, -1)
-	if err != nil {
-		return fmt.Errorf("listing vms: %w", err)
-	}
-	for _, v := range vms {
-		log := s.log.With("vm", v.Name, "vm_id", v.ID, "user_id", v.UserID)
-		switch v.State {
-		case store.StateCreating:
-			// The create never returned success; finish it off.
-			log.Warn("removing vm left half-created by a crash")
-			rt := s.rt(v.ID)
-			if inst, err := s.adopt(ctx, v); err == nil {
-				rt.setInstance(inst)
-			}
-			s.destroyVM(ctx, v)
-			continue
-		case store.StateDestroying:
-			log.Warn("finishing a destroy interrupted by a crash")
-			rt := s.rt(v.ID)
-			if inst, err := s.adopt(ctx, v); err == nil {
-				rt.setInstance(inst)
-			}
-			s.destroyVM(ctx, v)
-			continue
-		case store.StateRunning, store.StateRestoring:
-			s.finishSpareMove(v)
-			inst, err := s.adopt(ctx, v)
-			if err != nil {
-				reason := "vmm process exited while the server was down"
-				if v.State == store.StateRestoring {
-					reason = "server stopped during a restore; restore again or destroy"
-				}
-				if !errors.Is(err, vmm.ErrGone) {
-					reason = "could not re-adopt vmm process: " + err.Error()
-				}
-				log.Warn("vm is dead", "reason", reason)
-				s.store.SetVMState(ctx, v.ID, store.StateDead, reason, 0)
-				continue
-			}
-			rt := s.rt(v.ID)
-			rt.setInstance(inst)
-			if v.State == store.StateRestoring {
-				// The new VMM got its state and runs (the backend resumed it).
-				s.store.SetVMState(ctx, v.ID, store.StateRunning, "", v.PID)
-			} else if pid := inst.Pid(); pid != v.PID {
-				s.store.SetVMState(ctx, v.ID, v.State, v.StateReason, pid)
-			}
-			log.Info("re-adopted vm", "pid", v.PID)
-		case store.StateDead:
-			s.rt(v.ID)
-		}
-	}
-	// Remove checkpoint directories that never completed, and directories
-	// without a DB row (a crash between rename and insert).
-	users, err := os.ReadDir(filepath.Join(s.cfg.StorageDir(), "users"))
-	if err == nil {
-		for _, u := range users {
-			s.sweepCheckpoints(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "checkpoints"))
-			s.sweepVMDirs(ctx, filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "vms"))
-			s.sweepTmp(filepath.Join(s.cfg.StorageDir(), "users", u.Name(), "golden"))
-		}
-	}
-	s.sweepTmp(s.systemGoldenRoot())
-	return nil
-}
-
-func (s *Server) sweepCheckpoints(ctx context.Context, dir string) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	cps, err := s.store.ListCheckpoints(ctx, -1, "")
-	if err != nil {
-		return
-	}
-	known := map[string]bool{}
-	for _, c := range cps {
-		known[c.ID] = true
-	}
-	for _, e := range ents {
-		if known[e.Name()] {
-			continue
-		}
-		s.log.Warn("removing incomplete or orphaned checkpoint directory", "dir", filepath.Join(dir, e.Name()))
-		os.RemoveAll(filepath.Join(dir, e.Name()))
-	}
-}
-
-// sweepTmp removes unfinished ".tmp-*" directories (golden promotions).
-func (s *Server) sweepTmp(dir string) {
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), ".tmp-") {
-			s.log.Warn("removing unfinished directory", "dir", filepath.Join(dir, e.Name()))
-			os.RemoveAll(filepath.Join(dir, e.Name()))
-		}
-	}
-}
-
-func (s *Server) sweepVMDirs(ctx context.Context, dir string) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		id := strings.TrimPrefix(e.Name(), ".tmp-")
-		if _, err := s.store.GetVMByID(ctx, id); err == nil && id == e.Name() {
-			// Files a rewind into a warm spare moved aside and did not
-			// get to remove.
-			old, _ := filepath.Glob(filepath.Join(dir, id, ".rewound-*"))
-			for _, o := range old {
-				os.RemoveAll(o)
-			}
-			continue
-		}
-		s.log.Warn("removing orphaned vm directory", "dir", filepath.Join(dir, e.Name()))
-		os.RemoveAll(filepath.Join(dir, e.Name()))
-	}
 }
 
 // bootFiles are the kernel, initrd and base rootfs new VMs use.
@@ -333,16 +184,16 @@ type bootFiles struct {
 	Kernel, Initrd, Rootfs string
 }
 
-func (s *Server) resolveBootFiles() (bootFiles, error) {
-	bf := bootFiles{Kernel: s.cfg.Kernel, Initrd: s.cfg.Initrd, Rootfs: s.cfg.Rootfs}
+func (m *Manager) resolveBootFiles() (bootFiles, error) {
+	bf := bootFiles{Kernel: m.cfg.Kernel, Initrd: m.cfg.Initrd, Rootfs: m.cfg.Rootfs}
 	if bf.Kernel == "" || bf.Initrd == "" || bf.Rootfs == "" {
-		img, err := loadImage(s.cfg)
+		img, err := loadImage(m.cfg)
 		if err != nil {
 			return bf, err
 		}
 		if bf.Kernel == "" {
 			bf.Kernel = img.Kernel
-			if s.backend.Name() == firecracker.BackendName {
+			if m.backend.Name() == firecracker.BackendName {
 				bf.Kernel = img.Vmlinux // Firecracker boots an ELF vmlinux
 			}
 		}
@@ -375,17 +226,17 @@ type createParams struct {
 	coldBoot  bool
 }
 
-func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*createParams, error) {
+func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*createParams, error) {
 	if err := api.ValidateVMName(req.Name); err != nil {
 		return nil, err
 	}
 	p := &createParams{user: u, name: req.Name, vcpus: req.VCPUs, memMiB: req.MemoryMiB, network: req.Network,
 		allowPeer: req.AllowPeers, noWait: req.NoWait, coldBoot: req.ColdBoot}
 	if p.vcpus == 0 {
-		p.vcpus = s.cfg.DefaultVCPUs
+		p.vcpus = m.cfg.DefaultVCPUs
 	}
 	if p.memMiB == 0 {
-		p.memMiB = s.cfg.DefaultMemoryMiB
+		p.memMiB = m.cfg.DefaultMemoryMiB
 	}
 	maxV, maxM := hostLimits()
 	if p.vcpus < 1 || p.vcpus > maxV {
@@ -396,7 +247,7 @@ func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*create
 	}
 	disk := req.DiskSize
 	if disk == "" {
-		disk = s.cfg.DefaultDiskSize
+		disk = m.cfg.DefaultDiskSize
 	}
 	if disk != "" {
 		n, err := config.ParseSize(disk)
@@ -411,7 +262,7 @@ func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*create
 	switch p.network {
 	case "", "default":
 		p.network = "default"
-		if !s.cfg.NetworkEnabled() {
+		if !m.cfg.NetworkEnabled() {
 			p.network = "none"
 		}
 	case "none":
@@ -425,20 +276,20 @@ func (s *Server) validateCreate(u *store.User, req api.CreateVMRequest) (*create
 // checked and (with networking) its address allocated in the same
 // transaction, then reaches crash point point. It returns v's runtime with
 // its logger set and its op lock held: the caller unlocks it.
-func (s *Server) insertVM(ctx context.Context, u *store.User, v *store.VM, point string) (*vmRT, error) {
-	opts := store.CreateOpts{CheckQuota: s.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
-	s.prepareNetwork(v, &opts)
-	if err := s.store.CreateVM(ctx, v, opts); err != nil {
+func (m *Manager) insertVM(ctx context.Context, u *store.User, v *store.VM, point string) (*vmRT, error) {
+	opts := store.CreateOpts{CheckQuota: m.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
+	m.prepareNetwork(v, &opts)
+	if err := m.store.CreateVM(ctx, v, opts); err != nil {
 		return nil, err
 	}
 	crashpoint(point)
-	rt := s.rt(v.ID)
-	rt.log = s.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
+	rt := m.rt(v.ID)
+	rt.log = m.log.With("vm", v.Name, "vm_id", v.ID, "user", u.Name)
 	rt.op.Lock()
 	return rt, nil
 }
 
-func (s *Server) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(store.Usage) error {
+func (m *Manager) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(store.Usage) error {
 	lim := func(override *int64, def int) int64 {
 		if override != nil {
 			return *override
@@ -446,33 +297,33 @@ func (s *Server) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(st
 		return int64(def)
 	}
 	return func(use store.Usage) error {
-		if m := lim(u.MaxVMs, s.cfg.Quota.MaxVMs); m > 0 && int64(use.VMs+addVMs) > m {
-			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, m, use.VMs)
+		if n := lim(u.MaxVMs, m.cfg.Quota.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
+			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, n, use.VMs)
 		}
-		if m := lim(u.MaxVCPUs, s.cfg.Quota.MaxVCPUs); m > 0 && int64(use.VCPUs+addVCPUs) > m {
-			return fmt.Errorf("%w: user %s may use at most %d vCPUs in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, m, use.VCPUs, addVCPUs)
+		if n := lim(u.MaxVCPUs, m.cfg.Quota.MaxVCPUs); n > 0 && int64(use.VCPUs+addVCPUs) > n {
+			return fmt.Errorf("%w: user %s may use at most %d vCPUs in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.VCPUs, addVCPUs)
 		}
-		if m := lim(u.MaxMemoryMiB, s.cfg.Quota.MaxMemoryMiB); m > 0 && int64(use.MemoryMiB+addMem) > m {
-			return fmt.Errorf("%w: user %s may use at most %d MiB of memory in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, m, use.MemoryMiB, addMem)
+		if n := lim(u.MaxMemoryMiB, m.cfg.Quota.MaxMemoryMiB); n > 0 && int64(use.MemoryMiB+addMem) > n {
+			return fmt.Errorf("%w: user %s may use at most %d MiB of memory in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.MemoryMiB, addMem)
 		}
 		return nil
 	}
 }
 
 // CreateVM creates and boots a VM and, unless NoWait, waits for its agent.
-func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRequest) (*api.VM, error) {
-	p, err := s.validateCreate(u, req)
+func (m *Manager) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRequest) (*api.VM, error) {
+	p, err := m.validateCreate(u, req)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkHostMemory(p.memMiB); err != nil {
+	if err := m.checkHostMemory(p.memMiB); err != nil {
 		return nil, err
 	}
-	if err := s.backend.Check(ctx); err != nil {
+	if err := m.backend.Check(ctx); err != nil {
 		return nil, err
 	}
 	start := time.Now()
-	bf, err := s.resolveBootFiles()
+	bf, err := m.resolveBootFiles()
 	if err != nil {
 		return nil, err
 	}
@@ -480,21 +331,21 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	reason := "custom disk size"
 	if p.diskBytes == 0 {
 		var dir string
-		dir, reason = s.pickGolden(ctx, u, p, bf)
+		dir, reason = m.pickGolden(ctx, u, p, bf)
 		if dir != "" {
-			return s.createFromGolden(ctx, u, p, bf, dir, start)
+			return m.createFromGolden(ctx, u, p, bf, dir, start)
 		}
 		if strings.Contains(reason, "stale") || strings.Contains(reason, "made with") {
-			s.log.Warn("not using golden snapshot", "user", u.Name, "vm", p.name, "reason", reason)
+			m.log.Warn("not using golden snapshot", "user", u.Name, "vm", p.name, "reason", reason)
 			warnings = append(warnings, reason+"; cold-booting")
 		}
 	}
 	v := &store.VM{
 		ID: newID(6), UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
-		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "cold", BootReason: reason, Kernel: bf.Kernel, Initrd: bf.Initrd,
+		VMM: m.backend.Name(), Accel: string(m.accel), BootPath: "cold", BootReason: reason, Kernel: bf.Kernel, Initrd: bf.Initrd,
 		Network: p.network, AllowPeers: p.allowPeer,
 	}
-	rt, err := s.insertVM(ctx, u, v, "create.after-insert")
+	rt, err := m.insertVM(ctx, u, v, "create.after-insert")
 	if err != nil {
 		return nil, err
 	}
@@ -505,17 +356,17 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 		log.Warn("create failed; cleaning up", "err", err)
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s.destroyVM(cctx, v)
-		s.metrics.op("create", start, err)
+		m.destroyVM(cctx, v)
+		m.metrics.op("create", start, err)
 		return nil, err
 	}
 
-	dir := s.vmDir(v)
+	dir := m.vmDir(v)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fail(fmt.Errorf("creating vm dir: %w", err))
 	}
-	sp := s.spec(v)
-	if err := s.copier.CopyFile(ctx, bf.Rootfs, sp.Disk); err != nil {
+	sp := m.spec(v)
+	if err := m.copier.CopyFile(ctx, bf.Rootfs, sp.Disk); err != nil {
 		return fail(fmt.Errorf("copying rootfs: %w", err))
 	}
 	if p.diskBytes > 0 {
@@ -527,12 +378,12 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 		v.DiskBytes = fi.Size()
 	}
 	netStart := time.Now()
-	if err := s.attachNetwork(ctx, v); err != nil {
+	if err := m.attachNetwork(ctx, v); err != nil {
 		return fail(err)
 	}
 	netDur := time.Since(netStart)
-	sp = s.spec(v)
-	inst, err := s.backend.Boot(ctx, sp)
+	sp = m.spec(v)
+	inst, err := m.backend.Boot(ctx, sp)
 	if err != nil {
 		return fail(err)
 	}
@@ -542,54 +393,54 @@ func (s *Server) CreateVM(ctx context.Context, u *store.User, req api.CreateVMRe
 	crashpoint("create.after-boot")
 	if p.noWait {
 		v.State = store.StateRunning
-		if err := s.store.UpdateVM(ctx, v); err != nil {
+		if err := m.store.UpdateVM(ctx, v); err != nil {
 			return fail(err)
 		}
-		s.metrics.op("create", start, nil)
+		m.metrics.op("create", start, nil)
 		log.Info("vm created (not waiting for agent)", "pid", v.PID)
-		out := s.apiVM(ctx, v)
+		out := m.apiVM(ctx, v)
 		out.Warnings = warnings
 		out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), NetMs: ms(netDur)}
-		go s.connectAgentAsync(v.ID)
+		go m.connectAgentAsync(v.ID)
 		return out, nil
 	}
 	// Record the pid before waiting, so a crash now leaves a VM that the
 	// next server can clean up.
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
 	agentStart := time.Now()
 	if _, err := rt.agentClient(ctx, v); err != nil {
-		return fail(fmt.Errorf("%w: the vm's agent did not answer: %v%s", errdefs.ErrUnavailable, err, s.serialTail(v)))
+		return fail(fmt.Errorf("%w: the vm's agent did not answer: %v%s", errdefs.ErrUnavailable, err, m.serialTail(v)))
 	}
 	crashpoint("create.before-running")
 	v.State = store.StateRunning
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
-	s.metrics.op("create", start, nil)
+	m.metrics.op("create", start, nil)
 	log.Info("vm created", "pid", v.PID, "boot", v.BootPath, "ms", ms(time.Since(start)))
-	out := s.apiVM(ctx, v)
+	out := m.apiVM(ctx, v)
 	out.Warnings = warnings
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
 	return out, nil
 }
 
-func (s *Server) connectAgentAsync(id string) {
+func (m *Manager) connectAgentAsync(id string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	v, err := s.store.GetVMByID(ctx, id)
+	v, err := m.store.GetVMByID(ctx, id)
 	if err != nil {
 		return
 	}
-	s.rt(id).agentClient(ctx, v)
+	m.rt(id).agentClient(ctx, v)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // serialTail returns the end of the VM's serial log for error messages.
-func (s *Server) serialTail(v *store.VM) string {
-	b, err := readTail(filepath.Join(s.vmDir(v), "serial.log"), 1500)
+func (m *Manager) serialTail(v *store.VM) string {
+	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), 1500)
 	if err != nil || len(b) == 0 {
 		return ""
 	}
@@ -640,10 +491,10 @@ func growDisk(ctx context.Context, path string, size int64) error {
 
 // destroyVM stops the VM, removes its network, files, checkpoints and rows.
 // It never blocks on a hung VMM for long and is safe to repeat.
-func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
-	rt := s.rt(v.ID)
+func (m *Manager) destroyVM(ctx context.Context, v *store.VM) (int, error) {
+	rt := m.rt(v.ID)
 	if v.State != store.StateDestroying {
-		s.store.SetVMState(ctx, v.ID, store.StateDestroying, "", v.PID)
+		m.store.SetVMState(ctx, v.ID, store.StateDestroying, "", v.PID)
 	}
 	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	err := rt.kill(kctx)
@@ -652,34 +503,34 @@ func (s *Server) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 		return 0, fmt.Errorf("stopping vmm of %s: %w", v.Name, err)
 	}
 	crashpoint("destroy.after-kill")
-	s.detachNetwork(ctx, v)
-	cps, _ := s.store.ListCheckpoints(ctx, v.UserID, v.ID)
+	m.detachNetwork(ctx, v)
+	cps, _ := m.store.ListCheckpoints(ctx, v.UserID, v.ID)
 	for _, c := range cps {
-		if err := os.RemoveAll(s.checkpointDir(c)); err != nil {
+		if err := os.RemoveAll(m.checkpointDir(c)); err != nil {
 			return 0, fmt.Errorf("removing checkpoint %s: %w", c.Name, err)
 		}
 	}
-	if err := os.RemoveAll(s.vmDir(v)); err != nil {
+	if err := os.RemoveAll(m.vmDir(v)); err != nil {
 		return 0, fmt.Errorf("removing vm dir: %w", err)
 	}
 	crashpoint("destroy.after-rmdir")
-	sp := s.spec(v)
+	sp := m.spec(v)
 	os.Remove(filepath.Join(sp.RunDir, sp.ID+".qmp"))
 	os.Remove(filepath.Join(sp.RunDir, sp.ID+".agent"))
-	if err := s.store.DeleteVM(ctx, v.ID); err != nil {
+	if err := m.store.DeleteVM(ctx, v.ID); err != nil {
 		return 0, err
 	}
-	s.dropRT(v.ID)
+	m.dropRT(v.ID)
 	return len(cps), nil
 }
 
 // DestroyVM destroys the user's named VM and its checkpoints.
-func (s *Server) DestroyVM(ctx context.Context, u *store.User, name string) (*api.DestroyResult, error) {
-	v, err := s.store.GetVM(ctx, u.ID, name)
+func (m *Manager) DestroyVM(ctx context.Context, u *store.User, name string) (*api.DestroyResult, error) {
+	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err
 	}
-	rt := s.rt(v.ID)
+	rt := m.rt(v.ID)
 	// Destroy must never be blocked by a stuck operation for long: take the
 	// op lock with a deadline, then proceed regardless.
 	locked := make(chan struct{})
@@ -691,12 +542,12 @@ func (s *Server) DestroyVM(ctx context.Context, u *store.User, name string) (*ap
 		go func() { <-locked; rt.op.Unlock() }()
 	}
 	// Re-read: the VM may have changed while we waited.
-	if v, err = s.store.GetVM(ctx, u.ID, name); err != nil {
+	if v, err = m.store.GetVM(ctx, u.ID, name); err != nil {
 		return nil, err
 	}
 	start := time.Now()
-	n, err := s.destroyVM(ctx, v)
-	s.metrics.op("destroy", start, err)
+	n, err := m.destroyVM(ctx, v)
+	m.metrics.op("destroy", start, err)
 	if err != nil {
 		return nil, err
 	}
@@ -705,9 +556,9 @@ func (s *Server) DestroyVM(ctx context.Context, u *store.User, name string) (*ap
 }
 
 // apiVM converts a stored VM for the API, with a live state check.
-func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
-	out := s.apiVMState(v)
-	if n, err := s.store.CheckpointCounts(ctx, v.UserID, v.ID); err == nil {
+func (m *Manager) apiVM(ctx context.Context, v *store.VM) *api.VM {
+	out := m.apiVMState(v)
+	if n, err := m.store.CheckpointCounts(ctx, v.UserID, v.ID); err == nil {
 		out.Checkpoints = n[v.ID]
 	}
 	return out
@@ -715,7 +566,7 @@ func (s *Server) apiVM(ctx context.Context, v *store.VM) *api.VM {
 
 // apiVMState converts v for the API, with its liveness checked against
 // its VMM, but without its checkpoint count.
-func (s *Server) apiVMState(v *store.VM) *api.VM {
+func (m *Manager) apiVMState(v *store.VM) *api.VM {
 	out := &api.VM{
 		Name: v.Name, ID: v.ID, State: v.State, StateReason: v.StateReason, PID: v.PID, VCPUs: v.VCPUs,
 		MemoryMiB: v.MemoryMiB, DiskBytes: v.DiskBytes, CreatedAt: v.CreatedAt, StartedAt: v.StartedAt, IP: v.IP, MAC: v.MAC,
@@ -723,7 +574,7 @@ func (s *Server) apiVMState(v *store.VM) *api.VM {
 		Tap: v.Tap, RuntimeID: v.Runtime(),
 	}
 	if v.State == store.StateRunning {
-		if _, err := s.rt(v.ID).instance(); err != nil {
+		if _, err := m.rt(v.ID).instance(); err != nil {
 			out.State = store.StateDead
 			out.StateReason = "vmm process exited unexpectedly"
 		}
@@ -739,11 +590,11 @@ func (s *Server) apiVMState(v *store.VM) *api.VM {
 
 // apiVMs converts VMs of one user for the API, counting their checkpoints
 // in one query rather than one per VM.
-func (s *Server) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*api.VM {
-	counts, err := s.store.CheckpointCounts(ctx, userID, "")
+func (m *Manager) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*api.VM {
+	counts, err := m.store.CheckpointCounts(ctx, userID, "")
 	out := make([]*api.VM, 0, len(vms))
 	for _, v := range vms {
-		a := s.apiVMState(v)
+		a := m.apiVMState(v)
 		if err == nil {
 			a.Checkpoints = counts[v.ID]
 		}
@@ -753,30 +604,30 @@ func (s *Server) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*a
 }
 
 // ListVMs lists the user's VMs.
-func (s *Server) ListVMs(ctx context.Context, u *store.User) ([]*api.VM, error) {
-	vms, err := s.store.ListVMs(ctx, u.ID)
+func (m *Manager) ListVMs(ctx context.Context, u *store.User) ([]*api.VM, error) {
+	vms, err := m.store.ListVMs(ctx, u.ID)
 	if err != nil {
 		return nil, err
 	}
-	return s.apiVMs(ctx, u.ID, vms), nil
+	return m.apiVMs(ctx, u.ID, vms), nil
 }
 
 // GetVM returns one of the user's VMs.
-func (s *Server) GetVM(ctx context.Context, u *store.User, name string) (*api.VM, error) {
-	v, err := s.store.GetVM(ctx, u.ID, name)
+func (m *Manager) GetVM(ctx context.Context, u *store.User, name string) (*api.VM, error) {
+	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err
 	}
-	return s.apiVM(ctx, v), nil
+	return m.apiVM(ctx, v), nil
 }
 
 // Logs returns up to tail bytes of the VM's serial console log.
-func (s *Server) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
-	v, err := s.store.GetVM(ctx, u.ID, name)
+func (m *Manager) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
+	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err
 	}
-	b, err := readTail(filepath.Join(s.vmDir(v), "serial.log"), tail)
+	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), tail)
 	if os.IsNotExist(err) {
 		return nil, nil
 	}

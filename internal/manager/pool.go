@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"context"
@@ -75,7 +75,7 @@ const maxShapes = 4
 
 // warmPool holds the spares, per golden directory or clone shape.
 type warmPool struct {
-	s       *Server
+	m       *Manager
 	size    int
 	mu      sync.Mutex
 	spares  map[string][]*spare
@@ -86,8 +86,8 @@ type warmPool struct {
 	wg     sync.WaitGroup
 }
 
-func newWarmPool(s *Server, size int) *warmPool {
-	return &warmPool{s: s, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
+func newWarmPool(m *Manager, size int) *warmPool {
+	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
 }
 
 // shapeKey is what a blank spare must match for a clone of a snapshot.
@@ -102,7 +102,7 @@ func (k shapeKey) String() string {
 	return fmt.Sprintf("shape:%d:%d:%d:%t:%s:%s", k.VCPUs, k.MemoryMiB, k.DiskBytes, k.HasNet, k.Kernel, k.Initrd)
 }
 
-func (s *Server) poolDir() string { return filepath.Join(s.cfg.StorageDir(), "pool") }
+func (m *Manager) poolDir() string { return filepath.Join(m.cfg.StorageDir(), "pool") }
 
 // take returns a usable spare for the golden in dir, or nil.
 func (wp *warmPool) take(dir string, promoted time.Time) *spare {
@@ -169,7 +169,7 @@ func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
 // refill starts spares in the background until the golden in dir has size
 // of them.
 func (wp *warmPool) refill(dir string) {
-	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.s.makeSpare(ctx, dir) })
+	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.m.makeSpare(ctx, dir) })
 }
 
 // refillShape starts blank spares for clones of shape k, and drops the
@@ -198,7 +198,7 @@ func (wp *warmPool) refillShape(k shapeKey) {
 	for _, sp := range evict {
 		go wp.discard(sp)
 	}
-	wp.fill(key, func(ctx context.Context) (*spare, error) { return wp.s.makeBlankSpare(ctx, k) })
+	wp.fill(key, func(ctx context.Context) (*spare, error) { return wp.m.makeBlankSpare(ctx, k) })
 }
 
 // fill starts spares for key in the background until it has size of them.
@@ -206,7 +206,7 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 	if wp == nil || wp.size <= 0 {
 		return
 	}
-	if _, ok := wp.s.backend.(vmm.Preparer); !ok {
+	if _, ok := wp.m.backend.(vmm.Preparer); !ok {
 		return
 	}
 	wp.mu.Lock()
@@ -235,7 +235,7 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 				wp.discard(sp)
 			}
 			if err != nil {
-				wp.s.log.Warn("warm pool: could not prepare a spare", "for", poolLabel(key), "err", err)
+				wp.m.log.Warn("warm pool: could not prepare a spare", "for", poolLabel(key), "err", err)
 				wp.mu.Lock()
 				wp.filling[key] -= need - i - 1
 				wp.mu.Unlock()
@@ -295,53 +295,53 @@ func (wp *warmPool) discard(sp *spare) {
 	if sp.inst != nil {
 		sp.inst.Kill(ctx)
 	}
-	wp.s.releaseSpareResources(ctx, sp.id, sp.dir)
+	wp.m.releaseSpareResources(ctx, sp.id, sp.dir)
 }
 
-func (s *Server) releaseSpareResources(ctx context.Context, id, dir string) {
-	if s.net != nil {
-		s.net.RemoveVM(ctx, id)
+func (m *Manager) releaseSpareResources(ctx context.Context, id, dir string) {
+	if m.net != nil {
+		m.net.RemoveVM(ctx, id)
 	}
-	if s.uids != nil {
-		s.uids.Release(id)
+	if m.uids != nil {
+		m.uids.Release(id)
 	}
 	os.RemoveAll(dir)
-	os.Remove(filepath.Join(s.runDir(), id+".qmp"))
-	os.Remove(filepath.Join(s.runDir(), id+".agent"))
+	os.Remove(filepath.Join(m.runDir(), id+".qmp"))
+	os.Remove(filepath.Join(m.runDir(), id+".agent"))
 }
 
 // makeSpare prepares one spare for the golden in dir.
-func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
-	bf, err := s.resolveBootFiles()
+func (m *Manager) makeSpare(ctx context.Context, dir string) (*spare, error) {
+	bf, err := m.resolveBootFiles()
 	if err != nil {
 		return nil, err
 	}
-	l := s.goldenLock(dir)
+	l := m.goldenLock(dir)
 	l.RLock()
 	defer l.RUnlock()
 	gc, err := readGoldenConfig(dir)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
+	if _, err := m.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
 		return nil, err
 	}
 	k := shapeKey{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd}
-	sp, err := s.newSpare(ctx, dir, k, func(sdir string) error {
-		if err := s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
+	sp, err := m.newSpare(ctx, dir, k, func(sdir string) error {
+		if err := m.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
 			return err
 		}
-		return s.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4"))
+		return m.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4"))
 	})
 	if err != nil {
 		return nil, err
 	}
 	sp.promoted = gc.PromotedAt
-	if err := s.startSpare(ctx, sp, dir); err != nil {
-		s.pool.discard(sp)
+	if err := m.startSpare(ctx, sp, dir); err != nil {
+		m.pool.discard(sp)
 		return nil, err
 	}
-	s.log.Debug("warm pool: spare ready", "spare", sp.id, "golden", filepath.Base(dir))
+	m.log.Debug("warm pool: spare ready", "spare", sp.id, "golden", filepath.Base(dir))
 	return sp, nil
 }
 
@@ -350,7 +350,7 @@ func (s *Server) makeSpare(ctx context.Context, dir string) (*spare, error) {
 // the identity comes with the create) and runs a few commands, so the
 // guest code a create and its first exec need is already translated under
 // TCG, and paged in everywhere.
-func (s *Server) startSpare(ctx context.Context, sp *spare, dir string) error {
+func (m *Manager) startSpare(ctx context.Context, sp *spare, dir string) error {
 	if _, err := sp.inst.Load(ctx, dir); err != nil {
 		return err
 	}
@@ -415,8 +415,8 @@ func runQuiet(ctx context.Context, c *agentclient.Client, argv ...string) error 
 
 // makeBlankSpare prepares one spare for clones of shape k: empty memory and
 // disk files of the right sizes, filled by the clone that takes it.
-func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error) {
-	sp, err := s.newSpare(ctx, k.String(), k, func(sdir string) error {
+func (m *Manager) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error) {
+	sp, err := m.newSpare(ctx, k.String(), k, func(sdir string) error {
 		if err := createSparse(filepath.Join(sdir, "mem.raw"), int64(k.MemoryMiB)<<20); err != nil {
 			return err
 		}
@@ -425,7 +425,7 @@ func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error)
 	if err != nil {
 		return nil, err
 	}
-	s.log.Debug("warm pool: blank spare ready", "spare", sp.id, "shape", sp.key)
+	m.log.Debug("warm pool: blank spare ready", "spare", sp.id, "shape", sp.key)
 	return sp, nil
 }
 
@@ -433,29 +433,29 @@ func (s *Server) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error)
 // under the pool, the memory and disk files that files puts there (with
 // their final sizes), a TAP when k has a NIC, and a VMM prepared for state.
 // On any failure it removes everything, the VMM included.
-func (s *Server) newSpare(ctx context.Context, key string, k shapeKey, files func(sdir string) error) (_ *spare, err error) {
-	prep, ok := s.backend.(vmm.Preparer)
+func (m *Manager) newSpare(ctx context.Context, key string, k shapeKey, files func(sdir string) error) (_ *spare, err error) {
+	prep, ok := m.backend.(vmm.Preparer)
 	if !ok {
-		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, s.backend.Name())
+		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, m.backend.Name())
 	}
-	if k.HasNet && s.net == nil {
+	if k.HasNet && m.net == nil {
 		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(key))
 	}
 	id := newID(6)
-	sp := &spare{id: id, dir: filepath.Join(s.poolDir(), id), key: key, shape: k}
+	sp := &spare{id: id, dir: filepath.Join(m.poolDir(), id), key: key, shape: k}
 	if err := os.MkdirAll(sp.dir, 0o700); err != nil {
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
-			s.pool.discard(sp)
+			m.pool.discard(sp)
 		}
 	}()
 	if err := files(sp.dir); err != nil {
 		return nil, err
 	}
-	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(s.accel), Kernel: k.Kernel, Initrd: k.Initrd}
-	if sp.inst, err = s.prepareSpare(ctx, prep, v, sp.dir, k.HasNet); err != nil {
+	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(m.accel), Kernel: k.Kernel, Initrd: k.Initrd}
+	if sp.inst, err = m.prepareSpare(ctx, prep, v, sp.dir, k.HasNet); err != nil {
 		return nil, err
 	}
 	return sp, nil
@@ -475,12 +475,12 @@ func createSparse(path string, size int64) error {
 }
 
 // prepareSpare starts the VMM of a spare whose files are in sdir.
-func (s *Server) prepareSpare(ctx context.Context, prep vmm.Preparer, v *store.VM, sdir string, hasNet bool) (vmm.Prepared, error) {
-	spec := s.spec(v)
+func (m *Manager) prepareSpare(ctx context.Context, prep vmm.Preparer, v *store.VM, sdir string, hasNet bool) (vmm.Prepared, error) {
+	spec := m.spec(v)
 	spec.Dir = sdir
 	spec.Disk, spec.MemFile, spec.SerialLog = filepath.Join(sdir, "disk.ext4"), filepath.Join(sdir, "mem.raw"), filepath.Join(sdir, "serial.log")
 	if hasNet {
-		tap, err := s.net.PrepareTap(ctx, v.ID)
+		tap, err := m.net.PrepareTap(ctx, v.ID)
 		if err != nil {
 			return nil, err
 		}
@@ -495,27 +495,27 @@ var errStaleSpare = errors.New("the warm spare is older than its golden snapshot
 // createFromSpare turns a spare into the user's new VM. It holds the
 // golden's read lock throughout, so the golden cannot change between the
 // check that the spare still matches it and the state load.
-func (s *Server) createFromSpare(ctx context.Context, u *store.User, p *createParams, bf bootFiles, dir string, sp *spare, start time.Time) (*api.VM, error) {
-	l := s.goldenLock(dir)
+func (m *Manager) createFromSpare(ctx context.Context, u *store.User, p *createParams, bf bootFiles, dir string, sp *spare, start time.Time) (*api.VM, error) {
+	l := m.goldenLock(dir)
 	l.RLock()
 	defer l.RUnlock()
 	if gc, err := readGoldenConfig(dir); err != nil || !gc.PromotedAt.Equal(sp.promoted) {
-		go s.pool.discard(sp)
+		go m.pool.discard(sp)
 		return nil, errStaleSpare
 	}
 	src := "system"
-	if strings.HasPrefix(dir, s.userDir(u.ID)) {
+	if strings.HasPrefix(dir, m.userDir(u.ID)) {
 		src = "user"
 	}
 	v := &store.VM{
 		ID: sp.id, UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
-		VMM: s.backend.Name(), Accel: string(s.accel), BootPath: "golden", BootReason: "warm spare", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		VMM: m.backend.Name(), Accel: string(m.accel), BootPath: "golden", BootReason: "warm spare", Kernel: bf.Kernel, Initrd: bf.Initrd,
 		Network: p.network, AllowPeers: p.allowPeer, Source: "golden:" + src + ":" + filepath.Base(dir),
 	}
 	if fi, err := os.Stat(filepath.Join(sp.dir, "disk.ext4")); err == nil {
 		v.DiskBytes = fi.Size()
 	}
-	return s.startFromSpare(ctx, u, v, dir, sp, false, start)
+	return m.startFromSpare(ctx, u, v, dir, sp, false, start)
 }
 
 // cloneKey is the shape of blank spare that a clone of the snapshot in dir,
@@ -533,10 +533,10 @@ func cloneKey(src *store.VM, dir string) (shapeKey, error) {
 // set (a blank spare), loads the snapshot's device state and greets the
 // agent. A spare refused at insert goes back to the pool untouched; after
 // that, any failure removes everything.
-func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM, dir string, sp *spare, fill bool, start time.Time) (*api.VM, error) {
-	rt, err := s.insertVM(ctx, u, v, "spare.after-insert")
+func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM, dir string, sp *spare, fill bool, start time.Time) (*api.VM, error) {
+	rt, err := m.insertVM(ctx, u, v, "spare.after-insert")
 	if err != nil {
-		s.pool.putBack(sp) // untouched: the next create can use it
+		m.pool.putBack(sp) // untouched: the next create can use it
 		return nil, err
 	}
 	defer rt.op.Unlock()
@@ -549,40 +549,40 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 		if sp.agent != nil {
 			sp.agent.Close()
 		}
-		s.destroyVM(cctx, v)
+		m.destroyVM(cctx, v)
 		os.RemoveAll(sp.dir)
-		s.metrics.op(v.BootPath, start, err)
+		m.metrics.op(v.BootPath, start, err)
 		return nil, classifyIOErr("starting "+v.Name, err)
 	}
-	vdir := s.vmDir(v)
+	vdir := m.vmDir(v)
 	if err := os.MkdirAll(filepath.Dir(vdir), 0o700); err != nil {
 		return fail(err)
 	}
 	if err := os.Rename(sp.dir, vdir); err != nil {
 		return fail(fmt.Errorf("moving the spare into place: %w", err))
 	}
-	if s.uids != nil {
-		if err := s.uids.Rehome(v.ID, vdir); err != nil {
+	if m.uids != nil {
+		if err := m.uids.Rehome(v.ID, vdir); err != nil {
 			return fail(err)
 		}
 	}
-	spec := s.spec(v)
+	spec := m.spec(v)
 	sp.inst.Moved(spec)
 	rt.setInstance(sp.inst)
 	v.PID = sp.inst.Pid()
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
 	var copyDur time.Duration
 	if fill {
 		copyStart := time.Now()
-		if err := s.fillSpare(ctx, dir, spec.MemFile, spec.Disk); err != nil {
+		if err := m.fillSpare(ctx, dir, spec.MemFile, spec.Disk); err != nil {
 			return fail(err)
 		}
 		copyDur = time.Since(copyStart)
 	}
 	netStart := time.Now()
-	if err := s.attachNetwork(ctx, v); err != nil {
+	if err := m.attachNetwork(ctx, v); err != nil {
 		return fail(err)
 	}
 	netDur := time.Since(netStart)
@@ -604,12 +604,12 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 		return fail(fmt.Errorf("%w: the agent did not answer after restore: %v", errdefs.ErrUnavailable, err))
 	}
 	v.State = store.StateRunning
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
-	s.metrics.op(v.BootPath, start, nil)
+	m.metrics.op(v.BootPath, start, nil)
 	log.Info("vm started from a warm spare", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
-	out := s.apiVM(ctx, v)
+	out := m.apiVM(ctx, v)
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(copyDur), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur), WarmSpare: true}
 	return out, nil
 }
@@ -622,27 +622,27 @@ func (s *Server) startFromSpare(ctx context.Context, u *store.User, v *store.VM,
 // A checkpoint that does not load so leaves the VM running as it was. The
 // VM keeps its id, name, MAC and IP; its TAP, cgroup, sandbox uid and
 // sockets are the spare's from then on. The caller holds the VM's op lock.
-func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, dir string, sp *spare, start time.Time) (*api.VM, error) {
-	rt := s.rt(v.ID)
+func (m *Manager) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, dir string, sp *spare, start time.Time) (*api.VM, error) {
+	rt := m.rt(v.ID)
 	owned := true // the spare is still ours to discard
 	defer func() {
 		if owned {
-			go s.pool.discard(sp)
+			go m.pool.discard(sp)
 		}
 	}()
 	copyStart := time.Now()
-	if err := s.fillSpare(ctx, dir, filepath.Join(sp.dir, "mem.raw"), filepath.Join(sp.dir, "disk.ext4")); err != nil {
-		s.metrics.op("restore", start, err)
+	if err := m.fillSpare(ctx, dir, filepath.Join(sp.dir, "mem.raw"), filepath.Join(sp.dir, "disk.ext4")); err != nil {
+		m.metrics.op("restore", start, err)
 		return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
 	}
 	copyDur := time.Since(copyStart)
 	t, err := sp.inst.LoadPaused(ctx, dir)
 	if err != nil {
-		s.metrics.op("restore", start, err)
+		m.metrics.op("restore", start, err)
 		return nil, errdefs.WithHint(fmt.Errorf("%w: checkpoint %s of vm %q did not load, and the vm keeps running as it was: %v", errdefs.ErrConflict, c.Name, v.Name, err),
 			"the checkpoint may be damaged or from another QEMU; `noid logs "+v.Name+"` and the server log say more")
 	}
-	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
+	if err := m.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
 		return nil, err
 	}
 	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -652,7 +652,7 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 		return nil, err
 	}
 	crashpoint("restore.after-kill")
-	old := s.spec(v)
+	old := m.spec(v)
 	os.Remove(filepath.Join(old.RunDir, old.ID+".qmp"))
 	os.Remove(filepath.Join(old.RunDir, old.ID+".agent"))
 	dead := func(err error) (*api.VM, error) {
@@ -660,8 +660,8 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		rt.kill(kctx)
 		cancel()
-		s.store.SetVMState(context.Background(), v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
-		s.metrics.op("restore", start, err)
+		m.store.SetVMState(context.Background(), v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+		m.metrics.op("restore", start, err)
 		return nil, classifyIOErr("restoring "+v.Name, err)
 	}
 	// Record the new runtime first: from here a crash leaves a process the
@@ -671,17 +671,17 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 	if v.Tap != "" {
 		v.Tap = network.TapName(sp.id)
 	}
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return dead(err)
 	}
 	owned = false
 	rt.setInstance(sp.inst)
-	if err := s.moveSpareFiles(v, sp.dir, old.ID); err != nil {
+	if err := m.moveSpareFiles(v, sp.dir, old.ID); err != nil {
 		return dead(err)
 	}
-	sp.inst.Moved(s.spec(v))
+	sp.inst.Moved(m.spec(v))
 	crashpoint("restore.spare-after-move")
-	if err := s.attachNetwork(ctx, v); err != nil {
+	if err := m.attachNetwork(ctx, v); err != nil {
 		return dead(err)
 	}
 	resumeStart := time.Now()
@@ -690,7 +690,7 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 	}
 	t.Load += time.Since(resumeStart)
 	crashpoint("restore.after-spawn")
-	return s.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
+	return m.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
 }
 
 // moveSpareFiles moves the files of the spare in spDir, which v now runs
@@ -700,12 +700,12 @@ func (s *Server) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM
 // console log is kept at the head of the new one. A rewind calls it, and
 // so does start-up for a rewind a crash interrupted after the VM was
 // recorded on the spare.
-func (s *Server) moveSpareFiles(v *store.VM, spDir, oldID string) error {
-	vdir := s.vmDir(v)
+func (m *Manager) moveSpareFiles(v *store.VM, spDir, oldID string) error {
+	vdir := m.vmDir(v)
 	// One console log: the old one goes into the spare's (still empty)
 	// log, which the spare's VMM appends to.
 	if err := appendFileTo(filepath.Join(vdir, "serial.log"), filepath.Join(spDir, "serial.log")); err != nil {
-		s.log.Warn("keeping the console log across the rewind", "vm", v.Name, "vm_id", v.ID, "err", err)
+		m.log.Warn("keeping the console log across the rewind", "vm", v.Name, "vm_id", v.ID, "err", err)
 	}
 	trash := filepath.Join(vdir, ".rewound-"+oldID)
 	if err := os.Mkdir(trash, 0o700); err != nil && !os.IsExist(err) {
@@ -719,8 +719,8 @@ func (s *Server) moveSpareFiles(v *store.VM, spDir, oldID string) error {
 		}
 	}
 	go os.RemoveAll(spDir)
-	if s.uids != nil {
-		if err := s.uids.Rehome(v.Runtime(), vdir); err != nil {
+	if m.uids != nil {
+		if err := m.uids.Rehome(v.Runtime(), vdir); err != nil {
 			return err
 		}
 	}
@@ -731,27 +731,27 @@ func (s *Server) moveSpareFiles(v *store.VM, spDir, oldID string) error {
 // after the VM was recorded on the spare but before the spare's files were
 // moved into the VM's directory. It runs at start-up, before the pool is
 // swept (which would kill the spare's VMM).
-func (s *Server) finishSpareMove(v *store.VM) {
-	spDir := filepath.Join(s.poolDir(), v.Runtime())
+func (m *Manager) finishSpareMove(v *store.VM) {
+	spDir := filepath.Join(m.poolDir(), v.Runtime())
 	if v.Runtime() == v.ID {
 		return
 	}
 	if _, err := os.Stat(spDir); err != nil {
 		return
 	}
-	s.log.Warn("finishing a rewind interrupted by a crash: moving the spare's files into place", "vm", v.Name, "vm_id", v.ID, "runtime_id", v.Runtime())
-	if err := s.moveSpareFiles(v, spDir, "crash-"+newID(2)); err != nil {
-		s.log.Warn("moving a spare's files into place", "vm", v.Name, "vm_id", v.ID, "err", err)
+	m.log.Warn("finishing a rewind interrupted by a crash: moving the spare's files into place", "vm", v.Name, "vm_id", v.ID, "runtime_id", v.Runtime())
+	if err := m.moveSpareFiles(v, spDir, "crash-"+newID(2)); err != nil {
+		m.log.Warn("moving a spare's files into place", "vm", v.Name, "vm_id", v.ID, "err", err)
 	}
 }
 
 // fillSpare copies (reflinks where it can) the memory and disk of the
 // snapshot in dir into a blank spare's memory file mem and disk file disk.
-func (s *Server) fillSpare(ctx context.Context, dir, mem, disk string) error {
-	if err := s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), mem); err != nil {
+func (m *Manager) fillSpare(ctx context.Context, dir, mem, disk string) error {
+	if err := m.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), mem); err != nil {
 		return err
 	}
-	return s.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), disk)
+	return m.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), disk)
 }
 
 // appendFileTo appends the file at src, if any, to the file at dst.
@@ -777,14 +777,14 @@ func appendFileTo(src, dst string) error {
 // sweepPool removes spares left by an earlier server: their VMMs are killed
 // (checked by command line, so a reused pid is never hit), their TAPs, uid
 // leases and files removed.
-func (s *Server) sweepPool(ctx context.Context) {
-	ents, err := os.ReadDir(s.poolDir())
+func (m *Manager) sweepPool(ctx context.Context) {
+	ents, err := os.ReadDir(m.poolDir())
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
 		id := e.Name()
-		dir := filepath.Join(s.poolDir(), id)
+		dir := filepath.Join(m.poolDir(), id)
 		if b, err := os.ReadFile(filepath.Join(dir, "qemu.pid")); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
 				if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(cmd), "noid-"+id+",") {
@@ -792,27 +792,27 @@ func (s *Server) sweepPool(ctx context.Context) {
 				}
 			}
 		}
-		s.releaseSpareResources(ctx, id, dir)
+		m.releaseSpareResources(ctx, id, dir)
 	}
 }
 
 // warmUp fills the pool for the system golden snapshots that are fresh.
-func (s *Server) warmUp(ctx context.Context) {
-	if s.pool == nil || s.pool.size <= 0 {
+func (m *Manager) warmUp(ctx context.Context) {
+	if m.pool == nil || m.pool.size <= 0 {
 		return
 	}
-	if _, ok := s.backend.(vmm.Preparer); !ok {
+	if _, ok := m.backend.(vmm.Preparer); !ok {
 		return
 	}
-	bf, err := s.resolveBootFiles()
+	bf, err := m.resolveBootFiles()
 	if err != nil {
 		return
 	}
-	ents, _ := os.ReadDir(s.systemGoldenRoot())
+	ents, _ := os.ReadDir(m.systemGoldenRoot())
 	for _, e := range ents {
-		d := filepath.Join(s.systemGoldenRoot(), e.Name())
-		if gc, err := readGoldenConfig(d); err == nil && s.staleReason(ctx, gc, bf) == "" && (!gc.HasNet || s.net != nil) {
-			s.pool.refill(d)
+		d := filepath.Join(m.systemGoldenRoot(), e.Name())
+		if gc, err := readGoldenConfig(d); err == nil && m.staleReason(ctx, gc, bf) == "" && (!gc.HasNet || m.net != nil) {
+			m.pool.refill(d)
 		}
 	}
 }

@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"context"
@@ -62,7 +62,7 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 		return nil, fmt.Errorf("%w: connecting to agent: %v", errdefs.ErrUnavailable, err)
 	}
 	t1 := time.Now()
-	res, err := c.Sync(cctx, rt.s.syncFor(v))
+	res, err := c.Sync(cctx, rt.m.syncFor(v))
 	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("%w: syncing agent: %v", errdefs.ErrUnavailable, err)
@@ -84,7 +84,7 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 // identity over it first.
 func (rt *vmRT) takeAgent(ctx context.Context, c *client.Client, v *store.VM) error {
 	t0 := time.Now()
-	res, err := c.Sync(ctx, rt.s.syncFor(v))
+	res, err := c.Sync(ctx, rt.m.syncFor(v))
 	if err != nil {
 		c.Close()
 		return err
@@ -119,14 +119,14 @@ func hostSync() proto.Sync {
 }
 
 // syncFor builds the sync message: host time, fresh entropy, identity.
-func (s *Server) syncFor(v *store.VM) proto.Sync {
+func (m *Manager) syncFor(v *store.VM) proto.Sync {
 	host := strings.TrimPrefix(v.Name, "_")
 	id := &proto.Identity{Hostname: host}
 	if v.IP != "" && v.Tap != "" {
 		id.MAC = v.MAC
-		id.IPv4 = v.IP + "/" + fmt.Sprint(s.poolBits())
-		id.Gateway = s.gateway()
-		id.DNS = []string{s.gateway()}
+		id.IPv4 = v.IP + "/" + fmt.Sprint(m.poolBits())
+		id.Gateway = m.gateway()
+		id.DNS = []string{m.gateway()}
 	}
 	sync := hostSync()
 	sync.Identity = id

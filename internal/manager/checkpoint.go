@@ -1,10 +1,9 @@
-package server
+package manager
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -24,33 +23,33 @@ func classifyIOErr(what string, err error) error {
 		return errdefs.WithHint(fmt.Errorf("%w: %s: the disk holding the data dir is full: %v", errdefs.ErrResourceExhausted, what, err),
 			"free space, or delete checkpoints with `noid checkpoint rm`")
 	}
-	if errdefs.HTTPStatus(err) != http.StatusInternalServerError {
+	if code, _ := errdefs.Classify(err); code != errdefs.CodeInternal {
 		return err
 	}
 	return fmt.Errorf("%s: %w", what, err)
 }
 
-func (s *Server) apiCheckpoint(c *store.Checkpoint, vmName string) *api.Checkpoint {
+func (m *Manager) apiCheckpoint(c *store.Checkpoint, vmName string) *api.Checkpoint {
 	return &api.Checkpoint{ID: c.ID, Name: c.Name, Label: c.Label, VM: vmName, CreatedAt: c.CreatedAt, SizeBytes: c.SizeBytes,
 		VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, Backend: c.Backend, PauseMs: float64(c.PauseNs) / 1e6}
 }
 
 // snapshotMeta describes a snapshot the server is about to take of v.
-func (s *Server) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMeta {
-	m := &vmm.SnapshotMeta{Backend: s.backend.Name(), VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Accel: vmm.Accel(v.Accel),
+func (m *Manager) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMeta {
+	meta := &vmm.SnapshotMeta{Backend: m.backend.Name(), VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Accel: vmm.Accel(v.Accel),
 		HasNet: v.Tap != "", CreatedAt: time.Now().UTC()}
-	m.VMMVersion, _ = s.backend.Version(ctx)
-	m.KernelSHA256 = fingerprint(v.Kernel)
-	m.InitrdSHA256 = fingerprint(v.Initrd)
-	return m
+	meta.VMMVersion, _ = m.backend.Version(ctx)
+	meta.KernelSHA256 = fingerprint(v.Kernel)
+	meta.InitrdSHA256 = fingerprint(v.Initrd)
+	return meta
 }
 
 // Checkpoint captures the user's running VM. The checkpoint directory is
 // written under a temporary name, synced, and renamed into place; only then
 // is the row inserted, so a crash never leaves a listed partial checkpoint.
-func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
+func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
 	start := time.Now()
-	v, err := s.store.GetVM(ctx, u.ID, vmName)
+	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err
 	}
@@ -59,13 +58,13 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	if err != nil {
 		return nil, err
 	}
-	if err := s.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
+	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
 		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
 	}
-	rt := s.rt(v.ID)
+	rt := m.rt(v.ID)
 	rt.op.Lock()
 	defer rt.op.Unlock()
-	if v, err = s.store.GetVM(ctx, u.ID, vmName); err != nil {
+	if v, err = m.store.GetVM(ctx, u.ID, vmName); err != nil {
 		return nil, err
 	}
 	if v.State != store.StateRunning {
@@ -75,9 +74,9 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	if err != nil {
 		return nil, fmt.Errorf("cannot checkpoint vm %q: %w", vmName, err)
 	}
-	c := &store.Checkpoint{ID: id, VMID: v.ID, UserID: u.ID, Name: name, Label: req.Label, Backend: s.backend.Name(),
+	c := &store.Checkpoint{ID: id, VMID: v.ID, UserID: u.ID, Name: name, Label: req.Label, Backend: m.backend.Name(),
 		VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB}
-	dir := s.checkpointDir(c)
+	dir := m.checkpointDir(c)
 	tmp := filepath.Join(filepath.Dir(dir), ".tmp-"+id)
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
 		return nil, classifyIOErr("creating checkpoint dir", err)
@@ -88,19 +87,19 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 			os.RemoveAll(tmp)
 		}
 	}()
-	t, err := inst.Checkpoint(ctx, tmp, s.copier)
+	t, err := inst.Checkpoint(ctx, tmp, m.copier)
 	crashpoint("checkpoint.after-copy")
 	if err != nil {
-		s.metrics.op("checkpoint", start, err)
+		m.metrics.op("checkpoint", start, err)
 		return nil, classifyIOErr("checkpoint of "+vmName, err)
 	}
 	// The backend may have written its own metadata; complete it.
-	meta := s.snapshotMeta(ctx, v)
+	meta := m.snapshotMeta(ctx, v)
 	if bm, err := vmm.ReadMeta(tmp); err == nil {
 		bm.KernelSHA256, bm.InitrdSHA256 = meta.KernelSHA256, meta.InitrdSHA256
 		meta = bm
 	}
-	if err := s.sealSnapshot(ctx, tmp, meta); err != nil {
+	if err := m.sealSnapshot(ctx, tmp, meta); err != nil {
 		return nil, classifyIOErr("checksumming checkpoint", err)
 	}
 	if err := vmm.WriteMeta(tmp, meta); err != nil {
@@ -117,11 +116,11 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes, _ = storage.DirSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := s.cfg.Quota.MaxCheckpointBytes
+	lim := m.cfg.Quota.MaxCheckpointBytes
 	if u.MaxCheckpointBytes != nil {
 		lim = *u.MaxCheckpointBytes
 	}
-	err = s.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
+	err = m.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
 		if lim > 0 && use.CheckpointBytes+c.SizeBytes > lim {
 			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+c.SizeBytes, lim),
 				"delete old checkpoints with `noid checkpoint rm`")
@@ -130,56 +129,56 @@ func (s *Server) Checkpoint(ctx context.Context, u *store.User, vmName string, r
 	})
 	if err != nil {
 		os.RemoveAll(dir)
-		s.metrics.op("checkpoint", start, err)
+		m.metrics.op("checkpoint", start, err)
 		return nil, err
 	}
-	s.metrics.op("checkpoint", start, nil)
-	s.metrics.checkpointBytes(c.SizeBytes)
+	m.metrics.op("checkpoint", start, nil)
+	m.metrics.checkpointBytes(c.SizeBytes)
 	// A clone of it is likely: have a VMM of its shape waiting.
 	if key, err := cloneKey(v, dir); err == nil {
-		s.pool.refillShape(key)
+		m.pool.refillShape(key)
 	}
 	rt.log.Info("checkpoint taken", "user", u.Name, "checkpoint", name, "pause_ms", ms(t.Pause), "total_ms", ms(time.Since(start)), "bytes", c.SizeBytes)
-	out := s.apiCheckpoint(c, v.Name)
+	out := m.apiCheckpoint(c, v.Name)
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), PauseMs: ms(t.Pause), CopyMs: ms(t.Copy)}
 	return out, nil
 }
 
 // ListCheckpoints lists a VM's checkpoints.
-func (s *Server) ListCheckpoints(ctx context.Context, u *store.User, vmName string) ([]*api.Checkpoint, error) {
-	v, err := s.store.GetVM(ctx, u.ID, vmName)
+func (m *Manager) ListCheckpoints(ctx context.Context, u *store.User, vmName string) ([]*api.Checkpoint, error) {
+	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err
 	}
-	cps, err := s.store.ListCheckpoints(ctx, u.ID, v.ID)
+	cps, err := m.store.ListCheckpoints(ctx, u.ID, v.ID)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*api.Checkpoint, 0, len(cps))
 	for _, c := range cps {
-		out = append(out, s.apiCheckpoint(c, v.Name))
+		out = append(out, m.apiCheckpoint(c, v.Name))
 	}
 	return out, nil
 }
 
 // DeleteCheckpoint removes a checkpoint's row and files.
-func (s *Server) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, cpName string) error {
-	v, err := s.store.GetVM(ctx, u.ID, vmName)
+func (m *Manager) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, cpName string) error {
+	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return err
 	}
-	rt := s.rt(v.ID)
+	rt := m.rt(v.ID)
 	rt.op.Lock()
 	defer rt.op.Unlock()
-	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, cpName)
+	c, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, cpName)
 	if err != nil {
 		return err
 	}
 	// Row first: a crash after it leaves an unlisted dir that start-up sweeps.
-	if err := s.store.DeleteCheckpoint(ctx, c.ID); err != nil {
+	if err := m.store.DeleteCheckpoint(ctx, c.ID); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(s.checkpointDir(c)); err != nil {
+	if err := os.RemoveAll(m.checkpointDir(c)); err != nil {
 		return fmt.Errorf("removing checkpoint files: %w", err)
 	}
 	rt.log.Info("checkpoint deleted", "user", u.Name, "checkpoint", c.Name)
@@ -215,18 +214,18 @@ func checkRestoreRequest(req api.RestoreRequest) error {
 
 // Restore rewinds the VM to a checkpoint, or with req.As clones the
 // checkpoint into a new VM.
-func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req api.RestoreRequest) (*api.VM, error) {
-	v, err := s.store.GetVM(ctx, u.ID, vmName)
+func (m *Manager) Restore(ctx context.Context, u *store.User, vmName string, req api.RestoreRequest) (*api.VM, error) {
+	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err
 	}
 	if err := checkRestoreRequest(req); err != nil {
 		return nil, err
 	}
-	c, err := s.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+	c, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		// A checkpoint id of another of the user's VMs is accepted too.
-		if c2, err2 := s.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint); err2 == nil {
+		if c2, err2 := m.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint); err2 == nil {
 			c, err = c2, nil
 		}
 	}
@@ -234,18 +233,18 @@ func (s *Server) Restore(ctx context.Context, u *store.User, vmName string, req 
 		return nil, err
 	}
 	if req.As != "" {
-		return s.clone(ctx, u, v, c, req.As)
+		return m.clone(ctx, u, v, c, req.As)
 	}
-	return s.rewind(ctx, u, v, c)
+	return m.rewind(ctx, u, v, c)
 }
 
-func (s *Server) checkSnapshotFits(dir string, v *store.VM) error {
+func (m *Manager) checkSnapshotFits(dir string, v *store.VM) error {
 	meta, err := vmm.ReadMeta(dir)
 	if err != nil {
 		return err
 	}
-	if meta.Backend != s.backend.Name() {
-		return fmt.Errorf("%w: the checkpoint was taken by the %s backend; this server runs %s", errdefs.ErrInvalidArgument, meta.Backend, s.backend.Name())
+	if meta.Backend != m.backend.Name() {
+		return fmt.Errorf("%w: the checkpoint was taken by the %s backend; this server runs %s", errdefs.ErrInvalidArgument, meta.Backend, m.backend.Name())
 	}
 	if meta.VCPUs != v.VCPUs || meta.MemoryMiB != v.MemoryMiB {
 		return errdefs.WithHint(fmt.Errorf("%w: the checkpoint needs %d vCPUs and %d MiB, but vm %q has %d vCPUs and %d MiB",
@@ -264,45 +263,45 @@ func netName(has bool) string {
 	return "none"
 }
 
-func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint) (*api.VM, error) {
+func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint) (*api.VM, error) {
 	start := time.Now()
-	rt := s.rt(v.ID)
+	rt := m.rt(v.ID)
 	rt.op.Lock()
 	defer rt.op.Unlock()
-	v, err := s.store.GetVMByID(ctx, v.ID)
+	v, err := m.store.GetVMByID(ctx, v.ID)
 	if err != nil {
 		return nil, err
 	}
-	dir := s.checkpointDir(c)
-	if err := s.checkSnapshotFits(dir, v); err != nil {
+	dir := m.checkpointDir(c)
+	if err := m.checkSnapshotFits(dir, v); err != nil {
 		return nil, err
 	}
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}
 	// Nothing touches the VM before the checkpoint proved whole.
-	if _, err := s.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
-		s.metrics.op("restore", start, err)
+	if _, err := m.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
+		m.metrics.op("restore", start, err)
 		return nil, err
 	}
 	if key, err := cloneKey(v, dir); err == nil {
-		defer s.pool.refillShape(key)
-		sp := s.pool.take(key.String(), time.Time{})
-		if _, ok := s.backend.(vmm.Preparer); ok && sp == nil {
+		defer m.pool.refillShape(key)
+		sp := m.pool.take(key.String(), time.Time{})
+		if _, ok := m.backend.(vmm.Preparer); ok && sp == nil {
 			// No spare waits: prepare one now. The rewind then loads the
 			// checkpoint into it before it stops the VM, as with a spare.
-			if sp, err = s.makeBlankSpare(ctx, key); err != nil {
-				s.metrics.op("restore", start, err)
+			if sp, err = m.makeBlankSpare(ctx, key); err != nil {
+				m.metrics.op("restore", start, err)
 				return nil, classifyIOErr("preparing a VMM for the rewind of "+v.Name, err)
 			}
 		}
 		if sp != nil {
-			return s.rewindIntoSpare(ctx, u, v, c, dir, sp, start)
+			return m.rewindIntoSpare(ctx, u, v, c, dir, sp, start)
 		}
 	}
 	// Backends that cannot prepare a VMM (Firecracker) restore in place:
 	// the old VMM is stopped first.
-	if err := s.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
+	if err := m.store.SetVMState(ctx, v.ID, store.StateRestoring, "", v.PID); err != nil {
 		return nil, err
 	}
 	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -313,92 +312,92 @@ func (s *Server) rewind(ctx context.Context, u *store.User, v *store.VM, c *stor
 	}
 	crashpoint("restore.after-kill")
 	// A dead VM may have lost its TAP; make sure it exists.
-	if err := s.attachNetwork(ctx, v); err != nil {
-		s.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+	if err := m.attachNetwork(ctx, v); err != nil {
+		m.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
 		return nil, err
 	}
-	inst, t, err := s.backend.Restore(ctx, s.spec(v), dir, s.copier)
+	inst, t, err := m.backend.Restore(ctx, m.spec(v), dir, m.copier)
 	if err != nil {
-		s.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
-		s.metrics.op("restore", start, err)
+		m.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
+		m.metrics.op("restore", start, err)
 		return nil, classifyIOErr("restoring "+v.Name, err)
 	}
 	rt.setInstance(inst)
 	crashpoint("restore.after-spawn")
 	v.PID = inst.Pid()
-	return s.finishRewind(ctx, u, v, c, start, "vm rewound", api.Timings{CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load)})
+	return m.finishRewind(ctx, u, v, c, start, "vm rewound", api.Timings{CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load)})
 }
 
 // finishRewind records a rewound VM as running, waits for its agent and
 // reports the rewind; t has the VMM-side timings.
-func (s *Server) finishRewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, start time.Time, msg string, t api.Timings) (*api.VM, error) {
-	rt := s.rt(v.ID)
+func (m *Manager) finishRewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, start time.Time, msg string, t api.Timings) (*api.VM, error) {
+	rt := m.rt(v.ID)
 	v.State, v.StateReason, v.StartedAt, v.Source = store.StateRunning, "", time.Now().UTC(), c.Name
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return nil, err
 	}
 	agentStart := time.Now()
 	if _, err := rt.agentClient(ctx, v); err != nil {
-		s.metrics.op("restore", start, err)
+		m.metrics.op("restore", start, err)
 		return nil, fmt.Errorf("%w: vm %q restored but its agent did not answer: %v", errdefs.ErrUnavailable, v.Name, err)
 	}
-	s.metrics.op("restore", start, nil)
+	m.metrics.op("restore", start, nil)
 	rt.log.Info(msg, "user", u.Name, "checkpoint", c.Name, "runtime_id", v.Runtime(), "ms", ms(time.Since(start)))
-	out := s.apiVM(ctx, v)
+	out := m.apiVM(ctx, v)
 	t.TotalMs, t.AgentMs = ms(time.Since(start)), ms(time.Since(agentStart))
 	out.Timings = &t
 	return out, nil
 }
 
-func (s *Server) clone(ctx context.Context, u *store.User, src *store.VM, c *store.Checkpoint, newName string) (*api.VM, error) {
+func (m *Manager) clone(ctx context.Context, u *store.User, src *store.VM, c *store.Checkpoint, newName string) (*api.VM, error) {
 	start := time.Now()
 	if err := api.ValidateVMName(newName); err != nil {
 		return nil, err
 	}
-	dir := s.checkpointDir(c)
+	dir := m.checkpointDir(c)
 	// The clone takes its spec from the checkpoint's own VM, which may be
 	// another of the user's VMs when the checkpoint was given by id.
 	if c.VMID != src.ID {
-		owner, err := s.store.GetVMByID(ctx, c.VMID)
+		owner, err := m.store.GetVMByID(ctx, c.VMID)
 		if err != nil {
 			return nil, err
 		}
 		src = owner
 	}
-	if err := s.checkSnapshotFits(dir, src); err != nil {
+	if err := m.checkSnapshotFits(dir, src); err != nil {
 		return nil, err
 	}
-	if _, err := s.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
+	if _, err := m.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
 		return nil, err
 	}
 	v := &store.VM{
 		ID: newID(6), UserID: u.ID, Name: newName, State: store.StateCreating, VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB,
-		DiskBytes: src.DiskBytes, VMM: s.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
+		DiskBytes: src.DiskBytes, VMM: m.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
 		Network: src.Network, AllowPeers: src.AllowPeers, Source: src.Name + "/" + c.Name,
 	}
 	key, err := cloneKey(src, dir)
 	if err != nil {
 		return nil, fmt.Errorf("reading checkpoint %s: %w", c.Name, err)
 	}
-	defer s.pool.refillShape(key)
-	if sp := s.pool.take(key.String(), time.Time{}); sp != nil {
-		if err := s.checkHostMemory(v.MemoryMiB); err != nil {
-			s.pool.putBack(sp)
+	defer m.pool.refillShape(key)
+	if sp := m.pool.take(key.String(), time.Time{}); sp != nil {
+		if err := m.checkHostMemory(v.MemoryMiB); err != nil {
+			m.pool.putBack(sp)
 			return nil, err
 		}
 		v.ID, v.BootReason = sp.id, "warm spare"
-		return s.startFromSpare(ctx, u, v, dir, sp, true, start)
+		return m.startFromSpare(ctx, u, v, dir, sp, true, start)
 	}
-	return s.startFromSnapshot(ctx, u, v, dir, start)
+	return m.startFromSnapshot(ctx, u, v, dir, start)
 }
 
 // startFromSnapshot inserts v and starts it from the snapshot in dir
 // (clones and golden creates). On any failure everything is removed.
-func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.VM, dir string, start time.Time) (*api.VM, error) {
-	if err := s.checkHostMemory(v.MemoryMiB); err != nil {
+func (m *Manager) startFromSnapshot(ctx context.Context, u *store.User, v *store.VM, dir string, start time.Time) (*api.VM, error) {
+	if err := m.checkHostMemory(v.MemoryMiB); err != nil {
 		return nil, err
 	}
-	rt, err := s.insertVM(ctx, u, v, "clone.after-insert")
+	rt, err := m.insertVM(ctx, u, v, "clone.after-insert")
 	if err != nil {
 		return nil, err
 	}
@@ -408,26 +407,26 @@ func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.
 		log.Warn("start from snapshot failed; cleaning up", "err", err)
 		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s.destroyVM(cctx, v)
-		s.metrics.op(v.BootPath, start, err)
+		m.destroyVM(cctx, v)
+		m.metrics.op(v.BootPath, start, err)
 		return nil, classifyIOErr("starting "+v.Name, err)
 	}
-	if err := os.MkdirAll(s.vmDir(v), 0o700); err != nil {
+	if err := os.MkdirAll(m.vmDir(v), 0o700); err != nil {
 		return fail(err)
 	}
 	netStart := time.Now()
-	if err := s.attachNetwork(ctx, v); err != nil {
+	if err := m.attachNetwork(ctx, v); err != nil {
 		return fail(err)
 	}
 	netDur := time.Since(netStart)
-	inst, t, err := s.backend.Restore(ctx, s.spec(v), dir, s.copier)
+	inst, t, err := m.backend.Restore(ctx, m.spec(v), dir, m.copier)
 	if err != nil {
 		return fail(err)
 	}
 	rt.setInstance(inst)
 	v.PID = inst.Pid()
 	v.StartedAt = time.Now().UTC()
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
 	crashpoint("clone.after-spawn")
@@ -436,57 +435,13 @@ func (s *Server) startFromSnapshot(ctx context.Context, u *store.User, v *store.
 		return fail(fmt.Errorf("%w: the agent did not answer after restore: %v", errdefs.ErrUnavailable, err))
 	}
 	v.State = store.StateRunning
-	if err := s.store.UpdateVM(ctx, v); err != nil {
+	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
-	s.metrics.op(v.BootPath, start, nil)
+	m.metrics.op(v.BootPath, start, nil)
 	log.Info("vm started from snapshot", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
-	out := s.apiVM(ctx, v)
+	out := m.apiVM(ctx, v)
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load),
 		AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur)}
 	return out, nil
-}
-
-func (s *Server) hListCheckpoints(w http.ResponseWriter, r *http.Request) error {
-	out, err := s.ListCheckpoints(r.Context(), userOf(r.Context()), r.PathValue("name"))
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, 200, out)
-}
-
-func (s *Server) hCheckpoint(w http.ResponseWriter, r *http.Request) error {
-	var req api.CheckpointRequest
-	if err := decodeJSON(r, &req); err != nil {
-		return err
-	}
-	out, err := s.Checkpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, http.StatusCreated, out)
-}
-
-func (s *Server) hDeleteCheckpoint(w http.ResponseWriter, r *http.Request) error {
-	if err := s.DeleteCheckpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), r.PathValue("checkpoint")); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (s *Server) hRestore(w http.ResponseWriter, r *http.Request) error {
-	var req api.RestoreRequest
-	if err := decodeJSON(r, &req); err != nil {
-		return err
-	}
-	out, err := s.Restore(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
-	if err != nil {
-		return err
-	}
-	status := http.StatusOK
-	if req.As != "" {
-		status = http.StatusCreated
-	}
-	return writeJSON(w, status, out)
 }

@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"context"
@@ -31,54 +31,54 @@ type sandboxState struct {
 // pool and the cgroup manager, each only where the host allows it (root,
 // a data dir that supports chown, mounted memory and pids controllers).
 // What cannot be had is logged, and the server runs without it.
-func (s *Server) qemuOptions(ctx context.Context) qemu.Options {
-	opts := qemu.Options{Binary: s.cfg.QEMUBinary, Logger: s.log}
-	sb := s.cfg.Sandbox
+func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
+	opts := qemu.Options{Binary: m.cfg.QEMUBinary, Logger: m.log}
+	sb := m.cfg.Sandbox
 	if sb.MemoryOverhead != "" {
 		opts.MemoryOverhead, _ = config.ParseSize(sb.MemoryOverhead)
 	}
 	opts.PidsLimit = sb.PidsMax
 	if os.Geteuid() != 0 {
-		s.log.Warn("noid-server is not root: VMMs run as its own user, without cgroups of their own")
+		m.log.Warn("noid-server is not root: VMMs run as its own user, without cgroups of their own")
 		return opts
 	}
-	switch u := s.cfg.SandboxUser(); u {
+	switch u := m.cfg.SandboxUser(); u {
 	case "root":
-		s.log.Warn("sandbox: VMMs run as root ([sandbox] user = \"root\")")
+		m.log.Warn("sandbox: VMMs run as root ([sandbox] user = \"root\")")
 	case "auto":
-		pool, err := s.openUIDPool()
+		pool, err := m.openUIDPool()
 		if err != nil {
-			s.log.Warn("sandbox: VMMs run as root: per-VM uids are not possible here", "err", err)
+			m.log.Warn("sandbox: VMMs run as root: per-VM uids are not possible here", "err", err)
 			break
 		}
 		opts.UIDs = pool
-		s.uids = pool
-		s.sandbox.perVM = true
-		s.log.Info("sandbox: each VMM runs as a uid of its own", "uid_base", sb.UIDBase, "uid_count", sb.UIDCount)
+		m.uids = pool
+		m.sandbox.perVM = true
+		m.log.Info("sandbox: each VMM runs as a uid of its own", "uid_base", sb.UIDBase, "uid_count", sb.UIDCount)
 	default:
 		uid, gid, err := lookupUser(u)
 		if err != nil {
-			s.log.Warn("sandbox: VMMs run as root: [sandbox] user not found", "user", u, "err", err)
+			m.log.Warn("sandbox: VMMs run as root: [sandbox] user not found", "user", u, "err", err)
 			break
 		}
-		s.sandbox.uid, s.sandbox.gid = uid, gid
-		s.log.Warn("sandbox: every VMM runs as one shared user; VMMs of one uid can reach each other (use user = \"auto\" for a uid per VM)", "user", u, "uid", uid)
+		m.sandbox.uid, m.sandbox.gid = uid, gid
+		m.log.Warn("sandbox: every VMM runs as one shared user; VMMs of one uid can reach each other (use user = \"auto\" for a uid per VM)", "user", u, "uid", uid)
 	}
-	if s.cfg.CgroupsEnabled() {
+	if m.cfg.CgroupsEnabled() {
 		l, err := sandbox.Detect(sandbox.DetectOptions{})
-		var m *sandbox.Manager
+		var cg *sandbox.Manager
 		if err == nil {
-			m, err = sandbox.NewManager(l, sb.CgroupParent)
+			cg, err = sandbox.NewManager(l, sb.CgroupParent)
 		}
 		if err != nil {
-			s.log.Warn("sandbox: VMMs run without cgroups of their own", "err", err)
+			m.log.Warn("sandbox: VMMs run without cgroups of their own", "err", err)
 		} else {
-			if n, err := m.Prune(ctx, time.Minute); n > 0 || err != nil {
-				s.log.Info("sandbox: removed cgroups of VMMs that are gone", "count", n, "err", err)
+			if n, err := cg.Prune(ctx, time.Minute); n > 0 || err != nil {
+				m.log.Info("sandbox: removed cgroups of VMMs that are gone", "count", n, "err", err)
 			}
-			opts.Cgroups = m
-			s.sandbox.cgroupParent = m.Parent()
-			s.log.Info("sandbox: each VMM gets a cgroup with memory and pids limits", "cgroups", l.String(), "parent", m.Parent())
+			opts.Cgroups = cg
+			m.sandbox.cgroupParent = cg.Parent()
+			m.log.Info("sandbox: each VMM gets a cgroup with memory and pids limits", "cgroups", l.String(), "parent", cg.Parent())
 		}
 	}
 	return opts
@@ -86,20 +86,20 @@ func (s *Server) qemuOptions(ctx context.Context) qemu.Options {
 
 // openUIDPool opens the per-VM uid pool and checks that the storage dir
 // lets files be given to those uids.
-func (s *Server) openUIDPool() (*sandbox.UIDPool, error) {
-	base, count := s.cfg.Sandbox.UIDBase, s.cfg.Sandbox.UIDCount
-	pool, err := sandbox.OpenUIDPool(filepath.Join(s.cfg.DataDir, "sandbox", "uids"), uint32(base), uint32(count))
+func (m *Manager) openUIDPool() (*sandbox.UIDPool, error) {
+	base, count := m.cfg.Sandbox.UIDBase, m.cfg.Sandbox.UIDCount
+	pool, err := sandbox.OpenUIDPool(filepath.Join(m.cfg.DataDir, "sandbox", "uids"), uint32(base), uint32(count))
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.CreateTemp(s.cfg.StorageDir(), ".chown-probe-")
+	f, err := os.CreateTemp(m.cfg.StorageDir(), ".chown-probe-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.Remove(f.Name())
 	defer f.Close()
 	if err := f.Chown(int(base), int(base)); err != nil {
-		return nil, fmt.Errorf("the storage dir %s does not let files be given to other uids: %w", s.cfg.StorageDir(), err)
+		return nil, fmt.Errorf("the storage dir %s does not let files be given to other uids: %w", m.cfg.StorageDir(), err)
 	}
 	return pool, nil
 }
@@ -128,24 +128,24 @@ func lookupUser(name string) (int, int, error) {
 	return uid, gid, nil
 }
 
-// isSandboxUID reports whether uid belongs to VMM processes. The API
+// IsSandboxUID reports whether uid belongs to VMM processes. The API
 // refuses such callers on the unix socket: a compromised VMM must not get
 // an account of its own through peer credentials.
-func (s *Server) isSandboxUID(uid int64) bool {
-	if s.sandbox.uid != 0 && uid == int64(s.sandbox.uid) {
+func (m *Manager) IsSandboxUID(uid int64) bool {
+	if m.sandbox.uid != 0 && uid == int64(m.sandbox.uid) {
 		return true
 	}
-	base, count := s.cfg.Sandbox.UIDBase, s.cfg.Sandbox.UIDCount
-	return s.sandbox.perVM && uid >= base && uid < base+count
+	base, count := m.cfg.Sandbox.UIDBase, m.cfg.Sandbox.UIDCount
+	return m.sandbox.perVM && uid >= base && uid < base+count
 }
 
 // sandboxSpec is the confinement of v's VMM, or nil when there is none.
-func (s *Server) sandboxSpec(v *store.VM) *vmm.Sandbox {
-	sb := &vmm.Sandbox{Seccomp: s.cfg.SeccompEnabled(), UID: s.sandbox.uid, GID: s.sandbox.gid}
-	if s.sandbox.cgroupParent != "" {
-		sb.CgroupPath = s.sandbox.cgroupParent + "/" + v.Runtime()
+func (m *Manager) sandboxSpec(v *store.VM) *vmm.Sandbox {
+	sb := &vmm.Sandbox{Seccomp: m.cfg.SeccompEnabled(), UID: m.sandbox.uid, GID: m.sandbox.gid}
+	if m.sandbox.cgroupParent != "" {
+		sb.CgroupPath = m.sandbox.cgroupParent + "/" + v.Runtime()
 	}
-	if !sb.Seccomp && sb.UID == 0 && sb.CgroupPath == "" && !s.sandbox.perVM {
+	if !sb.Seccomp && sb.UID == 0 && sb.CgroupPath == "" && !m.sandbox.perVM {
 		return nil
 	}
 	return sb

@@ -1,4 +1,4 @@
-package server
+package manager
 
 import (
 	"context"
@@ -14,16 +14,16 @@ import (
 )
 
 // netConfig turns the [network] config section into the network package's.
-func (s *Server) netConfig() (network.Config, error) {
-	p, err := netip.ParsePrefix(s.cfg.Network.Pool)
+func (m *Manager) netConfig() (network.Config, error) {
+	p, err := netip.ParsePrefix(m.cfg.Network.Pool)
 	if err != nil {
 		return network.Config{}, fmt.Errorf("%w: network.pool: %v", errdefs.ErrInvalidArgument, err)
 	}
-	nc := network.Config{Bridge: s.cfg.Network.Bridge, Pool: p, AllowSameUser: s.cfg.Network.AllowSameUser, DNSPort: uint16(s.cfg.Network.DNSPort)}
-	for _, port := range s.cfg.Network.GatewayTCPPorts {
+	nc := network.Config{Bridge: m.cfg.Network.Bridge, Pool: p, AllowSameUser: m.cfg.Network.AllowSameUser, DNSPort: uint16(m.cfg.Network.DNSPort)}
+	for _, port := range m.cfg.Network.GatewayTCPPorts {
 		nc.GatewayTCPPorts = append(nc.GatewayTCPPorts, uint16(port))
 	}
-	for _, b := range s.cfg.Network.BlockedNets {
+	for _, b := range m.cfg.Network.BlockedNets {
 		bp, err := netip.ParsePrefix(b)
 		if err != nil {
 			return network.Config{}, fmt.Errorf("%w: network.blocked_nets: %v", errdefs.ErrInvalidArgument, err)
@@ -36,26 +36,26 @@ func (s *Server) netConfig() (network.Config, error) {
 // setupNetwork creates the bridge, the nftables tables and the DNS server,
 // and re-applies every existing VM's TAP and rules (idempotently), removing
 // orphans left by a crash.
-func (s *Server) setupNetwork(ctx context.Context) error {
-	if !s.cfg.NetworkEnabled() {
-		s.log.Info("networking disabled; VMs get no NIC")
+func (m *Manager) setupNetwork(ctx context.Context) error {
+	if !m.cfg.NetworkEnabled() {
+		m.log.Info("networking disabled; VMs get no NIC")
 		return nil
 	}
-	nc, err := s.netConfig()
+	nc, err := m.netConfig()
 	if err != nil {
 		return err
 	}
-	m, err := network.New(ctx, nc, s.log)
+	nm, err := network.New(ctx, nc, m.log)
 	if err != nil {
 		return err
 	}
-	if err := m.Setup(ctx); err != nil {
-		m.Close()
+	if err := nm.Setup(ctx); err != nil {
+		nm.Close()
 		return fmt.Errorf("setting up networking (set [network] enabled = false to run without): %w", err)
 	}
-	vms, err := s.store.ListVMs(ctx, -1)
+	vms, err := m.store.ListVMs(ctx, -1)
 	if err != nil {
-		m.Close()
+		nm.Close()
 		return err
 	}
 	var want []network.VMNet
@@ -63,28 +63,28 @@ func (s *Server) setupNetwork(ctx context.Context) error {
 		if v.Tap == "" || v.State == store.StateDestroying {
 			continue
 		}
-		vn, err := s.vmNet(m, v)
+		vn, err := m.vmNet(nm, v)
 		if err != nil {
 			// Its TAP will be removed as an orphan: say why.
-			s.log.Warn("vm keeps no network: its address does not fit the configured pool", "vm", v.Name, "vm_id", v.ID, "ip", v.IP, "pool", nc.Pool.String(), "err", err)
+			m.log.Warn("vm keeps no network: its address does not fit the configured pool", "vm", v.Name, "vm_id", v.ID, "ip", v.IP, "pool", nc.Pool.String(), "err", err)
 			continue
 		}
 		want = append(want, vn)
 	}
-	if err := m.Reconcile(ctx, want); err != nil {
-		s.log.Warn("reconciling VM networks", "err", err)
+	if err := nm.Reconcile(ctx, want); err != nil {
+		m.log.Warn("reconciling VM networks", "err", err)
 	}
-	dns, err := m.StartDNS(ctx, network.ResolverFunc(s.lookupVM), network.DNSOptions{Domain: "noid"})
+	dns, err := nm.StartDNS(ctx, network.ResolverFunc(m.lookupVM), network.DNSOptions{Domain: "noid"})
 	if err != nil {
-		m.Close()
+		nm.Close()
 		return fmt.Errorf("starting the VM DNS server: %w", err)
 	}
-	s.net, s.dns = m, dns
-	s.log.Info("networking ready", "bridge", nc.Bridge, "pool", nc.Pool.String(), "gateway", nc.Gateway().String(), "vms", len(want))
+	m.net, m.dns = nm, dns
+	m.log.Info("networking ready", "bridge", nc.Bridge, "pool", nc.Pool.String(), "gateway", nc.Gateway().String(), "vms", len(want))
 	return nil
 }
 
-func (s *Server) vmNet(m *network.Manager, v *store.VM) (network.VMNet, error) {
+func (m *Manager) vmNet(nm *network.Manager, v *store.VM) (network.VMNet, error) {
 	ip, err := netip.ParseAddr(v.IP)
 	if err != nil {
 		return network.VMNet{}, fmt.Errorf("vm %s has no valid ip %q", v.Name, v.IP)
@@ -95,17 +95,17 @@ func (s *Server) vmNet(m *network.Manager, v *store.VM) (network.VMNet, error) {
 			return network.VMNet{}, fmt.Errorf("vm %s has no valid mac %q", v.Name, v.MAC)
 		}
 	}
-	return m.Config().NormalizeVM(vn)
+	return nm.Config().NormalizeVM(vn)
 }
 
 // lookupVM answers "<vm>.noid" for the VM at asker's address, scoped to
 // its owner.
-func (s *Server) lookupVM(ctx context.Context, asker netip.Addr, name string) (netip.Addr, bool) {
-	from, err := s.store.GetVMByIP(ctx, asker.String())
+func (m *Manager) lookupVM(ctx context.Context, asker netip.Addr, name string) (netip.Addr, bool) {
+	from, err := m.store.GetVMByIP(ctx, asker.String())
 	if err != nil {
 		return netip.Addr{}, false
 	}
-	v, err := s.store.GetVM(ctx, from.UserID, strings.ToLower(name))
+	v, err := m.store.GetVM(ctx, from.UserID, strings.ToLower(name))
 	if err != nil || v.IP == "" || v.State == store.StateDestroying {
 		return netip.Addr{}, false
 	}
@@ -114,12 +114,12 @@ func (s *Server) lookupVM(ctx context.Context, asker netip.Addr, name string) (n
 }
 
 // prepareNetwork adds IP allocation to a VM insert when the VM gets a NIC.
-func (s *Server) prepareNetwork(v *store.VM, opts *store.CreateOpts) {
-	if v.Network == "none" || s.net == nil {
+func (m *Manager) prepareNetwork(v *store.VM, opts *store.CreateOpts) {
+	if v.Network == "none" || m.net == nil {
 		v.Network = "none"
 		return
 	}
-	nc := s.net.Config()
+	nc := m.net.Config()
 	opts.AllocIP = func(used map[string]bool) (string, error) {
 		for n := 0; n < nc.PoolSize(); n++ {
 			a, _ := nc.NthHost(n)
@@ -133,15 +133,15 @@ func (s *Server) prepareNetwork(v *store.VM, opts *store.CreateOpts) {
 }
 
 // attachNetwork creates the VM's TAP and rules and records its TAP and MAC.
-func (s *Server) attachNetwork(ctx context.Context, v *store.VM) error {
-	if v.Network == "none" || s.net == nil || v.IP == "" {
+func (m *Manager) attachNetwork(ctx context.Context, v *store.VM) error {
+	if v.Network == "none" || m.net == nil || v.IP == "" {
 		return nil
 	}
-	vn, err := s.vmNet(s.net, v)
+	vn, err := m.vmNet(m.net, v)
 	if err != nil {
 		return err
 	}
-	if err := s.net.AddVM(ctx, vn); err != nil {
+	if err := m.net.AddVM(ctx, vn); err != nil {
 		return fmt.Errorf("creating network for vm %s: %w", v.Name, err)
 	}
 	v.Tap, v.MAC = vn.TapName, vn.MAC.String()
@@ -149,27 +149,27 @@ func (s *Server) attachNetwork(ctx context.Context, v *store.VM) error {
 }
 
 // detachNetwork removes the VM's TAP and rules.
-func (s *Server) detachNetwork(ctx context.Context, v *store.VM) {
-	if s.net == nil || v.IP == "" {
+func (m *Manager) detachNetwork(ctx context.Context, v *store.VM) {
+	if m.net == nil || v.IP == "" {
 		return
 	}
-	if err := s.net.RemoveVM(ctx, v.ID); err != nil {
-		s.log.Warn("removing vm network", "vm", v.Name, "err", err)
+	if err := m.net.RemoveVM(ctx, v.ID); err != nil {
+		m.log.Warn("removing vm network", "vm", v.Name, "err", err)
 	}
 	// A VM rewound into a warm spare uses the spare's TAP; if the manager
 	// did not know the VM, RemoveVM only looked for TapName(v.ID).
 	if rid := v.Runtime(); rid != v.ID {
-		if err := s.net.RemoveVM(ctx, rid); err != nil {
-			s.log.Warn("removing vm network", "vm", v.Name, "err", err)
+		if err := m.net.RemoveVM(ctx, rid); err != nil {
+			m.log.Warn("removing vm network", "vm", v.Name, "err", err)
 		}
 	}
 }
 
-func (s *Server) poolPrefix() netip.Prefix {
-	p, _ := netip.ParsePrefix(s.cfg.Network.Pool)
+func (m *Manager) poolPrefix() netip.Prefix {
+	p, _ := netip.ParsePrefix(m.cfg.Network.Pool)
 	return p.Masked()
 }
 
-func (s *Server) poolBits() int { return s.poolPrefix().Bits() }
+func (m *Manager) poolBits() int { return m.poolPrefix().Bits() }
 
-func (s *Server) gateway() string { return s.poolPrefix().Addr().Next().String() }
+func (m *Manager) gateway() string { return m.poolPrefix().Addr().Next().String() }

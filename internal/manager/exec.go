@@ -1,0 +1,110 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/store"
+)
+
+// agentFor resolves the user's VM to a connected agent, failing fast when the
+// VM is not running.
+func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*store.VM, *client.Client, error) {
+	v, err := m.store.GetVM(ctx, u.ID, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	switch v.State {
+	case store.StateRunning, store.StateCreating:
+	default:
+		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q is %s: %w", name, v.State, errdefs.ErrNotRunning), "noid info "+name)
+	}
+	rt := m.rt(v.ID)
+	if _, err := rt.instance(); err != nil {
+		return nil, nil, fmt.Errorf("vm %q: %w", name, err)
+	}
+	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	c, err := rt.agentClient(actx, v)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrNotRunning) {
+			return nil, nil, fmt.Errorf("vm %q: %w", name, errdefs.ErrNotRunning)
+		}
+		return nil, nil, err
+	}
+	return v, c, nil
+}
+
+// Guest is a running VM's connected agent, ready to start processes.
+type Guest struct {
+	c *client.Client
+}
+
+// Guest connects to the agent of the user's running VM name. It fails
+// fast, with ErrNotFound or ErrNotRunning, before any process is asked
+// for, so a caller can report that before it commits to a stream.
+func (m *Manager) Guest(ctx context.Context, u *store.User, name string) (*Guest, error) {
+	_, c, err := m.agentFor(ctx, u, name)
+	if err != nil {
+		return nil, err
+	}
+	return &Guest{c: c}, nil
+}
+
+// Exec checks req and starts its command in the guest; with console, an
+// empty command opens a login shell on a terminal (noid console) and the
+// process always gets a terminal and stdin.
+func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*client.Process, error) {
+	preq, err := execParams(req, console)
+	if err != nil {
+		return nil, err
+	}
+	var proc *client.Process
+	if console && len(preq.Argv) == 0 {
+		proc, err = g.c.Console(ctx, preq)
+	} else {
+		proc, err = g.c.Exec(ctx, preq)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err)
+	}
+	return proc, nil
+}
+
+// execParams checks an exec or console request and turns it into the
+// agent's request.
+func execParams(req api.ExecRequest, console bool) (proto.ExecRequest, error) {
+	if console {
+		req.TTY = true
+		req.Stdin = true
+	}
+	if len(req.Argv) == 0 && !console {
+		return proto.ExecRequest{}, errdefs.WithHint(fmt.Errorf("%w: no command given", errdefs.ErrInvalidArgument), "noid exec <vm> -- <command> [args...]")
+	}
+	if req.TimeoutMs < 0 {
+		return proto.ExecRequest{}, fmt.Errorf("%w: timeout must not be negative", errdefs.ErrInvalidArgument)
+	}
+	env := make([]string, 0, len(req.Env))
+	for k, v := range req.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			return proto.ExecRequest{}, fmt.Errorf("%w: invalid environment variable name %q", errdefs.ErrInvalidArgument, k)
+		}
+		env = append(env, k+"="+v)
+	}
+	sort.Strings(env)
+	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
+		return proto.ExecRequest{}, fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument)
+	}
+	return proto.ExecRequest{
+		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
+		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
+	}, nil
+}

@@ -1,0 +1,407 @@
+package manager
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// Golden snapshots let `noid create` restore a pre-booted VM instead of
+// booting one. Each is a self-contained directory holding rootfs.ext4,
+// memory.snap, vmstate.snap and config.json, one per (vCPUs, memory):
+//
+//	<data_dir>/golden/<vcpus>x<memory_mib>/             system goldens (promoted by an admin), used by every user
+//	<data_dir>/users/<uid>/golden/<vcpus>x<memory_mib>/ a user's own goldens, preferred over the system ones
+//
+// (<data_dir> here is the storage root: data_dir itself, or <data_dir>/reflink
+// when [storage] reflink_image_size is set.)
+//
+// Nothing in a golden refers to the VM or checkpoint it came from, so
+// destroying those breaks nothing.
+
+// goldenConfig is config.json: the snapshot metadata plus the fingerprints
+// that decide staleness.
+type goldenConfig struct {
+	vmm.SnapshotMeta
+	// RootfsFingerprint identifies the base rootfs new VMs were built from.
+	RootfsFingerprint string `json:"rootfs_fingerprint"`
+	// Source names the VM and checkpoint it was promoted from (informational).
+	Source string `json:"source"`
+	// PromotedAt is when it was promoted.
+	PromotedAt time.Time `json:"promoted_at"`
+}
+
+const goldenBackups = 3
+
+func (m *Manager) systemGoldenRoot() string { return filepath.Join(m.cfg.StorageDir(), "golden") }
+
+// goldenRoot is where u's promotions go: admins publish system goldens.
+func (m *Manager) goldenRoot(u *store.User) string {
+	if u.IsAdmin {
+		return m.systemGoldenRoot()
+	}
+	return filepath.Join(m.userDir(u.ID), "golden")
+}
+
+func specDirName(vcpus, mem int) string { return fmt.Sprintf("%dx%d", vcpus, mem) }
+
+// goldenLock returns the lock guarding one golden directory: creates read
+// it, promotion and removal replace it.
+func (m *Manager) goldenLock(dir string) *sync.RWMutex {
+	m.goldenMu.Lock()
+	defer m.goldenMu.Unlock()
+	if m.goldenLocks == nil {
+		m.goldenLocks = map[string]*sync.RWMutex{}
+	}
+	l := m.goldenLocks[dir]
+	if l == nil {
+		l = &sync.RWMutex{}
+		m.goldenLocks[dir] = l
+	}
+	return l
+}
+
+func readGoldenConfig(dir string) (*goldenConfig, error) {
+	b, err := os.ReadFile(filepath.Join(dir, vmm.GoldenConfig))
+	if err != nil {
+		return nil, err
+	}
+	var c goldenConfig
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("golden %s: corrupt config.json: %w", dir, err)
+	}
+	if c.Backend == "" || c.VCPUs <= 0 || c.MemoryMiB <= 0 {
+		return nil, fmt.Errorf("golden %s: incomplete config.json (no backend, vCPUs or memory)", dir)
+	}
+	return &c, nil
+}
+
+// fingerprint identifies a boot file. Small files are hashed whole; large
+// ones (root filesystems) by size, mtime and their first and last MiB.
+func fingerprint(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return ""
+	}
+	if fi.Size() <= 64<<20 {
+		return fileDigest(path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	h := sha256.New()
+	fmt.Fprintf(h, "large:%d:%d:", fi.Size(), fi.ModTime().UnixNano())
+	io.Copy(h, io.LimitReader(f, 1<<20))
+	f.Seek(-1<<20, io.SeekEnd)
+	io.Copy(h, f)
+	return "meta:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// staleReason says why a golden cannot be used with the current boot files
+// and VMM, or "" when it is fresh.
+func (m *Manager) staleReason(ctx context.Context, c *goldenConfig, bf bootFiles) string {
+	var why []string
+	if c.Backend != m.backend.Name() {
+		why = append(why, "it was made by the "+c.Backend+" backend")
+	}
+	if c.Accel != m.accel {
+		why = append(why, fmt.Sprintf("it was made under %s, this host uses %s", c.Accel, m.accel))
+	}
+	if v, _ := m.backend.Version(ctx); v != "" && c.VMMVersion != v {
+		why = append(why, fmt.Sprintf("the VMM changed (%s → %s)", c.VMMVersion, v))
+	}
+	if c.KernelSHA256 != fingerprint(bf.Kernel) {
+		why = append(why, "the kernel changed")
+	}
+	if c.InitrdSHA256 != fingerprint(bf.Initrd) {
+		why = append(why, "the initramfs (agent) changed")
+	}
+	if c.RootfsFingerprint != fingerprint(bf.Rootfs) {
+		why = append(why, "the base rootfs changed")
+	}
+	return strings.Join(why, ", ")
+}
+
+// pickGolden finds a usable golden for a create, or explains why none is.
+func (m *Manager) pickGolden(ctx context.Context, u *store.User, p *createParams, bf bootFiles) (dir string, reason string) {
+	if p.coldBoot {
+		return "", "cold boot requested"
+	}
+	name := specDirName(p.vcpus, p.memMiB)
+	var candidates []string
+	if !u.IsAdmin {
+		candidates = append(candidates, filepath.Join(m.goldenRoot(u), name))
+	}
+	candidates = append(candidates, filepath.Join(m.systemGoldenRoot(), name))
+	var stale []string
+	for _, d := range candidates {
+		c, err := readGoldenConfig(d)
+		if err != nil {
+			continue
+		}
+		if c.HasNet != (p.network != "none") {
+			stale = append(stale, fmt.Sprintf("golden %s was made with network=%s", name, netName(c.HasNet)))
+			continue
+		}
+		if why := m.staleReason(ctx, c, bf); why != "" {
+			stale = append(stale, fmt.Sprintf("golden snapshot for %d vCPU/%d MiB is stale: %s", p.vcpus, p.memMiB, why))
+			m.pool.drain(d)
+			continue
+		}
+		return d, ""
+	}
+	if len(stale) > 0 {
+		return "", strings.Join(stale, "; ")
+	}
+	return "", fmt.Sprintf("no golden snapshot for %d vCPU/%d MiB", p.vcpus, p.memMiB)
+}
+
+// createFromGolden starts a new VM from a golden directory.
+func (m *Manager) createFromGolden(ctx context.Context, u *store.User, p *createParams, bf bootFiles, dir string, start time.Time) (*api.VM, error) {
+	// The golden is in use: keep spares ready for the next create.
+	defer m.pool.refill(dir)
+	if gc, err := readGoldenConfig(dir); err == nil {
+		if sp := m.pool.take(dir, gc.PromotedAt); sp != nil {
+			vm, err := m.createFromSpare(ctx, u, p, bf, dir, sp, start)
+			if !errors.Is(err, errStaleSpare) {
+				return vm, err
+			}
+		}
+	}
+	l := m.goldenLock(dir)
+	l.RLock()
+	defer l.RUnlock()
+	// Re-check under the lock: it may have been removed meanwhile.
+	if _, err := readGoldenConfig(dir); err != nil {
+		return nil, fmt.Errorf("%w: golden snapshot disappeared", errdefs.ErrConflict)
+	}
+	if _, err := m.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
+		return nil, err
+	}
+	src := "system"
+	if strings.HasPrefix(dir, m.userDir(u.ID)) {
+		src = "user"
+	}
+	v := &store.VM{
+		ID: newID(6), UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
+		VMM: m.backend.Name(), Accel: string(m.accel), BootPath: "golden", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		Network: p.network, AllowPeers: p.allowPeer, Source: "golden:" + src + ":" + filepath.Base(dir),
+	}
+	if fi, err := os.Stat(filepath.Join(dir, vmm.SnapDisk)); err == nil {
+		v.DiskBytes = fi.Size()
+	}
+	return m.startFromSnapshot(ctx, u, v, dir, start)
+}
+
+// checkPromoteRequest checks a promotion request: a vm and checkpoint
+// name, or a checkpoint id.
+func checkPromoteRequest(req api.GoldenPromoteRequest) error {
+	if req.VM == "" && req.Checkpoint == "" {
+		return fmt.Errorf("%w: give a vm and checkpoint, or a checkpoint id", errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// PromoteGolden copies a checkpoint into a golden snapshot for its spec,
+// replacing (and backing up) an existing one.
+func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.GoldenPromoteRequest) (*api.Golden, error) {
+	var c *store.Checkpoint
+	var vmName string
+	if err := checkPromoteRequest(req); err != nil {
+		return nil, err
+	}
+	if req.VM == "" {
+		cp, err := m.store.GetCheckpointByID(ctx, u.ID, req.Checkpoint)
+		if err != nil {
+			return nil, errdefs.WithHint(err, "noid checkpoints <vm> lists checkpoint ids")
+		}
+		c = cp
+		if v, err := m.store.GetVMByID(ctx, cp.VMID); err == nil {
+			vmName = v.Name
+		}
+	} else {
+		v, err := m.store.GetVM(ctx, u.ID, req.VM)
+		if err != nil {
+			return nil, err
+		}
+		cp, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+		if err != nil {
+			return nil, err
+		}
+		c, vmName = cp, v.Name
+	}
+	bf, err := m.resolveBootFiles()
+	if err != nil {
+		return nil, err
+	}
+	cpDir := m.checkpointDir(c)
+	meta, err := m.verifySnapshot(ctx, cpDir, "checkpoint "+c.Name)
+	if err != nil {
+		return nil, err
+	}
+	root := m.goldenRoot(u)
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	final := filepath.Join(root, specDirName(c.VCPUs, c.MemoryMiB))
+	tmp := filepath.Join(root, ".tmp-"+newID(4))
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return nil, classifyIOErr("creating golden dir", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(tmp)
+		}
+	}()
+	// Hold the checkpoint still while copying it.
+	rt := m.rt(c.VMID)
+	rt.op.Lock()
+	for _, f := range []string{vmm.SnapMemory, vmm.SnapState, vmm.SnapDisk} {
+		if err := m.copier.CopyFile(ctx, filepath.Join(cpDir, f), filepath.Join(tmp, f)); err != nil {
+			rt.op.Unlock()
+			return nil, classifyIOErr("copying "+f+" into the golden snapshot", err)
+		}
+	}
+	rt.op.Unlock()
+	crashpoint("golden.after-copy")
+	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
+	if gc.KernelSHA256 == "" {
+		gc.KernelSHA256 = fingerprint(bf.Kernel)
+	}
+	if gc.InitrdSHA256 == "" {
+		gc.InitrdSHA256 = fingerprint(bf.Initrd)
+	}
+	b, _ := json.MarshalIndent(gc, "", "  ")
+	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {
+		return nil, classifyIOErr("writing golden config", err)
+	}
+	if err := syncTree(tmp); err != nil {
+		return nil, classifyIOErr("syncing golden snapshot", err)
+	}
+	l := m.goldenLock(final)
+	l.Lock()
+	defer l.Unlock()
+	if _, err := os.Stat(final); err == nil {
+		bdir := filepath.Join(root, ".backup")
+		os.MkdirAll(bdir, 0o700)
+		if err := os.Rename(final, filepath.Join(bdir, filepath.Base(final)+"-"+time.Now().UTC().Format("20060102T150405.000"))); err != nil {
+			return nil, fmt.Errorf("backing up the previous golden snapshot: %w", err)
+		}
+		m.pruneBackups(bdir, filepath.Base(final))
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return nil, fmt.Errorf("publishing golden snapshot: %w", err)
+	}
+	ok = true
+	m.pool.drain(final)
+	// A golden is promoted to be used: prepare its spares now.
+	defer m.pool.refill(final)
+	storage.FsyncDir(root)
+	m.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
+	return m.apiGolden(ctx, final, &gc, u, bf), nil
+}
+
+func (m *Manager) pruneBackups(bdir, spec string) {
+	ents, _ := os.ReadDir(bdir)
+	var mine []string
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), spec+"-") {
+			mine = append(mine, e.Name())
+		}
+	}
+	sort.Strings(mine)
+	for len(mine) > goldenBackups {
+		os.RemoveAll(filepath.Join(bdir, mine[0]))
+		mine = mine[1:]
+	}
+}
+
+func (m *Manager) apiGolden(ctx context.Context, dir string, c *goldenConfig, u *store.User, bf bootFiles) *api.Golden {
+	g := &api.Golden{VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, CreatedAt: c.PromotedAt, Backend: c.Backend, Source: c.Source, KernelHash: c.KernelSHA256}
+	g.SizeBytes, _ = storage.DirSize(dir)
+	g.Owner = u.Name
+	if strings.HasPrefix(dir, m.systemGoldenRoot()) {
+		g.Owner = "system"
+	}
+	if why := m.staleReason(ctx, c, bf); why != "" {
+		g.Stale, g.StaleWhy = true, why
+	}
+	g.Spares = m.pool.ready(dir)
+	return g
+}
+
+// ListGolden lists the user's own goldens and the system ones.
+func (m *Manager) ListGolden(ctx context.Context, u *store.User) ([]*api.Golden, error) {
+	bf, _ := m.resolveBootFiles()
+	roots := []string{m.goldenRoot(u)}
+	if !u.IsAdmin {
+		roots = append(roots, m.systemGoldenRoot())
+	}
+	out := []*api.Golden{}
+	for _, root := range roots {
+		ents, err := os.ReadDir(root)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+				continue
+			}
+			d := filepath.Join(root, e.Name())
+			c, err := readGoldenConfig(d)
+			if err != nil {
+				continue
+			}
+			out = append(out, m.apiGolden(ctx, d, c, u, bf))
+		}
+	}
+	return out, nil
+}
+
+// RemoveGolden deletes the user's golden for a spec (admins: the system one).
+func (m *Manager) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem int) error {
+	d := filepath.Join(m.goldenRoot(u), specDirName(vcpus, mem))
+	l := m.goldenLock(d)
+	l.Lock()
+	defer l.Unlock()
+	if _, err := os.Stat(filepath.Join(d, vmm.GoldenConfig)); err != nil {
+		return errdefs.WithHint(fmt.Errorf("golden snapshot for %d vCPU/%d MiB: %w", vcpus, mem, errdefs.ErrNotFound), "noid golden list")
+	}
+	m.pool.drain(d)
+	if err := os.RemoveAll(d); err != nil {
+		return fmt.Errorf("removing golden snapshot: %w", err)
+	}
+	m.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d))
+	return nil
+}
+
+// removeUserGolden deletes a removed user's own goldens.
+func (m *Manager) removeUserGolden(ctx context.Context, u *store.User) error {
+	if u.IsAdmin {
+		return nil
+	}
+	ents, _ := os.ReadDir(m.goldenRoot(u))
+	for _, e := range ents {
+		m.pool.drain(filepath.Join(m.goldenRoot(u), e.Name()))
+	}
+	return os.RemoveAll(m.goldenRoot(u))
+}

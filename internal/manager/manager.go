@@ -1,0 +1,322 @@
+// Package manager owns noid's VM lifecycle: create (cold boot, golden
+// snapshot or warm spare), exec and files through the guest agent,
+// checkpoint, rewind and clone, golden snapshots, the warm pool, destroy,
+// and the recovery and re-adoption of VMM processes after a restart. It
+// drives the VMM backends, storage, networking, the sandbox and the store,
+// and it is driven from Go: every operation takes a context first, typed
+// requests and the calling user, and fails with errdefs errors. The HTTP
+// API (package server) only decodes requests, calls a Manager and encodes
+// its answers; tests and other front ends use a Manager directly.
+//
+// The layers: cmd → server (HTTP) → manager → vmm / storage / network /
+// sandbox / store.
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+
+	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/network"
+	"github.com/noid-vm/noid/internal/sandbox"
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/firecracker"
+	"github.com/noid-vm/noid/internal/vmm/qemu"
+)
+
+// Options configure a Manager.
+type Options struct {
+	// Config is the loaded configuration (required).
+	Config *config.Config
+	// Logger receives structured logs; nil uses slog.Default().
+	Logger *slog.Logger
+	// Backend overrides the VMM backend chosen from the config (tests).
+	Backend vmm.Backend
+}
+
+// Server is the VM lifecycle of one data dir: it owns the VMs' runtimes,
+// the warm pool, the network and the sandbox set-up. It is safe for
+// concurrent use.
+type Manager struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	store   *store.Store
+	backend vmm.Backend
+	accel   vmm.Accel
+	copier  *storage.Copier
+	storage storage.Mode
+	// verifier checks snapshot files against their recorded checksums.
+	verifier storage.Verifier
+	metrics  *metrics
+
+	mu  sync.Mutex
+	vms map[string]*vmRT // by VM id
+
+	closed    chan struct{}
+	closeOnce sync.Once
+
+	net  *network.Manager
+	dns  *network.DNSServer
+	pool *warmPool
+	uids *sandbox.UIDPool
+
+	goldenMu    sync.Mutex
+	goldenLocks map[string]*sync.RWMutex
+
+	sandbox sandboxState
+}
+
+// New opens the store, selects the backend, sets up storage and the
+// network, and re-adopts the VMs an earlier server left running.
+func New(ctx context.Context, opts Options) (*Manager, error) {
+	cfg := opts.Config
+	if cfg == nil {
+		return nil, errors.New("server: nil config")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "run")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("creating %s: %w", d, err)
+		}
+	}
+	if err := setupStorage(ctx, cfg, log); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StorageDir(), "users"), 0o700); err != nil {
+		return nil, fmt.Errorf("creating storage dir: %w", err)
+	}
+	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "noid.db"))
+	if err != nil {
+		return nil, err
+	}
+	s := &Manager{
+		cfg:     cfg,
+		log:     log,
+		store:   st,
+		vms:     map[string]*vmRT{},
+		closed:  make(chan struct{}),
+		metrics: newMetrics(),
+	}
+	if err := s.selectBackend(ctx, opts.Backend); err != nil {
+		st.Close()
+		return nil, err
+	}
+	s.copier = &storage.Copier{}
+	mode, err := storage.Probe(filepath.Join(cfg.StorageDir(), "users"))
+	if err != nil {
+		log.Warn("cannot probe storage for reflink support", "err", err)
+	}
+	s.storage = mode
+	if mode == storage.ModeReflink {
+		log.Info("storage: reflink (FICLONE) copies", "dir", cfg.StorageDir())
+	} else {
+		log.Info("storage: sparse copies; this filesystem has no reflink (set [storage] reflink_image_size to use a loop-mounted XFS)", "dir", cfg.StorageDir())
+	}
+	if err := s.setupNetwork(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	if err := s.recover(ctx); err != nil {
+		s.closeNetwork()
+		st.Close()
+		return nil, err
+	}
+	s.sweepPool(ctx)
+	s.pool = newWarmPool(s, cfg.PoolSpares())
+	s.warmUp(ctx)
+	return s, nil
+}
+
+func (m *Manager) selectBackend(ctx context.Context, override vmm.Backend) error {
+	kvm := vmm.ProbeKVM()
+	if override != nil {
+		m.backend = override
+	} else {
+		fc := firecracker.New(firecracker.Config{Binary: m.cfg.FirecrackerBinary, Logger: m.log})
+		switch m.cfg.VMM {
+		case "firecracker":
+			if err := fc.Check(ctx); err != nil {
+				return errdefs.WithHint(err, "install Firecracker v1.16.1+ with KVM, or set vmm = \"qemu\"")
+			}
+			m.backend = fc
+		case "auto":
+			// Firecracker when it is installed and KVM works; QEMU otherwise.
+			if _, err := os.Stat(m.cfg.FirecrackerBinary); err == nil && kvm.Usable {
+				if err := fc.Check(ctx); err == nil {
+					m.backend = fc
+				} else {
+					m.log.Warn("firecracker found but not usable; using qemu", "err", err)
+				}
+			}
+		}
+		if m.backend == nil {
+			m.backend = qemu.New(m.qemuOptions(ctx))
+		}
+	}
+	want := vmm.Accel(m.cfg.Accel)
+	if m.backend.Name() == firecracker.BackendName {
+		want = vmm.AccelKVM
+	}
+	accel, warn, err := vmm.ResolveAccel(want, kvm)
+	if err != nil {
+		return err
+	}
+	m.accel = accel
+	if warn != "" {
+		m.log.Warn(warn)
+	}
+	m.log.Info("vmm backend", "backend", m.backend.Name(), "accel", accel)
+	if err := m.backend.Check(ctx); err != nil {
+		// The server still starts (list, destroy and auth work), but creates
+		// fail with this message.
+		m.log.Warn("vmm backend unavailable", "backend", m.backend.Name(), "err", err)
+	}
+	return nil
+}
+
+// Store exposes the metadata store (used by admin subcommands and tests).
+func (m *Manager) Store() *store.Store { return m.store }
+
+// Accel returns the acceleration mode VMs run with.
+func (m *Manager) Accel() vmm.Accel { return m.accel }
+
+// StorageMode tells whether copies use reflink or sparse copying.
+func (m *Manager) StorageMode() storage.Mode { return m.storage }
+
+// userDir is where a user's VMs and checkpoints live.
+func (m *Manager) userDir(uid int64) string {
+	return filepath.Join(m.cfg.StorageDir(), "users", fmt.Sprint(uid))
+}
+
+func (m *Manager) vmDir(v *store.VM) string {
+	return filepath.Join(m.userDir(v.UserID), "vms", v.ID)
+}
+
+func (m *Manager) checkpointDir(c *store.Checkpoint) string {
+	return filepath.Join(m.userDir(c.UserID), "checkpoints", c.ID)
+}
+
+func (m *Manager) runDir() string { return filepath.Join(m.cfg.DataDir, "run") }
+
+// Config is the configuration the manager runs with.
+func (m *Manager) Config() *config.Config { return m.cfg }
+
+// BackendName is the VMM backend's name ("qemu", "firecracker").
+func (m *Manager) BackendName() string { return m.backend.Name() }
+
+// VMMVersion is the VMM binary's version, or "" when it cannot be read.
+func (m *Manager) VMMVersion(ctx context.Context) string {
+	v, _ := m.backend.Version(ctx)
+	return v
+}
+
+// Close releases the manager's resources. VMs keep running; the next
+// manager on the data dir re-adopts them.
+func (m *Manager) Close() error {
+	m.closeOnce.Do(func() {
+		close(m.closed)
+		m.mu.Lock()
+		rts := make([]*vmRT, 0, len(m.vms))
+		for _, rt := range m.vms {
+			rts = append(rts, rt)
+		}
+		m.mu.Unlock()
+		for _, rt := range rts {
+			rt.release()
+		}
+		m.pool.close()
+		m.closeNetwork()
+		m.store.Close()
+	})
+	return nil
+}
+
+// closeNetwork stops the DNS server. TAPs and rules stay: VMs keep their
+// connectivity while the server is down.
+func (m *Manager) closeNetwork() {
+	if m.dns != nil {
+		m.dns.Close()
+	}
+	if m.net != nil {
+		m.net.Close()
+	}
+}
+
+// storageRootFile records which storage root the VMs were created under.
+const storageRootFile = "storage-root"
+
+// setupStorage mounts the reflink image when configured, and refuses to
+// start when the storage root changed under existing VMs.
+func setupStorage(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	if cfg.Storage.ReflinkImageSize != "" {
+		size, _ := config.ParseSize(cfg.Storage.ReflinkImageSize)
+		mnt := cfg.StorageDir()
+		if err := storage.SetupReflinkLoop(ctx, cfg.Storage.ReflinkImage, mnt, size); err != nil {
+			return fmt.Errorf("setting up reflink storage %s on %s: %w", cfg.Storage.ReflinkImage, mnt, err)
+		}
+		log.Info("reflink storage mounted", "image", cfg.Storage.ReflinkImage, "mount", mnt, "size", cfg.Storage.ReflinkImageSize)
+	}
+	rec := filepath.Join(cfg.DataDir, storageRootFile)
+	prev, err := os.ReadFile(rec)
+	if err == nil && strings.TrimSpace(string(prev)) != cfg.StorageDir() {
+		if ents, _ := os.ReadDir(filepath.Join(strings.TrimSpace(string(prev)), "users")); len(ents) > 0 {
+			return fmt.Errorf("%w: the storage root changed from %s to %s but VMs still live in the old one; destroy them first or revert [storage]",
+				errdefs.ErrInvalidArgument, strings.TrimSpace(string(prev)), cfg.StorageDir())
+		}
+	}
+	return os.WriteFile(rec, []byte(cfg.StorageDir()+"\n"), 0o600)
+}
+
+// hostLimits are the ranges accepted for vcpus and memory.
+func hostLimits() (maxVCPUs int, maxMemMiB int) {
+	maxVCPUs = runtime.NumCPU()
+	maxMemMiB = meminfoMiB("MemTotal")
+	if maxMemMiB <= 0 {
+		maxMemMiB = 1 << 20
+	}
+	return
+}
+
+// meminfoMiB reads one field of /proc/meminfo, in MiB (-1 if absent).
+func meminfoMiB(field string) int {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var kb int
+		if n, _ := fmt.Sscanf(line, field+": %d kB", &kb); n == 1 {
+			return kb / 1024
+		}
+	}
+	return -1
+}
+
+// checkHostMemory refuses to start a VM the host has no memory for: guest
+// RAM is allocated lazily, so up to [quota] host_memory_overcommit times
+// the host's available memory may be promised to one new VM.
+func (m *Manager) checkHostMemory(memMiB int) error {
+	avail := meminfoMiB("MemAvailable")
+	if avail < 0 {
+		return nil
+	}
+	limit := int(float64(avail) * m.cfg.HostMemoryOvercommit())
+	if memMiB > limit {
+		return errdefs.WithHint(fmt.Errorf("%w: the host is out of memory: %d MiB available (%d MiB with overcommit), the VM needs %d MiB",
+			errdefs.ErrResourceExhausted, avail, limit, memMiB), "destroy VMs, ask for less --memory, or raise [quota] host_memory_overcommit")
+	}
+	return nil
+}

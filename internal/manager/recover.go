@@ -1,0 +1,161 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// adopt re-attaches to a VM's VMM process: by the pid in the DB, or by the
+// pid file the backend wrote at spawn (a crash may have come between the
+// spawn and the DB update).
+func (m *Manager) adopt(ctx context.Context, v *store.VM) (vmm.Instance, error) {
+	inst, err := m.backend.Adopt(ctx, m.spec(v), v.PID)
+	if err == nil || !errors.Is(err, vmm.ErrGone) {
+		return inst, err
+	}
+	for _, name := range []string{"qemu.pid", "firecracker.pid"} {
+		b, rerr := os.ReadFile(filepath.Join(m.vmDir(v), name))
+		if rerr != nil {
+			continue
+		}
+		var pid int
+		if _, serr := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); serr == nil && pid > 0 && pid != v.PID {
+			if inst, err2 := m.backend.Adopt(ctx, m.spec(v), pid); err2 == nil {
+				v.PID = pid
+				return inst, nil
+			}
+		}
+	}
+	return nil, err
+}
+
+// recover reconciles the DB with the processes and disk after a start-up:
+// running VMs are re-adopted, vanished ones are marked dead, half-created
+// VMs and half-written checkpoints are removed.
+func (m *Manager) recover(ctx context.Context) error {
+	vms, err := m.store.ListVMs(ctx, -1)
+	if err != nil {
+		return fmt.Errorf("listing vms: %w", err)
+	}
+	for _, v := range vms {
+		log := m.log.With("vm", v.Name, "vm_id", v.ID, "user_id", v.UserID)
+		switch v.State {
+		case store.StateCreating:
+			// The create never returned success; finish it off.
+			log.Warn("removing vm left half-created by a crash")
+			rt := m.rt(v.ID)
+			if inst, err := m.adopt(ctx, v); err == nil {
+				rt.setInstance(inst)
+			}
+			m.destroyVM(ctx, v)
+			continue
+		case store.StateDestroying:
+			log.Warn("finishing a destroy interrupted by a crash")
+			rt := m.rt(v.ID)
+			if inst, err := m.adopt(ctx, v); err == nil {
+				rt.setInstance(inst)
+			}
+			m.destroyVM(ctx, v)
+			continue
+		case store.StateRunning, store.StateRestoring:
+			m.finishSpareMove(v)
+			inst, err := m.adopt(ctx, v)
+			if err != nil {
+				reason := "vmm process exited while the server was down"
+				if v.State == store.StateRestoring {
+					reason = "server stopped during a restore; restore again or destroy"
+				}
+				if !errors.Is(err, vmm.ErrGone) {
+					reason = "could not re-adopt vmm process: " + err.Error()
+				}
+				log.Warn("vm is dead", "reason", reason)
+				m.store.SetVMState(ctx, v.ID, store.StateDead, reason, 0)
+				continue
+			}
+			rt := m.rt(v.ID)
+			rt.setInstance(inst)
+			if v.State == store.StateRestoring {
+				// The new VMM got its state and runs (the backend resumed it).
+				m.store.SetVMState(ctx, v.ID, store.StateRunning, "", v.PID)
+			} else if pid := inst.Pid(); pid != v.PID {
+				m.store.SetVMState(ctx, v.ID, v.State, v.StateReason, pid)
+			}
+			log.Info("re-adopted vm", "pid", v.PID)
+		case store.StateDead:
+			m.rt(v.ID)
+		}
+	}
+	// Remove checkpoint directories that never completed, and directories
+	// without a DB row (a crash between rename and insert).
+	users, err := os.ReadDir(filepath.Join(m.cfg.StorageDir(), "users"))
+	if err == nil {
+		for _, u := range users {
+			m.sweepCheckpoints(ctx, filepath.Join(m.cfg.StorageDir(), "users", u.Name(), "checkpoints"))
+			m.sweepVMDirs(ctx, filepath.Join(m.cfg.StorageDir(), "users", u.Name(), "vms"))
+			m.sweepTmp(filepath.Join(m.cfg.StorageDir(), "users", u.Name(), "golden"))
+		}
+	}
+	m.sweepTmp(m.systemGoldenRoot())
+	return nil
+}
+
+func (m *Manager) sweepCheckpoints(ctx context.Context, dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	cps, err := m.store.ListCheckpoints(ctx, -1, "")
+	if err != nil {
+		return
+	}
+	known := map[string]bool{}
+	for _, c := range cps {
+		known[c.ID] = true
+	}
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		m.log.Warn("removing incomplete or orphaned checkpoint directory", "dir", filepath.Join(dir, e.Name()))
+		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+// sweepTmp removes unfinished ".tmp-*" directories (golden promotions).
+func (m *Manager) sweepTmp(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".tmp-") {
+			m.log.Warn("removing unfinished directory", "dir", filepath.Join(dir, e.Name()))
+			os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+func (m *Manager) sweepVMDirs(ctx context.Context, dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		id := strings.TrimPrefix(e.Name(), ".tmp-")
+		if _, err := m.store.GetVMByID(ctx, id); err == nil && id == e.Name() {
+			// Files a rewind into a warm spare moved aside and did not
+			// get to remove.
+			old, _ := filepath.Glob(filepath.Join(dir, id, ".rewound-*"))
+			for _, o := range old {
+				os.RemoveAll(o)
+			}
+			continue
+		}
+		m.log.Warn("removing orphaned vm directory", "dir", filepath.Join(dir, e.Name()))
+		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
