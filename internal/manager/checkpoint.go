@@ -238,11 +238,9 @@ func (m *Manager) Restore(ctx context.Context, u *store.User, vmName string, req
 	return m.rewind(ctx, u, v, c)
 }
 
-func (m *Manager) checkSnapshotFits(dir string, v *store.VM) error {
-	meta, err := vmm.ReadMeta(dir)
-	if err != nil {
-		return err
-	}
+// checkSnapshotFits refuses a snapshot (its metadata meta) that cannot run
+// as v: another backend, shape or device set.
+func (m *Manager) checkSnapshotFits(meta *vmm.SnapshotMeta, v *store.VM) error {
 	if meta.Backend != m.backend.Name() {
 		return fmt.Errorf("%w: the checkpoint was taken by the %s backend; this server runs %s", errdefs.ErrInvalidArgument, meta.Backend, m.backend.Name())
 	}
@@ -272,15 +270,20 @@ func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *sto
 	if err != nil {
 		return nil, err
 	}
-	dir := m.checkpointDir(c)
-	if err := m.checkSnapshotFits(dir, v); err != nil {
-		return nil, err
-	}
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}
-	// Nothing touches the VM before the checkpoint proved whole.
-	if _, err := m.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
+	// Nothing touches the VM before the checkpoint fits it and proved whole.
+	dir := m.checkpointDir(c)
+	what := "checkpoint " + c.Name
+	meta, err := m.readSnapshotMeta(dir, what)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.checkSnapshotFits(meta, v); err != nil {
+		return nil, err
+	}
+	if err := m.verifySnapshotFiles(ctx, dir, what, meta); err != nil {
 		m.metrics.op("restore", start, err)
 		return nil, err
 	}
@@ -310,7 +313,7 @@ func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *sto
 	if err != nil {
 		return nil, err
 	}
-	crashpoint("restore.after-kill")
+	crashpoint("restore.cold-after-kill")
 	// A dead VM may have lost its TAP; make sure it exists.
 	if err := m.attachNetwork(ctx, v); err != nil {
 		m.store.SetVMState(ctx, v.ID, store.StateDead, "restore failed: "+err.Error(), 0)
@@ -323,7 +326,7 @@ func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *sto
 		return nil, classifyIOErr("restoring "+v.Name, err)
 	}
 	rt.setInstance(inst)
-	crashpoint("restore.after-spawn")
+	crashpoint("restore.cold-after-spawn")
 	v.PID = inst.Pid()
 	return m.finishRewind(ctx, u, v, c, start, "vm rewound", api.Timings{CopyMs: ms(t.Copy), SpawnMs: ms(t.Spawn), LoadMs: ms(t.Load)})
 }
@@ -364,10 +367,15 @@ func (m *Manager) clone(ctx context.Context, u *store.User, src *store.VM, c *st
 		}
 		src = owner
 	}
-	if err := m.checkSnapshotFits(dir, src); err != nil {
+	what := "checkpoint " + c.Name
+	meta, err := m.readSnapshotMeta(dir, what)
+	if err != nil {
 		return nil, err
 	}
-	if _, err := m.verifySnapshot(ctx, dir, "checkpoint "+c.Name); err != nil {
+	if err := m.checkSnapshotFits(meta, src); err != nil {
+		return nil, err
+	}
+	if err := m.verifySnapshotFiles(ctx, dir, what, meta); err != nil {
 		return nil, err
 	}
 	v := &store.VM{

@@ -42,6 +42,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Backend overrides the VMM backend chosen from the config (tests).
 	Backend vmm.Backend
+	// WrapBackend, when set, wraps the backend that was chosen (tests use
+	// it to hide a backend's optional interfaces, such as vmm.Preparer).
+	WrapBackend func(vmm.Backend) vmm.Backend
 }
 
 // Server is the VM lifecycle of one data dir: it owns the VMs' runtimes,
@@ -113,6 +116,9 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	if err := s.selectBackend(ctx, opts.Backend); err != nil {
 		st.Close()
 		return nil, err
+	}
+	if opts.WrapBackend != nil {
+		s.backend = opts.WrapBackend(s.backend)
 	}
 	s.copier = &storage.Copier{}
 	mode, err := storage.Probe(filepath.Join(cfg.StorageDir(), "users"))

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -133,6 +134,22 @@ func (wp *warmPool) putBack(sp *spare) {
 	if sp != nil {
 		wp.discard(sp)
 	}
+}
+
+// ids is the runtime ids of the spares waiting in the pool.
+func (wp *warmPool) ids() map[string]bool {
+	out := map[string]bool{}
+	if wp == nil {
+		return out
+	}
+	wp.mu.Lock()
+	defer wp.mu.Unlock()
+	for _, sps := range wp.spares {
+		for _, sp := range sps {
+			out[sp.id] = true
+		}
+	}
+	return out
 }
 
 // ready is the number of spares waiting for the golden in dir.
@@ -775,24 +792,37 @@ func appendFileTo(src, dst string) error {
 }
 
 // sweepPool removes spares left by an earlier server: their VMMs are killed
-// (checked by command line, so a reused pid is never hit), their TAPs, uid
-// leases and files removed.
+// (found by the process name that carries the spare's random id, so a
+// reused pid is never hit, and a VMM whose pid file was never written is
+// found too), their TAPs, uid leases and files removed.
 func (m *Manager) sweepPool(ctx context.Context) {
 	ents, err := os.ReadDir(m.poolDir())
-	if err != nil {
+	if err != nil || len(ents) == 0 {
 		return
 	}
+	ids := map[string]bool{}
 	for _, e := range ents {
-		id := e.Name()
-		dir := filepath.Join(m.poolDir(), id)
-		if b, err := os.ReadFile(filepath.Join(dir, "qemu.pid")); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
-				if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(cmd), "noid-"+id+",") {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
+		ids[e.Name()] = true
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil {
+			continue
+		}
+		if i := bytes.Index(cmd, []byte("noid-")); i >= 0 {
+			rest := cmd[i+len("noid-"):]
+			if j := bytes.IndexByte(rest, ','); j > 0 && ids[string(rest[:j])] {
+				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
-		m.releaseSpareResources(ctx, id, dir)
+	}
+	for id := range ids {
+		m.releaseSpareResources(ctx, id, filepath.Join(m.poolDir(), id))
 	}
 }
 

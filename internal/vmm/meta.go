@@ -18,7 +18,10 @@ const GoldenConfig = "config.json"
 func ReadMeta(dir string) (*SnapshotMeta, error) {
 	b, err := os.ReadFile(filepath.Join(dir, SnapMeta))
 	if os.IsNotExist(err) {
-		b, err = os.ReadFile(filepath.Join(dir, GoldenConfig))
+		var gerr error
+		if b, gerr = os.ReadFile(filepath.Join(dir, GoldenConfig)); gerr == nil {
+			err = nil
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("reading snapshot metadata: %w", err)
