@@ -17,8 +17,10 @@ func newRemoveUserCmd(e *env) *cobra.Command {
 		Long: `Remove a user. Their VMs are destroyed, their checkpoints and files deleted and
 their token revoked.
 
-` + viaServerHelp + ` Without a server, the command
-re-adopts the VMs like serve does, in order to destroy them.`,
+` + viaServerHelp + `
+
+Without a server, the command re-adopts the user's VMs as serve does, in
+order to destroy them.`,
 		Example: `  noid-server remove-user alice`,
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -84,9 +84,13 @@ func (e *env) listUsers(ctx context.Context, cfg *config.Config) ([]*api.User, e
 
 func newListUsersCmd(e *env) *cobra.Command {
 	return &cobra.Command{
-		Use:     "list-users",
-		Short:   "List users",
-		Long:    "List the token users and the local users the unix socket has mapped.\n\n" + viaServerHelp,
+		Use:   "list-users",
+		Short: "List users",
+		Long: `List the token users and the local users the unix socket has mapped.
+
+When noid-server runs on the data dir, this asks it (as root on its unix
+socket). Otherwise it reads the database while holding the data dir's lock,
+so no server can start meanwhile.`,
 		Example: `  noid-server list-users`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
