@@ -218,11 +218,3 @@ const (
 	MsgSignal   = "signal"
 	MsgResize   = "resize"
 )
-
-// User is an API user, as listed by admins.
-type User struct {
-	Name        string    `json:"name"`
-	Admin       bool      `json:"admin"`
-	TokenPrefix string    `json:"token_prefix,omitempty"`
-	CreatedAt   time.Time `json:"created_at"`
-}

@@ -131,6 +131,7 @@ func TestPoolOverlapRefused(t *testing.T) {
 	if err := m.Setup(ctx); err != nil {
 		t.Fatal(err)
 	}
+	m.Close() // the server stops; its bridge and routes stay
 	m2, err := New(ctx, cfg, testLogger(t), WithNetNS(ns))
 	if err != nil {
 		t.Fatalf("restart with the same pool refused: %v", err)

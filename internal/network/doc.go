@@ -7,7 +7,7 @@
 //
 // # Lifecycle
 //
-//	m, err := network.New(ctx, cfg, logger)  // validates cfg against the host's routes
+//	m, err := network.New(ctx, cfg, logger)  // claims the namespace, validates cfg against its routes
 //	err = m.Setup(ctx)                        // bridge, gateway, ip_forward, nftables tables
 //	err = m.Reconcile(ctx, vmsFromDB)         // at start-up: re-apply wanted VMs, drop orphans
 //	dns, err := m.StartDNS(ctx, resolver, network.DNSOptions{})
@@ -58,7 +58,9 @@
 //
 // noid owns the bridge named in Config, every interface whose name starts
 // with TapPrefix, and the nftables tables named TableName in the inet and
-// bridge families. It never reads, changes or deletes anything else, so it
+// bridge families. The last two are per network namespace, not per bridge,
+// so one Manager at a time owns a namespace: New claims it (see LockDir)
+// and refuses while another Manager, of any bridge, holds it. It never reads, changes or deletes anything else, so it
 // coexists with other firewalls and VM managers on the host (their drop
 // rules still apply to VM traffic: an accept in noid's tables does not
 // override another table's drop).

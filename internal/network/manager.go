@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/lockfile"
 )
 
 // Option changes how New builds a Manager.
@@ -56,11 +57,14 @@ type Manager struct {
 	nextG   uint32
 	dns     []*DNSServer
 	closed  bool
+	lock    *lockfile.Lock // the namespace's claim (see LockDir)
 }
 
 // New checks cfg (see Config.Validate; the route check runs in the
-// Manager's namespace) and returns a Manager for it. It changes nothing on
-// the host; call Setup next.
+// Manager's namespace), claims the namespace's noid network for the
+// Manager's life (see LockDir; another live Manager's claim is an
+// errdefs.ErrConflict naming its pid) and returns a Manager for it. It
+// changes nothing on the host; call Setup next.
 func New(ctx context.Context, cfg Config, logger *slog.Logger, opts ...Option) (*Manager, error) {
 	if err := cfg.validateStatic(); err != nil {
 		return nil, err
@@ -85,12 +89,18 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger, opts ...Option) (
 		return nil, err
 	}
 	m.h = h
+	if err := m.claim(ctx); err != nil {
+		h.Close()
+		return nil, err
+	}
 	if err := m.cfg.checkRoutes(h); err != nil {
 		h.Close()
+		m.unclaim()
 		return nil, err
 	}
 	if err := m.dialNFT(); err != nil {
 		h.Close()
+		m.unclaim()
 		return nil, err
 	}
 	return m, nil

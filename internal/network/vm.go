@@ -465,9 +465,10 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 	return errors.Join(errs...)
 }
 
-// Close stops the DNS servers started with StartDNS and releases the
-// Manager's netlink and nftables sockets. It leaves the bridge, TAPs and
-// rules in place, so VMs keep their connectivity while the server restarts.
+// Close stops the DNS servers started with StartDNS, releases the
+// Manager's netlink and nftables sockets and, last, its claim on the
+// namespace. It leaves the bridge, TAPs and rules in place, so VMs keep
+// their connectivity while the server restarts.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -482,6 +483,7 @@ func (m *Manager) Close() error {
 	m.dns = nil
 	errs = append(errs, m.nft.CloseLasting())
 	m.h.Close()
+	errs = append(errs, m.unclaim())
 	return errors.Join(errs...)
 }
 

@@ -107,6 +107,10 @@ func (s *Server) routes() []route {
 		{"POST", "/v1/golden", true, true, s.hPromoteGolden},
 		{"DELETE", "/v1/golden", true, true, s.hRemoveGolden},
 		{"DELETE", "/v1/users/{user}", true, true, s.hRemoveUser},
+		{"GET", "/v1/users", true, false, s.hListUsers},
+		{"POST", "/v1/users", true, true, s.hCreateUser},
+		{"POST", "/v1/users/{user}/token", true, true, s.hRotateToken},
+		{"PUT", "/v1/users/{user}/quota", true, true, s.hSetQuota},
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 type oaSchema struct {
 	Type       string               `json:"type"`
 	Format     string               `json:"format"`
+	Nullable   bool                 `json:"nullable"`
 	Ref        string               `json:"$ref"`
 	Required   []string             `json:"required"`
 	Properties map[string]*oaSchema `json:"properties"`
@@ -134,11 +135,12 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"WhoAmI": api.WhoAmI{}, "VM": api.VM{}, "Timings": api.Timings{}, "DestroyResult": api.DestroyResult{},
 		"Checkpoint": api.Checkpoint{}, "Golden": api.Golden{}, "StreamMsg": api.StreamMsg{},
 		"PutFilesResult": api.PutFilesResult{}, "FileInfo": api.FileInfo{},
+		"User": api.User{}, "Quota": api.Quota{}, "UserToken": api.UserToken{},
 	}
 	requests := map[string]any{
 		"CreateVMRequest": api.CreateVMRequest{}, "CheckpointRequest": api.CheckpointRequest{},
 		"RestoreRequest": api.RestoreRequest{}, "GoldenPromoteRequest": api.GoldenPromoteRequest{},
-		"ExecRequest": api.ExecRequest{},
+		"ExecRequest": api.ExecRequest{}, "CreateUserRequest": api.CreateUserRequest{},
 	}
 	check := func(name string, v any, response bool) {
 		s := d.Components.Schemas[name]
@@ -166,6 +168,9 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 			}
 			if oaType(f.Type) == "" && p.Ref == "" {
 				t.Errorf("schema %s.%s should $ref the schema of %s", name, jn, f.Type)
+			}
+			if f.Type.Kind() == reflect.Pointer && !strings.Contains(opts, "omitempty") && !p.Nullable {
+				t.Errorf("schema %s.%s can be null (Go field %s is %s) but is not nullable", name, jn, f.Name, f.Type)
 			}
 			if response {
 				omit := strings.Contains(opts, "omitempty")
@@ -201,6 +206,9 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 func oaType(t reflect.Type) string {
 	if t == reflect.TypeOf(time.Time{}) {
 		return "string"
+	}
+	if t.Kind() == reflect.Pointer {
+		return oaType(t.Elem()) // nullable, or absent with omitempty
 	}
 	switch t.Kind() {
 	case reflect.String:

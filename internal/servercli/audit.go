@@ -1,27 +1,42 @@
 package servercli
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/store"
 )
 
 func newAuditCmd(e *env) *cobra.Command {
 	var limit int
 	cmd := &cobra.Command{
-		Use:     "audit",
-		Short:   "Print the audit log of mutating API actions (newest last)",
+		Use:   "audit",
+		Short: "Print the audit log of mutating API actions (newest last)",
+		Long: `Print the audit log of mutating API actions, newest last. It only reads the
+database: next to a running noid-server it reads once the server answers (so
+the server has brought the database up to date); without one it holds the
+data dir's lock while it reads, so no server starts meanwhile.`,
 		Example: `  noid-server audit --limit 50 --config /etc/noid/config.toml`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, err := openStore(cmd, e)
+			cfg, err := e.config()
 			if err != nil {
 				return err
 			}
-			defer st.Close()
-			entries, err := st.AuditLog(cmd.Context(), limit)
+			var entries []store.AuditEntry
+			read := func(ctx context.Context) error {
+				return withStore(ctx, cfg, func(st *store.Store) error {
+					var err error
+					entries, err = st.AuditLog(ctx, limit)
+					return err
+				})
+			}
+			err = e.withDataDir(cmd.Context(), cfg, "audit", func(ctx context.Context, _ *client.Client) error { return read(ctx) }, read)
 			if err != nil {
 				return err
 			}

@@ -1,6 +1,7 @@
 package servercli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -20,7 +21,11 @@ func newImageCmd(e *env) *cobra.Command {
 		Long: `Build the guest image under the config's data_dir: the Debian cloud kernel, an
 initramfs holding noid-agent, and a root filesystem: Debian bookworm from
 debootstrap by default (about a minute), or a busybox rootfs with --tiny (seconds).
-Outputs are cached and rebuilt only when their inputs change.`,
+Outputs are cached and rebuilt only when their inputs change.
+
+The build replaces files a server boots VMs from, so it refuses to run while
+noid-server serves the data dir (stop it, build, start it again). It holds
+the data dir's lock while it builds, so no server starts meanwhile.`,
 		Example: `  noid-server image build
   noid-server image build --tiny --config /etc/noid/config.toml`,
 		Args: cobra.NoArgs,
@@ -39,7 +44,11 @@ Outputs are cached and rebuilt only when their inputs change.`,
 			if showProgress || isTerminal(e.stderr) {
 				progress = e.stderr
 			}
-			img, err := image.Build(cmd.Context(), image.BuildOptions{DataDir: cfg.DataDir, Tiny: tiny, AgentBinary: agent, Progress: progress})
+			var img *image.Image
+			err = e.withDataDir(cmd.Context(), cfg, "image build", nil, func(ctx context.Context) error {
+				img, err = image.Build(ctx, image.BuildOptions{DataDir: cfg.DataDir, Tiny: tiny, AgentBinary: agent, Progress: progress})
+				return err
+			})
 			if err != nil {
 				return err
 			}

@@ -1,13 +1,18 @@
 package servercli
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
+	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/server"
 	"github.com/noid-vm/noid/internal/store"
 )
 
@@ -27,7 +32,9 @@ func newSetQuotaCmd(e *env) *cobra.Command {
 		Long: `Set or show a user's own limits. Each flag takes a number (0 means unlimited), or "default"
 to use the config's [quota] value again. --max-checkpoint-bytes also takes sizes such as 20G.
 Without flags it prints the user's limits. Running VMs are never stopped by a lower limit; it applies to
-the next create, clone or checkpoint. No restart is needed.`,
+the next create, clone or checkpoint. No restart is needed.
+
+` + viaServerHelp,
 		Example: `  noid-server set-quota alice --max-vms 10 --max-memory-mib 16384 --max-checkpoint-bytes 50G
   noid-server set-quota alice --max-vms default
   noid-server set-quota alice`,
@@ -37,34 +44,64 @@ the next create, clone or checkpoint. No restart is needed.`,
 			if err != nil {
 				return err
 			}
-			st, err := openStore(cmd, e)
-			if err != nil {
-				return err
-			}
-			defer st.Close()
-			u, err := st.UserByName(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			cur := []**int64{&u.MaxVMs, &u.MaxVCPUs, &u.MaxMemoryMiB, &u.MaxCheckpointBytes}
-			changed := false
+			name := args[0]
+			// The flags are parsed first: a bad value is a usage error
+			// whoever applies the rest.
+			var set []func(*api.Quota)
 			for i, f := range flags {
 				if !cmd.Flags().Changed(f.name) {
 					continue
 				}
-				changed = true
 				v, err := parseQuota(f)
 				if err != nil {
 					return &usageError{err}
 				}
-				*cur[i] = v
+				set = append(set, func(q *api.Quota) { *quotaFields(q)[i] = v })
 			}
-			if changed {
-				if err := st.SetQuota(cmd.Context(), u.Name, u.MaxVMs, u.MaxVCPUs, u.MaxMemoryMiB, u.MaxCheckpointBytes); err != nil {
+			apply := func(q api.Quota) api.Quota {
+				for _, s := range set {
+					s(&q)
+				}
+				return q
+			}
+			var u *api.User
+			err = e.withDataDir(cmd.Context(), cfg, "set-quota", func(ctx context.Context, c *client.Client) error {
+				us, err := c.ListUsers(ctx)
+				if err != nil {
 					return err
 				}
+				for _, x := range us {
+					if x.Name == name {
+						u = x
+					}
+				}
+				if u == nil {
+					return fmt.Errorf("user %q: %w", name, errdefs.ErrNotFound)
+				}
+				if len(set) > 0 {
+					u, err = c.SetQuota(ctx, name, apply(u.Quota))
+				}
+				return err
+			}, func(ctx context.Context) error {
+				return withStore(ctx, cfg, func(st *store.Store) error {
+					su, err := st.UserByName(ctx, name)
+					if err != nil {
+						return err
+					}
+					au := server.UserInfo(su)
+					u = &au
+					if len(set) == 0 {
+						return nil
+					}
+					u.Quota = apply(u.Quota)
+					q := u.Quota
+					return st.SetQuota(ctx, name, q.MaxVMs, q.MaxVCPUs, q.MaxMemoryMiB, q.MaxCheckpointBytes)
+				})
+			})
+			if err != nil {
+				return err
 			}
-			return printQuota(e, cfg, u)
+			return printQuota(e, cfg, u.Quota)
 		},
 	}
 	for _, f := range flags {
@@ -94,7 +131,12 @@ func parseQuota(f *quotaFlag) (*int64, error) {
 	return &n, nil
 }
 
-func printQuota(e *env, cfg *config.Config, u *store.User) error {
+// quotaFields are q's limits in the order of set-quota's flags.
+func quotaFields(q *api.Quota) []**int64 {
+	return []**int64{&q.MaxVMs, &q.MaxVCPUs, &q.MaxMemoryMiB, &q.MaxCheckpointBytes}
+}
+
+func printQuota(e *env, cfg *config.Config, q api.Quota) error {
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LIMIT\tVALUE\tFROM")
 	row := func(name string, own *int64, def int64) {
@@ -108,9 +150,9 @@ func printQuota(e *env, cfg *config.Config, u *store.User) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", name, s, from)
 	}
-	row("max_vms", u.MaxVMs, int64(cfg.Quota.MaxVMs))
-	row("max_vcpus", u.MaxVCPUs, int64(cfg.Quota.MaxVCPUs))
-	row("max_memory_mib", u.MaxMemoryMiB, int64(cfg.Quota.MaxMemoryMiB))
-	row("max_checkpoint_bytes", u.MaxCheckpointBytes, cfg.Quota.MaxCheckpointBytes)
+	row("max_vms", q.MaxVMs, int64(cfg.Quota.MaxVMs))
+	row("max_vcpus", q.MaxVCPUs, int64(cfg.Quota.MaxVCPUs))
+	row("max_memory_mib", q.MaxMemoryMiB, int64(cfg.Quota.MaxMemoryMiB))
+	row("max_checkpoint_bytes", q.MaxCheckpointBytes, cfg.Quota.MaxCheckpointBytes)
 	return tw.Flush()
 }

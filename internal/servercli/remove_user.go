@@ -1,9 +1,8 @@
 package servercli
 
 import (
+	"context"
 	"fmt"
-	"net"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -16,8 +15,12 @@ func newRemoveUserCmd(e *env) *cobra.Command {
 		Use:   "remove-user <name>",
 		Short: "Remove a user with all their VMs, checkpoints and storage",
 		Long: `Remove a user. Their VMs are destroyed, their checkpoints and files deleted and
-their token revoked. When noid-server is running this goes through it (as root on
-the unix socket); otherwise it is done directly.`,
+their token revoked.
+
+` + viaServerHelp + `
+
+Without a server, the command re-adopts the user's VMs as serve does, in
+order to destroy them.`,
 		Example: `  noid-server remove-user alice`,
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -25,26 +28,20 @@ the unix socket); otherwise it is done directly.`,
 			if err != nil {
 				return err
 			}
-			ctx := cmd.Context()
-			if c, err := net.DialTimeout("unix", cfg.Socket, time.Second); err == nil {
-				c.Close()
-				cl, err := client.New("unix://"+cfg.Socket, "")
-				if err != nil {
-					return err
-				}
-				n, err := cl.RemoveUser(ctx, args[0])
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(e.stdout, "removed user %s (%d VMs destroyed)\n", args[0], n)
-				return nil
-			}
-			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: e.logger(cfg)})
-			if err != nil {
+			var n int
+			err = e.withDataDir(cmd.Context(), cfg, "remove-user", func(ctx context.Context, c *client.Client) error {
+				var err error
+				n, err = c.RemoveUser(ctx, args[0])
 				return err
-			}
-			defer mgr.Close()
-			n, err := mgr.RemoveUser(ctx, args[0])
+			}, func(ctx context.Context) error {
+				mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: e.logger(cfg)})
+				if err != nil {
+					return err
+				}
+				defer mgr.Close()
+				n, err = mgr.RemoveUser(ctx, args[0])
+				return err
+			})
 			if err != nil {
 				return err
 			}

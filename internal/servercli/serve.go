@@ -2,12 +2,15 @@ package servercli
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
 
 	"github.com/spf13/cobra"
 
+	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/manager"
 	"github.com/noid-vm/noid/internal/server"
 )
@@ -18,7 +21,13 @@ func newServeCmd(e *env) *cobra.Command {
 		Short: "Run the server (VMs survive restarts of it)",
 		Long: `Run noid-server. It listens on the unix socket (and on the TCP address when
 "listen" is configured), re-adopts VMs left running by an earlier server and
-serves until SIGTERM or SIGINT. Stopping the server leaves VMs running.`,
+serves until SIGTERM or SIGINT. Stopping the server leaves VMs running.
+
+One server per data dir: serve locks <data_dir>/noid.lock before it reads
+anything and keeps it until it has stopped. A second serve on the same data
+dir exits at once with status 1, naming the pid that holds it. With
+networking on, one server per network namespace likewise: a second one is
+refused whatever its bridge and pool.`,
 		Example: `  noid-server serve --config /etc/noid/config.toml`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -29,6 +38,17 @@ serves until SIGTERM or SIGINT. Stopping the server leaves VMs running.`,
 			log := e.logger(cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
+			lock, err := e.lockDataDir(ctx, cfg, noteServe+" "+cfg.Socket)
+			if err != nil {
+				var sr *serverRunning
+				if errors.As(err, &sr) {
+					return errdefs.WithHint(err, fmt.Sprintf("another noid-server serves it: see `systemctl status noid-server`, or stop pid %d first", sr.pid))
+				}
+				return err
+			}
+			// Deferred first, so released last: after the manager has
+			// closed and nothing touches the data dir any more.
+			defer lock.Close()
 			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: log})
 			if err != nil {
 				return err

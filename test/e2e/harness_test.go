@@ -25,6 +25,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/image"
 	"github.com/noid-vm/noid/internal/testutil"
 )
 
@@ -72,14 +73,7 @@ func NewEnv(t *testing.T, opts ...Option) *Env {
 		o(e)
 	}
 	e.Config = filepath.Join(dir, "config.toml")
-	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
-		filepath.Join(dir, "data"), e.Socket, img.Kernel, img.Initrd, img.Rootfs)
-	if !strings.Contains(e.extraCf, "[network]") {
-		cfg += e.extraCf + "\n[network]\nenabled = false\n"
-	} else {
-		cfg += e.extraCf
-	}
-	if err := os.WriteFile(e.Config, []byte(cfg), 0o600); err != nil {
+	if err := os.WriteFile(e.Config, []byte(configTOML(filepath.Join(dir, "data"), e.Socket, img, e.extraCf)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	e.Start()
@@ -90,6 +84,17 @@ func NewEnv(t *testing.T, opts ...Option) *Env {
 	e.Client = c
 	t.Cleanup(e.cleanup)
 	return e
+}
+
+// configTOML is a test server's config: the tiny image under TCG, debug
+// logs, then extra; networking is off unless extra has a [network] section.
+func configTOML(dataDir, socket string, img *image.Image, extra string) string {
+	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
+		dataDir, socket, img.Kernel, img.Initrd, img.Rootfs)
+	if !strings.Contains(extra, "[network]") {
+		return cfg + extra + "\n[network]\nenabled = false\n"
+	}
+	return cfg + extra
 }
 
 // Start launches noid-server and waits until it logs that it is listening.
@@ -264,6 +269,21 @@ func (e *Env) MustCLI(args ...string) string {
 		e.t.Fatalf("noid %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.Code, r.Stdout, r.Stderr)
 	}
 	return r.Stdout
+}
+
+// ServerCLI runs noid-server with this server's config.
+func (e *Env) ServerCLI(args ...string) Result {
+	c, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(c, e.Bins.Server, append(args, "--config", e.Config)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		return Result{Stderr: err.Error(), Code: -1}
+	}
+	return Result{Stdout: out.String(), Stderr: errb.String(), Code: cmd.ProcessState.ExitCode()}
 }
 
 // Exec runs a command in vm through the client and returns its output.
