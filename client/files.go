@@ -16,6 +16,7 @@ import (
 	"sync"
 
 	"github.com/noid-vm/noid/internal/api"
+	"github.com/noid-vm/noid/internal/tarfs"
 )
 
 type (
@@ -214,9 +215,10 @@ func (c *Client) CopyToVM(ctx context.Context, vm, src, dst string, opts *CopyOp
 	progress := opts.progress()
 	pr, pw := io.Pipe()
 	writerDone := make(chan struct{})
+	wopts := tarfs.WriteOptions{Name: top, NoTop: contents, OnBytes: func(done int64) { progress(done, total) }}
 	go func() {
 		defer close(writerDone)
-		pw.CloseWithError(writeLocalTar(pw, srcClean, top, func(done int64) { progress(done, total) }))
+		pw.CloseWithError(tarfs.Write(ctx, pw, srcClean, wopts))
 	}()
 	res, err := c.PutFiles(ctx, vm, dir, pr)
 	pr.CloseWithError(errors.New("upload finished"))
@@ -252,11 +254,19 @@ func isContentsPath(p string) bool {
 // CopyFromVM copies the file or directory src (an absolute path) in vm to
 // the local path dst, with the same rules as CopyToVM: into dst when it is
 // an existing directory or ends with "/", to dst itself otherwise, and the
-// contents of src when it ends with "/.". Modes (without setuid and setgid
-// bits) and modification times are kept; files belong to the caller.
-// Entries that would land outside the destination (absolute names, "..",
-// hard links out, or writes through a symlink, in the archive or already
-// on disk) are refused and end the copy with an error.
+// contents of src when it ends with "/.". Modification times are kept, and
+// modes less the process umask and without setuid and setgid bits; files
+// belong to the caller.
+//
+// What the VM sends is not trusted. Everything lands at or below the
+// copy's own place (dst, or dst/<name> for a copy into a directory), which
+// is the root of the extraction: entries with absolute names, "..", other
+// top names, paths through a symlink the archive made, symlinks (from the
+// archive or already on disk) or hard links leading out of it, sparse
+// files, and for a single-file source any entry but that file, are refused
+// and end the copy with an error; devices and fifos are skipped. A symlink
+// already at the copy's place is replaced, never followed. See
+// internal/tarfs for the details.
 func (c *Client) CopyFromVM(ctx context.Context, vm, src, dst string, opts *CopyOptions) (*CopyResult, error) {
 	if !strings.HasPrefix(src, "/") {
 		return nil, fmt.Errorf("%w: source %q must be an absolute path in the VM", ErrInvalidArgument, src)
@@ -278,10 +288,55 @@ func (c *Client) CopyFromVM(ctx context.Context, vm, src, dst string, opts *Copy
 		return nil, fmt.Errorf("copying %s:%s: %w", vm, src, err)
 	}
 	defer rc.Close()
-	x := &extractor{onBytes: func(done int64) { progress(done, total) }}
-	res, err := x.run(rc, path.Base(srcClean), dst, contents)
+	// Where the copy lands: dst itself, or dst/<name> for a copy into a
+	// directory. That place, never its parent, is the extraction's root.
+	top := path.Base(srcClean)
+	dest := dst
+	if !contents {
+		into := strings.HasSuffix(dst, "/") || strings.HasSuffix(dst, string(filepath.Separator)) || isContentsPath(dst)
+		fi, err := os.Stat(dst)
+		switch {
+		case err == nil && fi.IsDir():
+			into = true
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
+			return nil, fmt.Errorf("copying %s:%s to %s: %w", vm, src, dst, err)
+		}
+		if into {
+			dest = filepath.Join(dst, top)
+		}
+	}
+	xopts := tarfs.Options{
+		Top:      top,
+		Contents: contents,
+		Umask:    processUmask(),
+		OnBytes:  func(done int64) { progress(done, total) },
+	}
+	res, err := tarfs.Extract(ctx, dest, rc, xopts)
+	if errors.Is(err, tarfs.ErrEmpty) {
+		err = errors.New("the VM sent nothing (a socket, device or fifo cannot be copied)")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("copying %s:%s to %s: %w", vm, src, dst, err)
 	}
-	return res, nil
+	return &CopyResult{Entries: res.Entries, Bytes: res.Bytes, Dest: filepath.Clean(dest)}, nil
+}
+
+// treeSize sums the sizes of the regular files at and below p (symlinks
+// are not followed): the total for CopyToVM's progress.
+func treeSize(p string) (int64, error) {
+	var total int64
+	err := filepath.WalkDir(p, func(fp string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type().IsRegular() {
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			total += fi.Size()
+		}
+		return nil
+	})
+	return total, err
 }

@@ -1,76 +1,22 @@
 package client
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/noid-vm/noid/internal/api"
 )
 
-func TestEntryName(t *testing.T) {
-	for in, want := range map[string]string{"a": "a", "a/": "a", "a/./b": "a/b", ".": "", "./": ""} {
-		if got, err := entryName(in); err != nil || got != want {
-			t.Errorf("entryName(%q) = %q, %v; want %q", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"", "/abs", "../x", "a/../../x", "a/..", "a\x00b"} {
-		if _, err := entryName(bad); err == nil {
-			t.Errorf("entryName(%q) accepted", bad)
-		}
-	}
+func TestIsContentsPath(t *testing.T) {
 	for in, want := range map[string]bool{".": true, "dir/.": true, "/.": true, "dir": false, "dir/": false, "./dir": false} {
 		if isContentsPath(in) != want {
 			t.Errorf("isContentsPath(%q) = %v", in, !want)
 		}
-	}
-}
-
-// TestWriteLocalTarNames: the archive's names start with the top name, or
-// are relative for a contents copy; owners are root; sockets are skipped.
-func TestWriteLocalTarNames(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "src")
-	os.MkdirAll(filepath.Join(dir, "sub"), 0o755)
-	os.WriteFile(filepath.Join(dir, "sub", "f"), []byte("x"), 0o640)
-	os.Symlink("sub/f", filepath.Join(dir, "l"))
-	names := func(top string) []string {
-		var buf bytes.Buffer
-		var done int64
-		if err := writeLocalTar(&buf, dir, top, func(n int64) { done = n }); err != nil {
-			t.Fatal(err)
-		}
-		if done != 1 {
-			t.Errorf("progress reported %d bytes, want 1", done)
-		}
-		tr := tar.NewReader(&buf)
-		var out []string
-		for {
-			h, err := tr.Next()
-			if err == io.EOF {
-				return out
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if h.Uid != 0 || h.Gid != 0 || h.Uname != "" {
-				t.Errorf("%s owned by %d/%d %q", h.Name, h.Uid, h.Gid, h.Uname)
-			}
-			out = append(out, h.Name)
-		}
-	}
-	if got := strings.Join(names("renamed"), ","); got != "renamed/,renamed/l,renamed/sub/,renamed/sub/f" {
-		t.Errorf("top names: %s", got)
-	}
-	if got := strings.Join(names(""), ","); got != "l,sub/,sub/f" {
-		t.Errorf("contents names: %s", got)
 	}
 }
 

@@ -49,11 +49,13 @@ Like cp -r: when the destination is an existing directory, or ends with /, the
 source is copied into it under its own name; otherwise it is copied to the
 destination name itself. A source ending in /. copies the contents of that
 directory. Symlinks are copied as links and never followed. Files copied into a
-VM belong to root; files copied out belong to you (without setuid/setgid bits).
+VM belong to root; files copied out belong to you, with modes limited by your
+umask and without setuid/setgid bits.
 
 Entries that would land outside the destination, through "..", an absolute
 name or a symlink (in the data or already on the receiving side), are refused
-and the copy fails. A - instead of the local path reads or writes a tar stream
+and the copy fails; so is anything but the file itself when copying a file out
+of a VM. Devices and fifos are skipped. A - instead of the local path reads or writes a tar stream
 on stdin or stdout. Progress is shown on a terminal for long copies; piped or
 with --quiet, cp prints nothing.`,
 		Example: `  noid cp ./src dev:/root/            # -> /root/src in the VM

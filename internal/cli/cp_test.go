@@ -293,7 +293,7 @@ func TestCpRefusesEscapes(t *testing.T) {
 		r2 := r.in(r.cwd)
 		r2.stdin = bytes.NewReader(tr)
 		res := r2.run("cp", "-", "dev:/root/dst-"+name)
-		if res.code != 1 || !strings.Contains(res.stderr, "refused") && !strings.Contains(res.stderr, "escapes") {
+		if res.code != 1 || !strings.Contains(res.stderr, "refusing entry") && !strings.Contains(res.stderr, "escapes") {
 			t.Errorf("host->vm %s: %+v", name, res)
 		}
 		if ents, _ := os.ReadDir(guestOutside); len(ents) != 0 {

@@ -47,7 +47,9 @@ func agentFileErr(err error, vm, p string) error {
 	case strings.Contains(msg, "no space left"):
 		return errdefs.WithHint(fmt.Errorf("vm %q: %s (%w)", vm, msg, errdefs.ErrResourceExhausted),
 			"free space in the VM, or create it with a larger --disk-size")
-	case strings.Contains(msg, "refused") || strings.Contains(msg, "escapes") || strings.Contains(msg, "bad hard link") || strings.Contains(msg, "bad symlink"):
+	case strings.Contains(msg, "refusing entry") || strings.Contains(msg, "escapes") ||
+		// (as older agents say it)
+		strings.Contains(msg, "refused") || strings.Contains(msg, "bad hard link") || strings.Contains(msg, "bad symlink"):
 		return errdefs.WithHint(fmt.Errorf("vm %q refused the upload into %s: %s (%w)", vm, p, msg, errdefs.ErrInvalidArgument),
 			"tar entries must stay inside the destination (no absolute paths, \"..\" or writes through symlinks)")
 	}

@@ -123,20 +123,6 @@ func TestParseCmdline(t *testing.T) {
 	}
 }
 
-func TestEntryName(t *testing.T) {
-	ok := map[string]string{"a": "a", "./a/b/": "a/b", ".": "", "a//b": "a/b", "a/./b": "a/b"}
-	for in, want := range ok {
-		if got, err := entryName(in); err != nil || got != want {
-			t.Errorf("entryName(%q) = %q, %v; want %q", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"", "/etc/passwd", "..", "../a", "a/../../b", "a/..", "a\x00b"} {
-		if _, err := entryName(bad); err == nil {
-			t.Errorf("entryName(%q) accepted", bad)
-		}
-	}
-}
-
 func TestHostsWithIdentity(t *testing.T) {
 	old := "127.0.0.1\tlocalhost\n10.0.0.9\tother\n127.0.1.1\tprev # noid\n"
 	got := string(hostsWithIdentity([]byte(old), "vm", "172.16.0.2"))
