@@ -114,7 +114,7 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	ok = true
 	storage.FsyncDir(filepath.Dir(dir))
 	crashpoint("checkpoint.after-rename")
-	c.SizeBytes, _ = storage.DirSize(dir)
+	c.SizeBytes = m.snapshotSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
 	lim := m.cfg.Quota.MaxCheckpointBytes
 	if u.MaxCheckpointBytes != nil {
@@ -134,10 +134,8 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	}
 	m.metrics.op("checkpoint", start, nil)
 	m.metrics.checkpointBytes(c.SizeBytes)
-	// A clone of it is likely: have a VMM of its shape waiting.
-	if key, err := cloneKey(v, dir); err == nil {
-		m.pool.refillShape(key)
-	}
+	// A clone of it or a rewind to it is likely: have a VMM waiting.
+	m.pool.refillCheckpoint(dir, shapeOf(v))
 	rt.log.Info("checkpoint taken", "user", u.Name, "checkpoint", name, "pause_ms", ms(t.Pause), "total_ms", ms(time.Since(start)), "bytes", c.SizeBytes)
 	out := m.apiCheckpoint(c, v.Name)
 	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), PauseMs: ms(t.Pause), CopyMs: ms(t.Copy)}
@@ -287,20 +285,16 @@ func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *sto
 		m.metrics.op("restore", start, err)
 		return nil, err
 	}
-	if key, err := cloneKey(v, dir); err == nil {
-		defer m.pool.refillShape(key)
-		sp := m.pool.take(key.String(), time.Time{})
-		if _, ok := m.backend.(vmm.Preparer); ok && sp == nil {
-			// No spare waits: prepare one now. The rewind then loads the
-			// checkpoint into it before it stops the VM, as with a spare.
-			if sp, err = m.makeBlankSpare(ctx, key); err != nil {
-				m.metrics.op("restore", start, err)
-				return nil, classifyIOErr("preparing a VMM for the rewind of "+v.Name, err)
-			}
+	if _, ok := m.backend.(vmm.Preparer); ok {
+		// The rewind loads the checkpoint into a spare (prepared now when
+		// none waits) before it stops the VM.
+		defer m.pool.refillCheckpoint(dir, shapeOf(v))
+		sp, err := m.takeOrMakeSpare(ctx, dir, shapeOf(v))
+		if err != nil {
+			m.metrics.op("restore", start, err)
+			return nil, classifyIOErr("preparing a VMM for the rewind of "+v.Name, err)
 		}
-		if sp != nil {
-			return m.rewindIntoSpare(ctx, u, v, c, dir, sp, start)
-		}
+		return m.rewindIntoSpare(ctx, u, v, c, sp, start)
 	}
 	// Backends that cannot prepare a VMM (Firecracker) restore in place:
 	// the old VMM is stopped first.
@@ -383,20 +377,22 @@ func (m *Manager) clone(ctx context.Context, u *store.User, src *store.VM, c *st
 		DiskBytes: src.DiskBytes, VMM: m.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
 		Network: src.Network, AllowPeers: src.AllowPeers, Source: src.Name + "/" + c.Name,
 	}
-	key, err := cloneKey(src, dir)
+	if _, ok := m.backend.(vmm.Preparer); !ok {
+		return m.startFromSnapshot(ctx, u, v, dir, start)
+	}
+	if err := m.checkHostMemory(v.MemoryMiB); err != nil {
+		return nil, err
+	}
+	defer m.pool.refillCheckpoint(dir, shapeOf(src))
+	sp, err := m.takeOrMakeSpare(ctx, dir, shapeOf(src))
 	if err != nil {
-		return nil, fmt.Errorf("reading checkpoint %s: %w", c.Name, err)
+		return nil, classifyIOErr("preparing a VMM for clone "+newName, err)
 	}
-	defer m.pool.refillShape(key)
-	if sp := m.pool.take(key.String(), time.Time{}); sp != nil {
-		if err := m.checkHostMemory(v.MemoryMiB); err != nil {
-			m.pool.putBack(sp)
-			return nil, err
-		}
-		v.ID, v.BootReason = sp.id, "warm spare"
-		return m.startFromSpare(ctx, u, v, dir, sp, true, start)
+	v.ID, v.BootReason = sp.id, "warm spare"
+	if sp.fresh > 0 {
+		v.BootReason = "prepared now"
 	}
-	return m.startFromSnapshot(ctx, u, v, dir, start)
+	return m.startFromSpare(ctx, u, v, sp, start)
 }
 
 // startFromSnapshot inserts v and starts it from the snapshot in dir

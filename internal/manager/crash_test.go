@@ -288,11 +288,6 @@ func TestCrashPoints(t *testing.T) {
 		t.Fatalf("found only %d crash points in the code: %v", len(points), points)
 	}
 	e := newEnv(t, "")
-	noPool := filepath.Join(e.dir, "nopool.toml")
-	b, _ := os.ReadFile(e.cfgPath)
-	if err := os.WriteFile(noPool, append(b, []byte("\n[pool]\nspares = 0\n")...), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	e.create("base")
 	e.mustExec("base", "sh", "-c", "echo v1 > /root/state; sync")
 	if _, err := e.mgr.Checkpoint(tctx(t), e.user, "base", api.CheckpointRequest{Name: "c0"}); err != nil {
@@ -328,10 +323,10 @@ func TestCrashPoints(t *testing.T) {
 			t.Errorf("%s: checkpoints %+v", point, cps)
 		}
 	}
-	// Clones without a spare (the pool is off in the child).
+	// Clones by backends that cannot prepare a VMM (restored directly).
 	for i, point := range []string{"clone.after-insert", "clone.after-spawn"} {
 		name := fmt.Sprintf("clone%d", i)
-		e.crashAt(point, childOp{Op: "clone", VM: "base", Checkpoint: "c0", Name: name}, noPool, fired)
+		e.crashAt(point, childOp{Op: "clone", VM: "base", Checkpoint: "c0", Name: name}, e.cfgPath, fired, childNoPrepareEnv+"=1")
 		e.checkConsistent(point)
 		if listed(name) {
 			t.Errorf("%s: half-made clone %s is listed", point, name)

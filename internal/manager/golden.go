@@ -179,7 +179,17 @@ func (m *Manager) createFromGolden(ctx context.Context, u *store.User, p *create
 	// The golden is in use: keep spares ready for the next create.
 	defer m.pool.refill(dir)
 	if gc, err := readGoldenConfig(dir); err == nil {
-		if sp := m.pool.take(dir, gc.PromotedAt); sp != nil {
+		sp := m.pool.take(dir, gc.PromotedAt)
+		if _, ok := m.backend.(vmm.Preparer); ok && sp == nil {
+			// None waits: prepare one now (it loads in the create).
+			k := spareShape{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd}
+			prepStart := time.Now()
+			if sp, err = m.makeSpare(ctx, dir, k); err != nil {
+				return nil, classifyIOErr("preparing a VMM for "+p.name, err)
+			}
+			sp.promoted, sp.fresh = gc.PromotedAt, time.Since(prepStart)
+		}
+		if sp != nil {
 			vm, err := m.createFromSpare(ctx, u, p, bf, dir, sp, start)
 			if !errors.Is(err, errStaleSpare) {
 				return vm, err
@@ -275,13 +285,11 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	// Hold the checkpoint still while copying it.
 	rt := m.rt(c.VMID)
 	rt.op.Lock()
-	for _, f := range []string{vmm.SnapMemory, vmm.SnapState, vmm.SnapDisk} {
-		if err := m.copier.CopyFile(ctx, filepath.Join(cpDir, f), filepath.Join(tmp, f)); err != nil {
-			rt.op.Unlock()
-			return nil, classifyIOErr("copying "+f+" into the golden snapshot", err)
-		}
-	}
+	err = m.linkSnapshot(ctx, cpDir, tmp, meta)
 	rt.op.Unlock()
+	if err != nil {
+		return nil, classifyIOErr("copying the checkpoint into the golden snapshot", err)
+	}
 	crashpoint("golden.after-copy")
 	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
 	if gc.KernelSHA256 == "" {
@@ -337,7 +345,7 @@ func (m *Manager) pruneBackups(bdir, spec string) {
 
 func (m *Manager) apiGolden(ctx context.Context, dir string, c *goldenConfig, u *store.User, bf bootFiles) *api.Golden {
 	g := &api.Golden{VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, CreatedAt: c.PromotedAt, Backend: c.Backend, Source: c.Source, KernelHash: c.KernelSHA256}
-	g.SizeBytes, _ = storage.DirSize(dir)
+	g.SizeBytes = m.snapshotSize(dir)
 	g.Owner = u.Name
 	if strings.HasPrefix(dir, m.systemGoldenRoot()) {
 		g.Owner = "system"

@@ -23,42 +23,41 @@ import (
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
-// The warm pool keeps VMMs started ahead of time for golden snapshots: each
-// spare already has its own copy of the golden's memory and disk, its TAP,
-// its sandbox and a VMM that has loaded the golden's state and runs, with a
-// warmed-up agent connection. A golden create that finds a spare only moves
-// the spare's directory to the new VM and syncs the VM's identity, clock
-// and entropy; the process start, the copies and the state load are off
-// its critical path. Spares are not VMs: they belong to no
-// user, are killed on shutdown and swept at start-up.
-
+// The warm pool keeps VMMs started ahead of time for snapshots that are
+// likely to be used next, so that the process start and the preparation of
+// a VM's files are off the critical path:
 //
-// Clones get spares too: a blank spare has empty memory and disk files of
-// the right sizes and a VMM that waits for state; a clone copies (reflinks
-// where it can) the checkpoint's memory and disk into those files, then
-// loads the device state. Blank spares are kept per shape (vCPUs, memory,
-// disk size, NIC, kernel), for the few shapes used last.
+//   - for each golden snapshot in use, spares already running it: state
+//     loaded, guest resumed and warmed up through its agent. A golden
+//     create only moves a spare to the new VM and syncs its identity,
+//     clock and entropy.
+//   - for the checkpoints taken last, spares prepared for them: their disk
+//     (a new top over the checkpoint's chain) and memory file laid out and
+//     a VMM waiting for the device state. A clone or a rewind loads the
+//     state into one, so the clone is the checkpoint's exact instant.
+//
+// When no spare waits, a clone or rewind prepares one on the spot: every
+// snapshot start goes the same way. Spares are not VMs: they belong to no
+// user, are killed on shutdown and swept at start-up.
 
 // spare is one prepared VMM.
 type spare struct {
 	id  string
 	dir string
-	// key is the pool it belongs to: a golden directory, or (for a blank
-	// spare) its shape's String.
+	// key is the snapshot directory it was prepared for.
 	key string
 	// shape is the VM shape its VMM was started for.
-	shape    shapeKey
+	shape    spareShape
 	promoted time.Time
 	inst     vmm.Prepared
 	// agent is set for a golden spare that already runs: its state is
 	// loaded, its guest resumed and warmed up, and this is its agent
 	// connection. A create then only applies the VM's identity.
 	agent *agentclient.Client
+	// fresh is how long preparing it took, for a spare prepared for the
+	// request that uses it (none waited); 0 for one from the pool.
+	fresh time.Duration
 }
-
-// blank reports whether the spare waits for state (for a clone or rewind)
-// rather than running a golden's.
-func (sp *spare) blank() bool { return sp.key == sp.shape.String() }
 
 // alive reports whether the spare's VMM (and, for a running spare, its
 // agent connection) still works.
@@ -71,18 +70,18 @@ func (sp *spare) alive() bool {
 	return sp.agent == nil || sp.agent.Err() == nil
 }
 
-// maxShapes bounds how many clone shapes keep blank spares.
-const maxShapes = 4
+// maxCheckpointSpares bounds how many checkpoints keep spares.
+const maxCheckpointSpares = 4
 
-// warmPool holds the spares, per golden directory or clone shape.
+// warmPool holds the spares, per snapshot directory.
 type warmPool struct {
 	m       *Manager
 	size    int
 	mu      sync.Mutex
 	spares  map[string][]*spare
 	filling map[string]int
-	// shapes is the clone shapes with blank spares, most recent last.
-	shapes []string
+	// recent is the checkpoints with spares, most recent last.
+	recent []string
 	closed bool
 	wg     sync.WaitGroup
 }
@@ -91,16 +90,15 @@ func newWarmPool(m *Manager, size int) *warmPool {
 	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
 }
 
-// shapeKey is what a blank spare must match for a clone of a snapshot.
-type shapeKey struct {
+// spareShape is what a spare's VMM was started with, besides its snapshot.
+type spareShape struct {
 	VCPUs, MemoryMiB int
-	DiskBytes        int64
-	HasNet           bool
-	Kernel, Initrd   string
-}
-
-func (k shapeKey) String() string {
-	return fmt.Sprintf("shape:%d:%d:%d:%t:%s:%s", k.VCPUs, k.MemoryMiB, k.DiskBytes, k.HasNet, k.Kernel, k.Initrd)
+	// DiskBytes is the size of the disk the VM sees (for metrics).
+	DiskBytes      int64
+	HasNet         bool
+	Kernel, Initrd string
+	// Golden marks a golden snapshot's running spare.
+	Golden bool
 }
 
 func (m *Manager) poolDir() string { return filepath.Join(m.cfg.StorageDir(), "pool") }
@@ -164,8 +162,8 @@ func (wp *warmPool) ready(dir string) int {
 
 // counts is the number of spares waiting for golden creates, and for
 // clones and rewinds per shape.
-func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
-	shapes = map[shapeKey]int{}
+func (wp *warmPool) counts() (golden int, shapes map[spareShape]int) {
+	shapes = map[spareShape]int{}
 	if wp == nil {
 		return 0, shapes
 	}
@@ -173,10 +171,10 @@ func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
 	defer wp.mu.Unlock()
 	for _, sps := range wp.spares {
 		for _, sp := range sps {
-			if sp.blank() {
-				shapes[sp.shape]++
-			} else {
+			if sp.shape.Golden {
 				golden++
+			} else {
+				shapes[sp.shape]++
 			}
 		}
 	}
@@ -186,28 +184,28 @@ func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
 // refill starts spares in the background until the golden in dir has size
 // of them.
 func (wp *warmPool) refill(dir string) {
-	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.m.makeSpare(ctx, dir) })
+	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.m.makeGoldenSpare(ctx, dir) })
 }
 
-// refillShape starts blank spares for clones of shape k, and drops the
-// spares of the shape used least recently when more than maxShapes have them.
-func (wp *warmPool) refillShape(k shapeKey) {
+// refillCheckpoint starts spares for the checkpoint in dir, taken of a VM
+// of shape k, and drops the spares of the checkpoint used least recently
+// when more than maxCheckpointSpares have them.
+func (wp *warmPool) refillCheckpoint(dir string, k spareShape) {
 	if wp == nil || wp.size <= 0 {
 		return
 	}
-	key := k.String()
 	var evict []*spare
 	wp.mu.Lock()
-	for i, sk := range wp.shapes {
-		if sk == key {
-			wp.shapes = append(wp.shapes[:i:i], wp.shapes[i+1:]...)
+	for i, key := range wp.recent {
+		if key == dir {
+			wp.recent = append(wp.recent[:i:i], wp.recent[i+1:]...)
 			break
 		}
 	}
-	wp.shapes = append(wp.shapes, key)
-	for len(wp.shapes) > maxShapes {
-		old := wp.shapes[0]
-		wp.shapes = wp.shapes[1:]
+	wp.recent = append(wp.recent, dir)
+	for len(wp.recent) > maxCheckpointSpares {
+		old := wp.recent[0]
+		wp.recent = wp.recent[1:]
 		evict = append(evict, wp.spares[old]...)
 		delete(wp.spares, old)
 	}
@@ -215,7 +213,7 @@ func (wp *warmPool) refillShape(k shapeKey) {
 	for _, sp := range evict {
 		go wp.discard(sp)
 	}
-	wp.fill(key, func(ctx context.Context) (*spare, error) { return wp.m.makeBlankSpare(ctx, k) })
+	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.m.makeSpare(ctx, dir, k) })
 }
 
 // fill starts spares for key in the background until it has size of them.
@@ -262,15 +260,13 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 	}()
 }
 
-// poolLabel names a pool key in logs: a golden's directory name or a shape.
+// poolLabel names a pool key (a snapshot directory) in logs.
 func poolLabel(key string) string {
-	if strings.HasPrefix(key, "shape:") {
-		return key
-	}
-	return "golden " + filepath.Base(key)
+	return filepath.Base(filepath.Dir(key)) + "/" + filepath.Base(key)
 }
 
-// drain discards every spare of the golden in dir (it was replaced or removed).
+// drain discards every spare of the snapshot in dir (it was replaced or
+// removed).
 func (wp *warmPool) drain(dir string) {
 	if wp == nil {
 		return
@@ -327,8 +323,8 @@ func (m *Manager) releaseSpareResources(ctx context.Context, id, dir string) {
 	os.Remove(filepath.Join(m.runDir(), id+".agent"))
 }
 
-// makeSpare prepares one spare for the golden in dir.
-func (m *Manager) makeSpare(ctx context.Context, dir string) (*spare, error) {
+// makeGoldenSpare prepares one running spare for the golden in dir.
+func (m *Manager) makeGoldenSpare(ctx context.Context, dir string) (*spare, error) {
 	bf, err := m.resolveBootFiles()
 	if err != nil {
 		return nil, err
@@ -340,25 +336,17 @@ func (m *Manager) makeSpare(ctx context.Context, dir string) (*spare, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := m.verifySnapshot(ctx, dir, "golden snapshot "+filepath.Base(dir)); err != nil {
-		return nil, err
-	}
-	k := shapeKey{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd}
-	sp, err := m.newSpare(ctx, dir, k, func(sdir string) error {
-		if err := m.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), filepath.Join(sdir, "mem.raw")); err != nil {
-			return err
-		}
-		return m.copier.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), filepath.Join(sdir, "disk.ext4"))
-	})
+	k := spareShape{VCPUs: gc.VCPUs, MemoryMiB: gc.MemoryMiB, HasNet: gc.HasNet, Kernel: bf.Kernel, Initrd: bf.Initrd, Golden: true}
+	sp, err := m.makeSpare(ctx, dir, k)
 	if err != nil {
 		return nil, err
 	}
 	sp.promoted = gc.PromotedAt
-	if err := m.startSpare(ctx, sp, dir); err != nil {
+	if err := m.startSpare(ctx, sp); err != nil {
 		m.pool.discard(sp)
 		return nil, err
 	}
-	m.log.Debug("warm pool: spare ready", "spare", sp.id, "golden", filepath.Base(dir))
+	m.log.Debug("warm pool: golden spare running", "spare", sp.id, "golden", filepath.Base(dir))
 	return sp, nil
 }
 
@@ -367,8 +355,8 @@ func (m *Manager) makeSpare(ctx context.Context, dir string) (*spare, error) {
 // the identity comes with the create) and runs a few commands, so the
 // guest code a create and its first exec need is already translated under
 // TCG, and paged in everywhere.
-func (m *Manager) startSpare(ctx context.Context, sp *spare, dir string) error {
-	if _, err := sp.inst.Load(ctx, dir); err != nil {
+func (m *Manager) startSpare(ctx context.Context, sp *spare) error {
+	if _, err := sp.inst.Load(ctx); err != nil {
 		return err
 	}
 	conn, err := sp.inst.DialAgent(ctx)
@@ -430,36 +418,23 @@ func runQuiet(ctx context.Context, c *agentclient.Client, argv ...string) error 
 	return err
 }
 
-// makeBlankSpare prepares one spare for clones of shape k: empty memory and
-// disk files of the right sizes, filled by the clone that takes it.
-func (m *Manager) makeBlankSpare(ctx context.Context, k shapeKey) (*spare, error) {
-	sp, err := m.newSpare(ctx, k.String(), k, func(sdir string) error {
-		if err := createSparse(filepath.Join(sdir, "mem.raw"), int64(k.MemoryMiB)<<20); err != nil {
-			return err
-		}
-		return createSparse(filepath.Join(sdir, "disk.ext4"), k.DiskBytes)
-	})
-	if err != nil {
-		return nil, err
-	}
-	m.log.Debug("warm pool: blank spare ready", "spare", sp.id, "shape", sp.key)
-	return sp, nil
-}
-
-// newSpare makes a spare for the pool key with the shape k: its directory
-// under the pool, the memory and disk files that files puts there (with
-// their final sizes), a TAP when k has a NIC, and a VMM prepared for state.
-// On any failure it removes everything, the VMM included.
-func (m *Manager) newSpare(ctx context.Context, key string, k shapeKey, files func(sdir string) error) (_ *spare, err error) {
+// makeSpare prepares one spare for the snapshot in dir: its directory
+// under the pool, a TAP when k has a NIC, and a VMM with its files laid
+// out, waiting for the snapshot's device state. The snapshot is verified
+// first. On any failure it removes everything, the VMM included.
+func (m *Manager) makeSpare(ctx context.Context, dir string, k spareShape) (_ *spare, err error) {
 	prep, ok := m.backend.(vmm.Preparer)
 	if !ok {
 		return nil, fmt.Errorf("%w: the %s backend cannot prepare VMMs ahead of time", errdefs.ErrNotImplemented, m.backend.Name())
 	}
 	if k.HasNet && m.net == nil {
-		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(key))
+		return nil, fmt.Errorf("%s has a NIC but networking is off", poolLabel(dir))
+	}
+	if _, err := m.verifySnapshot(ctx, dir, "snapshot "+poolLabel(dir)); err != nil {
+		return nil, err
 	}
 	id := newID(6)
-	sp := &spare{id: id, dir: filepath.Join(m.poolDir(), id), key: key, shape: k}
+	sp := &spare{id: id, dir: filepath.Join(m.poolDir(), id), key: dir, shape: k}
 	if err := os.MkdirAll(sp.dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -468,42 +443,39 @@ func (m *Manager) newSpare(ctx context.Context, key string, k shapeKey, files fu
 			m.pool.discard(sp)
 		}
 	}()
-	if err := files(sp.dir); err != nil {
-		return nil, err
-	}
 	v := &store.VM{ID: id, Name: "spare-" + id, VCPUs: k.VCPUs, MemoryMiB: k.MemoryMiB, Accel: string(m.accel), Kernel: k.Kernel, Initrd: k.Initrd}
-	if sp.inst, err = m.prepareSpare(ctx, prep, v, sp.dir, k.HasNet); err != nil {
-		return nil, err
-	}
-	return sp, nil
-}
-
-// createSparse creates path as a file of size bytes that holds no data.
-func createSparse(path string, size int64) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return fmt.Errorf("sizing %s: %w", path, err)
-	}
-	return f.Close()
-}
-
-// prepareSpare starts the VMM of a spare whose files are in sdir.
-func (m *Manager) prepareSpare(ctx context.Context, prep vmm.Preparer, v *store.VM, sdir string, hasNet bool) (vmm.Prepared, error) {
 	spec := m.spec(v)
-	spec.Dir = sdir
-	spec.Disk, spec.MemFile, spec.SerialLog = filepath.Join(sdir, "disk.ext4"), filepath.Join(sdir, "mem.raw"), filepath.Join(sdir, "serial.log")
-	if hasNet {
+	spec.Dir, spec.SerialLog = sp.dir, filepath.Join(sp.dir, "serial.log")
+	if k.HasNet {
 		tap, err := m.net.PrepareTap(ctx, v.ID)
 		if err != nil {
 			return nil, err
 		}
 		spec.Net = &vmm.NetSpec{Tap: tap, MAC: network.MACFor(v.ID).String()}
 	}
-	return prep.Prepare(ctx, spec)
+	if sp.inst, err = prep.Prepare(ctx, spec, dir, m.copier); err != nil {
+		return nil, err
+	}
+	if l, ok := m.backend.(vmm.Layered); ok {
+		sp.shape.DiskBytes, _ = l.DiskSize(sp.dir)
+	}
+	m.log.Debug("warm pool: spare prepared", "spare", sp.id, "snapshot", poolLabel(dir))
+	return sp, nil
+}
+
+// takeOrMakeSpare returns a spare for the snapshot in dir: one from the
+// pool, or one prepared now.
+func (m *Manager) takeOrMakeSpare(ctx context.Context, dir string, k spareShape) (*spare, error) {
+	if sp := m.pool.take(dir, time.Time{}); sp != nil {
+		return sp, nil
+	}
+	start := time.Now()
+	sp, err := m.makeSpare(ctx, dir, k)
+	if err != nil {
+		return nil, err
+	}
+	sp.fresh = time.Since(start)
+	return sp, nil
 }
 
 // errStaleSpare means the golden changed after the spare was made.
@@ -524,33 +496,29 @@ func (m *Manager) createFromSpare(ctx context.Context, u *store.User, p *createP
 	if strings.HasPrefix(dir, m.userDir(u.ID)) {
 		src = "user"
 	}
+	reason := "warm spare"
+	if sp.agent == nil {
+		reason = "prepared now"
+	}
 	v := &store.VM{
 		ID: sp.id, UserID: u.ID, Name: p.name, State: store.StateCreating, VCPUs: p.vcpus, MemoryMiB: p.memMiB,
-		VMM: m.backend.Name(), Accel: string(m.accel), BootPath: "golden", BootReason: "warm spare", Kernel: bf.Kernel, Initrd: bf.Initrd,
+		VMM: m.backend.Name(), Accel: string(m.accel), BootPath: "golden", BootReason: reason, Kernel: bf.Kernel, Initrd: bf.Initrd,
 		Network: p.network, AllowPeers: p.allowPeer, Source: "golden:" + src + ":" + filepath.Base(dir),
 	}
-	if fi, err := os.Stat(filepath.Join(sp.dir, "disk.ext4")); err == nil {
-		v.DiskBytes = fi.Size()
-	}
-	return m.startFromSpare(ctx, u, v, dir, sp, false, start)
+	v.DiskBytes = sp.shape.DiskBytes
+	return m.startFromSpare(ctx, u, v, sp, start)
 }
 
-// cloneKey is the shape of blank spare that a clone of the snapshot in dir,
-// taken from src, needs.
-func cloneKey(src *store.VM, dir string) (shapeKey, error) {
-	fi, err := os.Stat(filepath.Join(dir, vmm.SnapDisk))
-	if err != nil {
-		return shapeKey{}, err
-	}
-	return shapeKey{VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB, DiskBytes: fi.Size(), HasNet: src.Tap != "", Kernel: src.Kernel, Initrd: src.Initrd}, nil
+// shapeOf is the shape of a spare for a snapshot of src.
+func shapeOf(src *store.VM) spareShape {
+	return spareShape{VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB, DiskBytes: src.DiskBytes, HasNet: src.Tap != "", Kernel: src.Kernel, Initrd: src.Initrd}
 }
 
 // startFromSpare inserts v (whose ID is the spare's), moves the spare's
-// directory to v's, fills its files from the snapshot in dir when fill is
-// set (a blank spare), loads the snapshot's device state and greets the
-// agent. A spare refused at insert goes back to the pool untouched; after
-// that, any failure removes everything.
-func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM, dir string, sp *spare, fill bool, start time.Time) (*api.VM, error) {
+// directory to v's, loads the snapshot's device state (unless the spare
+// runs already) and greets the agent. A spare refused at insert goes back
+// to the pool untouched; after that, any failure removes everything.
+func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM, sp *spare, start time.Time) (*api.VM, error) {
 	rt, err := m.insertVM(ctx, u, v, "spare.after-insert")
 	if err != nil {
 		m.pool.putBack(sp) // untouched: the next create can use it
@@ -590,14 +558,6 @@ func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM
 	if err := m.store.UpdateVM(ctx, v); err != nil {
 		return fail(err)
 	}
-	var copyDur time.Duration
-	if fill {
-		copyStart := time.Now()
-		if err := m.fillSpare(ctx, dir, spec.MemFile, spec.Disk); err != nil {
-			return fail(err)
-		}
-		copyDur = time.Since(copyStart)
-	}
 	netStart := time.Now()
 	if err := m.attachNetwork(ctx, v); err != nil {
 		return fail(err)
@@ -605,7 +565,7 @@ func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM
 	netDur := time.Since(netStart)
 	var t vmm.Timings
 	if sp.agent == nil {
-		if t, err = sp.inst.Load(ctx, dir); err != nil {
+		if t, err = sp.inst.Load(ctx); err != nil {
 			return fail(err)
 		}
 	}
@@ -627,19 +587,19 @@ func (m *Manager) startFromSpare(ctx context.Context, u *store.User, v *store.VM
 	m.metrics.op(v.BootPath, start, nil)
 	log.Info("vm started from a warm spare", "path", v.BootPath, "source", v.Source, "ms", ms(time.Since(start)))
 	out := m.apiVM(ctx, v)
-	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), CopyMs: ms(copyDur), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur), WarmSpare: true}
+	out.Timings = &api.Timings{TotalMs: ms(time.Since(start)), SpawnMs: ms(sp.fresh), LoadMs: ms(t.Load), AgentMs: ms(time.Since(agentStart)), NetMs: ms(netDur), WarmSpare: sp.fresh == 0}
 	return out, nil
 }
 
-// rewindIntoSpare rewinds v to checkpoint c (files in dir) by moving it to
-// a blank spare: the checkpoint's memory and disk are copied into the
-// spare's files and its device state loaded, vCPUs stopped, while the VM
-// still runs; only then is the old VMM killed, the VM's runtime id made the
-// spare's, the files moved into the VM's directory and the spare resumed.
+// rewindIntoSpare rewinds v to checkpoint c by moving it to a spare
+// prepared for c: the checkpoint's device state is loaded into it, vCPUs
+// stopped, while the VM still runs; only then is the old VMM killed, the
+// VM's runtime id made the spare's, the files moved into the VM's
+// directory and the spare resumed.
 // A checkpoint that does not load so leaves the VM running as it was. The
 // VM keeps its id, name, MAC and IP; its TAP, cgroup, sandbox uid and
 // sockets are the spare's from then on. The caller holds the VM's op lock.
-func (m *Manager) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, dir string, sp *spare, start time.Time) (*api.VM, error) {
+func (m *Manager) rewindIntoSpare(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint, sp *spare, start time.Time) (*api.VM, error) {
 	rt := m.rt(v.ID)
 	owned := true // the spare is still ours to discard
 	defer func() {
@@ -647,13 +607,7 @@ func (m *Manager) rewindIntoSpare(ctx context.Context, u *store.User, v *store.V
 			go m.pool.discard(sp)
 		}
 	}()
-	copyStart := time.Now()
-	if err := m.fillSpare(ctx, dir, filepath.Join(sp.dir, "mem.raw"), filepath.Join(sp.dir, "disk.ext4")); err != nil {
-		m.metrics.op("restore", start, err)
-		return nil, classifyIOErr("restoring "+v.Name, err) // the VM was not touched
-	}
-	copyDur := time.Since(copyStart)
-	t, err := sp.inst.LoadPaused(ctx, dir)
+	t, err := sp.inst.LoadPaused(ctx)
 	if err != nil {
 		m.metrics.op("restore", start, err)
 		return nil, errdefs.WithHint(fmt.Errorf("%w: checkpoint %s of vm %q did not load, and the vm keeps running as it was: %v", errdefs.ErrConflict, c.Name, v.Name, err),
@@ -707,7 +661,7 @@ func (m *Manager) rewindIntoSpare(ctx context.Context, u *store.User, v *store.V
 	}
 	t.Load += time.Since(resumeStart)
 	crashpoint("restore.after-spawn")
-	return m.finishRewind(ctx, u, v, c, start, "vm rewound into a warm spare", api.Timings{CopyMs: ms(copyDur), LoadMs: ms(t.Load), WarmSpare: true})
+	return m.finishRewind(ctx, u, v, c, start, "vm rewound into a spare", api.Timings{SpawnMs: ms(sp.fresh), LoadMs: ms(t.Load), WarmSpare: sp.fresh == 0})
 }
 
 // moveSpareFiles moves the files of the spare in spDir, which v now runs
@@ -724,15 +678,24 @@ func (m *Manager) moveSpareFiles(v *store.VM, spDir, oldID string) error {
 	if err := appendFileTo(filepath.Join(vdir, "serial.log"), filepath.Join(spDir, "serial.log")); err != nil {
 		m.log.Warn("keeping the console log across the rewind", "vm", v.Name, "vm_id", v.ID, "err", err)
 	}
-	trash := filepath.Join(vdir, ".rewound-"+oldID)
+	trash := filepath.Join(vdir, rewoundPrefix+oldID)
 	if err := os.Mkdir(trash, 0o700); err != nil && !os.IsExist(err) {
 		return err
 	}
 	defer func() { go os.RemoveAll(trash) }()
-	for _, name := range []string{"mem.raw", "disk.ext4", "serial.log", "qemu.pid"} {
-		os.Rename(filepath.Join(vdir, name), filepath.Join(trash, name))
-		if err := os.Rename(filepath.Join(spDir, name), filepath.Join(vdir, name)); err != nil && !os.IsNotExist(err) {
-			return fmt.Errorf("moving the spare's %s into place: %w", name, err)
+	old, _ := os.ReadDir(vdir)
+	for _, e := range old {
+		if !strings.HasPrefix(e.Name(), rewoundPrefix) {
+			os.Rename(filepath.Join(vdir, e.Name()), filepath.Join(trash, e.Name()))
+		}
+	}
+	ents, err := os.ReadDir(spDir)
+	if err != nil {
+		return fmt.Errorf("listing the spare's files: %w", err)
+	}
+	for _, e := range ents {
+		if err := os.Rename(filepath.Join(spDir, e.Name()), filepath.Join(vdir, e.Name())); err != nil {
+			return fmt.Errorf("moving the spare's %s into place: %w", e.Name(), err)
 		}
 	}
 	go os.RemoveAll(spDir)
@@ -743,6 +706,10 @@ func (m *Manager) moveSpareFiles(v *store.VM, spDir, oldID string) error {
 	}
 	return nil
 }
+
+// rewoundPrefix names the directory a rewind moves a VM's old files to,
+// removed once the rewind is done (or at the next start).
+const rewoundPrefix = ".rewound-"
 
 // finishSpareMove completes a rewind into a spare that a crash interrupted
 // after the VM was recorded on the spare but before the spare's files were
@@ -760,15 +727,6 @@ func (m *Manager) finishSpareMove(v *store.VM) {
 	if err := m.moveSpareFiles(v, spDir, "crash-"+newID(2)); err != nil {
 		m.log.Warn("moving a spare's files into place", "vm", v.Name, "vm_id", v.ID, "err", err)
 	}
-}
-
-// fillSpare copies (reflinks where it can) the memory and disk of the
-// snapshot in dir into a blank spare's memory file mem and disk file disk.
-func (m *Manager) fillSpare(ctx context.Context, dir, mem, disk string) error {
-	if err := m.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapMemory), mem); err != nil {
-		return err
-	}
-	return m.copier.CopyInto(ctx, filepath.Join(dir, vmm.SnapDisk), disk)
 }
 
 // appendFileTo appends the file at src, if any, to the file at dst.

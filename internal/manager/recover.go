@@ -103,6 +103,7 @@ func (m *Manager) recover(ctx context.Context) error {
 		}
 	}
 	m.sweepTmp(m.systemGoldenRoot())
+	m.sweepBases()
 	return nil
 }
 
@@ -149,7 +150,7 @@ func (m *Manager) sweepVMDirs(ctx context.Context, dir string) {
 		if _, err := m.store.GetVMByID(ctx, id); err == nil && id == e.Name() {
 			// Files a rewind into a warm spare moved aside and did not
 			// get to remove.
-			old, _ := filepath.Glob(filepath.Join(dir, id, ".rewound-*"))
+			old, _ := filepath.Glob(filepath.Join(dir, id, rewoundPrefix+"*"))
 			for _, o := range old {
 				os.RemoveAll(o)
 			}

@@ -2,24 +2,73 @@ package manager
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
 // sealSnapshot records the size and checksum of every file of the snapshot
-// in dir into meta.Files. It runs after the VM resumed, never in its pause.
+// in dir (all but its metadata) into meta.Files. It runs after the VM
+// resumed, never in its pause. Files shared with earlier snapshots (disk
+// layers) were checksummed then and are not read again.
 func (m *Manager) sealSnapshot(ctx context.Context, dir string, meta *vmm.SnapshotMeta) error {
+	names, err := snapshotFiles(dir)
+	if err != nil {
+		return err
+	}
 	meta.Files = map[string]vmm.FileSum{}
-	for _, name := range vmm.SnapshotFiles {
+	for _, name := range names {
 		size, sum, err := m.verifier.Sum(ctx, filepath.Join(dir, name))
 		if err != nil {
 			return err
 		}
 		meta.Files[name] = vmm.FileSum{Size: size, Sum: sum}
+	}
+	return nil
+}
+
+// snapshotFiles lists the files of the snapshot in dir but its metadata.
+func snapshotFiles(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		if e.Type().IsRegular() && e.Name() != vmm.SnapMeta && e.Name() != vmm.GoldenConfig {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// linkSnapshot makes dst (an empty directory) hold the files of the
+// snapshot in src, whose metadata is meta: hard links, which share the
+// immutable files, or copies across filesystems. The metadata itself is
+// not linked.
+func (m *Manager) linkSnapshot(ctx context.Context, src, dst string, meta *vmm.SnapshotMeta) error {
+	names := vmm.SnapshotFiles
+	if len(meta.Files) > 0 {
+		names = names[:0:0]
+		for name := range meta.Files {
+			names = append(names, name)
+		}
+	}
+	for _, name := range names {
+		from, to := filepath.Join(src, name), filepath.Join(dst, name)
+		if err := os.Link(from, to); err != nil {
+			if !errors.Is(err, syscall.EXDEV) {
+				return fmt.Errorf("linking %s: %w", name, err)
+			}
+			if err := m.copier.CopyFile(ctx, from, to); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -56,17 +105,19 @@ func (m *Manager) readSnapshotMeta(dir, what string) (*vmm.SnapshotMeta, error) 
 // written before noid recorded checksums is checked for its files and the
 // memory size its metadata implies.
 func (m *Manager) verifySnapshotFiles(ctx context.Context, dir, what string, meta *vmm.SnapshotMeta) error {
+	for name, want := range meta.Files {
+		if err := m.verifier.Verify(ctx, filepath.Join(dir, name), want.Size, want.Sum); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return damagedSnapshot(what, err)
+		}
+	}
+	if len(meta.Files) > 0 {
+		return nil
+	}
 	for _, name := range vmm.SnapshotFiles {
 		p := filepath.Join(dir, name)
-		if want, ok := meta.Files[name]; ok {
-			if err := m.verifier.Verify(ctx, p, want.Size, want.Sum); err != nil {
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				return damagedSnapshot(what, err)
-			}
-			continue
-		}
 		fi, err := os.Stat(p)
 		switch {
 		case err != nil:

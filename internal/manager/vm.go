@@ -366,16 +366,29 @@ func (m *Manager) CreateVM(ctx context.Context, u *store.User, req api.CreateVMR
 		return fail(fmt.Errorf("creating vm dir: %w", err))
 	}
 	sp := m.spec(v)
-	if err := m.copier.CopyFile(ctx, bf.Rootfs, sp.Disk); err != nil {
-		return fail(fmt.Errorf("copying rootfs: %w", err))
-	}
-	if p.diskBytes > 0 {
-		if err := growDisk(ctx, sp.Disk, p.diskBytes); err != nil {
+	if l, ok := m.backend.(vmm.Layered); ok {
+		// The disk is a new top over the pinned base image: nothing is
+		// copied unless the VM asked for a larger disk.
+		base, err := m.pinBase(ctx, bf.Rootfs)
+		if err != nil {
 			return fail(err)
 		}
-	}
-	if fi, err := os.Stat(sp.Disk); err == nil {
-		v.DiskBytes = fi.Size()
+		if err := l.NewDisk(ctx, dir, base, p.diskBytes, m.copier); err != nil {
+			return fail(classifyIOErr("laying out the disk", err))
+		}
+		v.DiskBytes, _ = l.DiskSize(dir)
+	} else {
+		if err := m.copier.CopyFile(ctx, bf.Rootfs, sp.Disk); err != nil {
+			return fail(fmt.Errorf("copying rootfs: %w", err))
+		}
+		if p.diskBytes > 0 {
+			if err := growDisk(ctx, sp.Disk, p.diskBytes); err != nil {
+				return fail(err)
+			}
+		}
+		if fi, err := os.Stat(sp.Disk); err == nil {
+			v.DiskBytes = fi.Size()
+		}
 	}
 	netStart := time.Now()
 	if err := m.attachNetwork(ctx, v); err != nil {

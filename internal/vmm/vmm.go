@@ -21,7 +21,9 @@ const (
 	SnapMemory = "memory.snap"
 	// SnapState is the VMM's device and vCPU state.
 	SnapState = "vmstate.snap"
-	// SnapDisk is the root disk image.
+	// SnapDisk is the root disk image of a snapshot whose disk is one
+	// file (Firecracker's, and QEMU snapshots of format 1). Layered
+	// snapshots hold their chain of disk images instead (see Layered).
 	SnapDisk = "rootfs.ext4"
 	// SnapMeta is the JSON metadata (SnapshotMeta).
 	SnapMeta = "meta.json"
@@ -65,9 +67,13 @@ type Spec struct {
 	Initrd string `json:"initrd"`
 	// Cmdline is extra kernel command line appended to the backend's own.
 	Cmdline string `json:"cmdline,omitempty"`
-	// Disk is the VM's own writable root disk image.
+	// Disk is the VM's own writable root disk image. Backends with layered
+	// disks (see Layered) ignore it: they find the VM's chain of disk
+	// images in Dir.
 	Disk string `json:"disk"`
-	// MemFile is the VM's own guest RAM file (file-backed memory).
+	// MemFile is the snapshot memory file the VM's RAM starts from (mapped
+	// copy-on-write), for backends that are given one. Backends with
+	// layered disks ignore it and find their memory file in Dir.
 	MemFile string `json:"mem_file"`
 	// Net is the network interface, or nil for no NIC.
 	Net *NetSpec `json:"net,omitempty"`
@@ -108,11 +114,16 @@ type SnapshotMeta struct {
 	InitrdSHA256 string `json:"initrd_sha256,omitempty"`
 	// CreatedAt is when the snapshot was taken.
 	CreatedAt time.Time `json:"created_at"`
-	// Files holds the size and content checksum of each snapshot file
-	// (SnapMemory, SnapState, SnapDisk), recorded when the snapshot was
-	// written, so that a damaged or truncated snapshot is refused before
-	// anything is done with it. Snapshots written before noid recorded
-	// them have none.
+	// Format is the backend's snapshot format: 0 for the first one
+	// (QEMU: RAM as a flat file loaded with x-ignore-shared, one disk
+	// file), which backends keep restoring; 2 for QEMU's layered one (RAM
+	// as a flat file split from a live migration, a chain of disk images).
+	Format int `json:"format,omitempty"`
+	// Files holds the size and content checksum of every file of the
+	// snapshot but its metadata, recorded when the snapshot was written,
+	// so that a damaged or truncated snapshot is refused before anything
+	// is done with it. Snapshots written before noid recorded them have
+	// none (and hold SnapshotFiles).
 	Files map[string]FileSum `json:"files,omitempty"`
 }
 
@@ -124,8 +135,8 @@ type FileSum struct {
 	Sum string `json:"sum"`
 }
 
-// SnapshotFiles are the files every snapshot directory holds besides its
-// metadata.
+// SnapshotFiles are the files of a snapshot that records no Files: one
+// written before noid recorded checksums.
 var SnapshotFiles = []string{SnapMemory, SnapState, SnapDisk}
 
 // Timings reports where time went during a checkpoint or restore.
@@ -197,28 +208,46 @@ type Instance interface {
 	Close() error
 }
 
-// Preparer is implemented by backends that can start a VMM before its state
-// is known: a warm spare that a later Load turns into a running VM, so the
-// process start-up is off the critical path of a create or clone.
+// Layered is implemented by backends whose VMs run on a chain of disk
+// images kept in the VM's directory: a raw base at the bottom, the frozen
+// overlays of its checkpoints above it (never written again, and shared as
+// hard links with the checkpoints and golden snapshots made from them) and
+// a writable overlay on top. A checkpoint freezes the top and the VM goes
+// on in a new one, so no disk data is copied; a restore adds an empty top
+// over the snapshot's chain.
+type Layered interface {
+	// NewDisk lays out the disk of a VM that boots from the raw image
+	// base in dir: base itself at the bottom (a hard link when dir is on
+	// base's filesystem, a copy otherwise) under an empty writable top.
+	// With size larger than base, the bottom is a private copy grown to
+	// size, its ext4 filesystem with it.
+	NewDisk(ctx context.Context, dir, base string, size int64, cp Copier) error
+	// DiskSize is the size of the disk the VM in dir sees.
+	DiskSize(dir string) (int64, error)
+}
+
+// Preparer is implemented by backends that can start a VMM for a snapshot
+// before the VM is asked for: a warm spare that a later Load turns into a
+// running VM, so that the process start and the preparation of its files
+// are off the critical path of a create, clone or rewind.
 type Preparer interface {
-	// Prepare starts a VMM for spec that waits for incoming state. The
-	// spec's disk and memory files must exist with their final sizes;
-	// their contents may still be written until Load is called.
-	Prepare(ctx context.Context, spec Spec) (Prepared, error)
+	// Prepare lays out the files of a VM restored from the snapshot in
+	// dir in spec.Dir (its disk over the snapshot's and its memory) and
+	// starts a VMM for spec that waits for the snapshot's device state.
+	Prepare(ctx context.Context, spec Spec, dir string, cp Copier) (Prepared, error)
 }
 
 // Prepared is a VMM started by Prepare and waiting for its state.
 type Prepared interface {
 	Instance
-	// Load streams the device state of the snapshot in dir into the VMM
-	// and resumes the vCPUs. The snapshot must fit the spec it was
-	// prepared with.
-	Load(ctx context.Context, dir string) (Timings, error)
+	// Load streams the device state of the snapshot the VMM was prepared
+	// for into it and resumes the vCPUs.
+	Load(ctx context.Context) (Timings, error)
 	// LoadPaused is Load without the resume: the VM has its state and
 	// waits, vCPUs stopped, for Resume. A rewind loads the spare this way
 	// before it stops the VM it replaces, so a snapshot that does not
 	// load leaves that VM running.
-	LoadPaused(ctx context.Context, dir string) (Timings, error)
+	LoadPaused(ctx context.Context) (Timings, error)
 	// Moved tells the instance that its files now live at spec's paths (a
 	// spare's directory was renamed to the VM's); the VMM itself holds
 	// open files and does not notice.

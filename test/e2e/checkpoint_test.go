@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -431,6 +432,29 @@ func TestRewindRefusesDamagedCheckpoint(t *testing.T) {
 			}
 		}
 	}
+	// topLayer is the disk layer a checkpoint froze: its own (the layers
+	// below it are shared with the VM, and the bottom with the image).
+	// own gives the checkpoint a private copy of a file before it is
+	// damaged, so that the running VM, which reads the same layer, is not.
+	topLayer := func(dir string) string {
+		m, _ := filepath.Glob(filepath.Join(dir, "disk-*"))
+		sort.Strings(m)
+		if len(m) < 2 {
+			t.Fatalf("checkpoint disk chain: %v", m)
+		}
+		return m[len(m)-1]
+	}
+	own := func(p string) string {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(p)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 	truncateHalf := func(p string) {
 		fi, err := os.Stat(p)
 		if err != nil {
@@ -485,9 +509,10 @@ func TestRewindRefusesDamagedCheckpoint(t *testing.T) {
 		{"memory damaged", func(d string) { flipMiddle(filepath.Join(d, "memory.snap")) }, "memory.snap is damaged"},
 		{"state removed", func(d string) { os.Remove(filepath.Join(d, "vmstate.snap")) }, "vmstate.snap is missing"},
 		{"state truncated", func(d string) { truncateHalf(filepath.Join(d, "vmstate.snap")) }, "vmstate.snap has"},
-		{"disk removed", func(d string) { os.Remove(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 is missing"},
-		{"disk truncated", func(d string) { truncateHalf(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 has"},
-		{"disk damaged", func(d string) { flipMiddle(filepath.Join(d, "rootfs.ext4")) }, "rootfs.ext4 is damaged"},
+		{"disk removed", func(d string) { os.Remove(topLayer(d)) }, ".qcow2 is missing"},
+		{"disk truncated", func(d string) { truncateHalf(own(topLayer(d))) }, ".qcow2 has"},
+		{"disk damaged", func(d string) { flipMiddle(own(topLayer(d))) }, ".qcow2 is damaged"},
+		{"base removed", func(d string) { os.Remove(filepath.Join(d, "disk-0000.raw")) }, "disk-0000.raw is missing"},
 		{"metadata removed", func(d string) { os.Remove(filepath.Join(d, "meta.json")) }, "metadata"},
 		{"state does not load", stateLoadsBadly, "did not load"},
 	}

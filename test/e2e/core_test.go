@@ -62,8 +62,10 @@ func TestCoreExec(t *testing.T) {
 		if strings.Contains(e.Log(), secret) {
 			t.Fatal("secret appears in the server log")
 		}
+		// The guest's RAM is never a file: nothing in the data dir holds
+		// the secret, however large.
 		filepath.Walk(filepath.Join(e.Dir, "data"), func(p string, fi os.FileInfo, err error) error {
-			if err != nil || fi.IsDir() || fi.Size() > 64<<20 || strings.HasSuffix(p, "mem.raw") {
+			if err != nil || !fi.Mode().IsRegular() {
 				return nil
 			}
 			if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, []byte(secret)) {

@@ -65,7 +65,9 @@ func TestGolden(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(e.Dir, "data", "users", "*", "checkpoints", "*")); len(left) != 0 {
 		t.Fatalf("provisioning left checkpoints: %v", left)
 	}
-	for _, f := range []string{"rootfs.ext4", "memory.snap", "vmstate.snap", "config.json"} {
+	// Memory, device state, metadata and the disk chain (the base image,
+	// the frozen overlays).
+	for _, f := range []string{"memory.snap", "vmstate.snap", "config.json", "disk-0000.raw", "disk-0001.qcow2"} {
 		if _, err := os.Stat(filepath.Join(e.Dir, "data", "golden", "1x256", f)); err != nil {
 			t.Errorf("golden layout: %v", err)
 		}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -65,14 +66,16 @@ func cgroupFile(t *testing.T, ctrl, id, file string) string {
 	return ""
 }
 
-// vmDisk finds a VM's disk under the server's data dir.
+// vmDisk finds the writable top of a VM's disk under the server's data
+// dir: the last image of its chain.
 func (e *Env) vmDisk(t *testing.T, id string) string {
 	t.Helper()
-	m, _ := filepath.Glob(filepath.Join(e.Dir, "data", "users", "*", "vms", id, "disk.ext4"))
-	if len(m) != 1 {
-		t.Fatalf("disk of vm %s: %v", id, m)
+	m, _ := filepath.Glob(filepath.Join(e.Dir, "data", "users", "*", "vms", id, "disk-*"))
+	if len(m) < 2 {
+		t.Fatalf("disk chain of vm %s: %v", id, m)
 	}
-	return m[0]
+	sort.Strings(m)
+	return m[len(m)-1]
 }
 
 // TestSandbox runs noid-server with the default [sandbox] settings and

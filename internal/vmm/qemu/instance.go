@@ -26,8 +26,11 @@ type Instance struct {
 
 	pidfd *os.File
 
-	// prepared is set for a warm spare waiting for Load.
-	prepared bool
+	// prepared is set for a VMM waiting for its snapshot's state (Load).
+	prepared *preparedState
+	// prepTimings are the times Prepare took (laying out the files,
+	// starting the process).
+	prepTimings vmm.Timings
 
 	preMu   sync.Mutex
 	preconn net.Conn // agent connection made at spawn, handed out once
@@ -96,9 +99,17 @@ func (i *Instance) watch() {
 	i.pidfd.Close()
 }
 
-// Load gives a prepared QEMU the device state in dir and resumes it.
-func (i *Instance) Load(ctx context.Context, dir string) (vmm.Timings, error) {
-	t, err := i.LoadPaused(ctx, dir)
+// preparedState is the snapshot a prepared VMM waits for.
+type preparedState struct {
+	dir string
+	// ignoreShared loads a format-0 snapshot, whose device state was
+	// saved with x-ignore-shared (its RAM is the memory file alone).
+	ignoreShared bool
+}
+
+// Load gives a prepared QEMU its snapshot's device state and resumes it.
+func (i *Instance) Load(ctx context.Context) (vmm.Timings, error) {
+	t, err := i.LoadPaused(ctx)
 	if err != nil {
 		return t, err
 	}
@@ -111,23 +122,19 @@ func (i *Instance) Load(ctx context.Context, dir string) (vmm.Timings, error) {
 	return t, nil
 }
 
-// LoadPaused gives a prepared QEMU the device state in dir and leaves its
-// vCPUs stopped until Resume.
-func (i *Instance) LoadPaused(ctx context.Context, dir string) (vmm.Timings, error) {
+// LoadPaused gives a prepared QEMU its snapshot's device state and leaves
+// its vCPUs stopped until Resume.
+func (i *Instance) LoadPaused(ctx context.Context) (vmm.Timings, error) {
 	var t vmm.Timings
 	start := time.Now()
-	if !i.prepared {
+	p := i.prepared
+	if p == nil {
 		return t, fmt.Errorf("qemu for vm %s was not prepared for loading state", i.spec.Name)
 	}
-	if i.b != nil {
-		if err := i.b.checkSnapshot(ctx, i.spec, dir); err != nil {
-			return t, err
-		}
-	}
-	if err := i.incomingPaused(ctx, filepath.Join(dir, vmm.SnapState)); err != nil {
+	if err := i.incomingPaused(ctx, filepath.Join(p.dir, vmm.SnapState), p.ignoreShared); err != nil {
 		return t, fmt.Errorf("loading snapshot state: %w", err)
 	}
-	i.prepared = false
+	i.prepared = nil
 	t.Load = time.Since(start)
 	t.Total = t.Load
 	return t, nil
@@ -145,6 +152,30 @@ func (i *Instance) Moved(spec vmm.Spec) {
 // by dying in the middle of a checkpoint. A VM still waiting for its
 // incoming state never got it, so it is reported as broken.
 func (i *Instance) ensureRunning(ctx context.Context) error {
+	// A checkpoint cut short by the server's death leaves its migration
+	// behind: streaming into a pipe nobody reads, or waiting, vCPUs
+	// stopped, in pre-switchover for a continue that never comes.
+	// Cancelling it resumes the VM.
+	var ms migrationStatus
+	if err := i.qmp.Execute(ctx, "query-migrate", nil, &ms); err != nil {
+		return err
+	}
+	switch ms.Status {
+	case "setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug":
+		if err := i.qmp.Execute(ctx, "migrate_cancel", nil, nil); err != nil {
+			return fmt.Errorf("cancelling a checkpoint cut short: %w", err)
+		}
+		for ms.Status != "cancelled" && ms.Status != "failed" && ms.Status != "completed" {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("cancelling a checkpoint cut short: %w", ctx.Err())
+			case <-time.After(2 * time.Millisecond):
+			}
+			if err := i.qmp.Execute(ctx, "query-migrate", nil, &ms); err != nil {
+				return err
+			}
+		}
+	}
 	var st struct {
 		Status string `json:"status"`
 	}
@@ -156,13 +187,8 @@ func (i *Instance) ensureRunning(ctx context.Context) error {
 		return nil
 	case "inmigrate":
 		return fmt.Errorf("the vm was being restored when the server stopped and never received its state")
-	case "finish-migrate":
-		// A checkpoint was writing its state; let it finish first.
-		if err := i.waitMigration(ctx, "finishing an interrupted checkpoint"); err != nil {
-			return err
-		}
 	}
-	if err := i.qmp.Execute(ctx, "cont", nil, nil); err != nil {
+	if err := i.contAfterMigration(ctx); err != nil {
 		return fmt.Errorf("resuming vm left in state %s: %w", st.Status, err)
 	}
 	return nil
@@ -214,68 +240,30 @@ func (i *Instance) Resume(ctx context.Context) error {
 	return i.qmp.Execute(ctx, "cont", nil, nil)
 }
 
-func (i *Instance) setMigrationCaps(ctx context.Context) error {
-	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
-	if err := i.qmp.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+// setMigrationCaps sets the migration capabilities this QEMU uses next,
+// each on or off, and lifts the bandwidth limit (a migration here never
+// leaves the host).
+func (i *Instance) setMigrationCaps(ctx context.Context, caps map[string]bool) error {
+	var list []map[string]any
+	for name, on := range caps {
+		list = append(list, map[string]any{"capability": name, "state": on})
+	}
+	if err := i.qmp.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil); err != nil {
 		return err
 	}
-	// Device state is small; never let the default 32 MiB/s limit pace it.
 	return i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil)
 }
 
-// waitMigration polls query-migrate until the migration finishes.
-func (i *Instance) waitMigration(ctx context.Context, cmd string) error {
-	delay := 200 * time.Microsecond
-	for {
-		var st struct {
-			Status    string `json:"status"`
-			ErrorDesc string `json:"error-desc"`
-		}
-		q := "query-migrate"
-		if err := i.qmp.Execute(ctx, q, nil, &st); err != nil {
-			return err
-		}
-		switch st.Status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			if st.ErrorDesc == "" {
-				st.ErrorDesc = st.Status
-			}
-			return fmt.Errorf("%s: %s", cmd, st.ErrorDesc)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-i.done:
-			return fmt.Errorf("%s: qemu exited", cmd)
-		case <-time.After(delay):
-		}
-		if delay < 5*time.Millisecond {
-			delay *= 2
-		}
-	}
-}
-
-// incoming loads device state from path into a QEMU started with
-// -incoming defer and resumes the vCPUs.
-func (i *Instance) incoming(ctx context.Context, path string) error {
-	if err := i.incomingPaused(ctx, path); err != nil {
-		return err
-	}
-	return i.qmp.Execute(ctx, "cont", nil, nil)
-}
-
-// incomingPaused loads device state from path into a QEMU started with
-// -incoming defer. The snapshot was taken with the vCPUs stopped, so the
-// VM stays paused once it has loaded.
-func (i *Instance) incomingPaused(ctx context.Context, path string) error {
+// incomingPaused loads the device state stream at path into a QEMU
+// started with -S -incoming defer, which stays paused once it has loaded.
+// ignoreShared loads a stream saved with x-ignore-shared.
+func (i *Instance) incomingPaused(ctx context.Context, path string, ignoreShared bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", path, err)
 	}
 	defer f.Close()
-	if err := i.setMigrationCaps(ctx); err != nil {
+	if err := i.setMigrationCaps(ctx, map[string]bool{"x-ignore-shared": ignoreShared}); err != nil {
 		return err
 	}
 	if err := i.qmp.SendFD(ctx, "vmstate", f); err != nil {
@@ -325,77 +313,6 @@ func (i *Instance) waitIncoming(ctx context.Context) error {
 			delay *= 2
 		}
 	}
-}
-
-// Checkpoint pauses the VM, writes its device state, copies RAM and disk into
-// dir, writes meta.json and resumes. The vCPUs are always resumed.
-func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t vmm.Timings, err error) {
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	if err := i.alive(); err != nil {
-		return t, err
-	}
-	start := time.Now()
-	if err := i.setMigrationCaps(ctx); err != nil {
-		return t, fmt.Errorf("preparing migration: %w", err)
-	}
-	// Write dirty RAM (and disk) pages back while the guest still runs:
-	// a reflink copy must flush them, and only the pages dirtied after
-	// this are then left for the pause. With plain copies only start the
-	// write-back, which costs nothing while paused.
-	flags := unix.SYNC_FILE_RANGE_WRITE
-	if ff, ok := cp.(vmm.FlushFirster); ok && ff.FlushFirst() {
-		flags = unix.SYNC_FILE_RANGE_WAIT_BEFORE | unix.SYNC_FILE_RANGE_WRITE | unix.SYNC_FILE_RANGE_WAIT_AFTER
-	}
-	if f, err := os.Open(i.spec.MemFile); err == nil {
-		unix.SyncFileRange(int(f.Fd()), 0, 0, flags)
-		f.Close()
-	}
-	// QEMU flushes the disk when it stops the vCPUs; flushing it now leaves
-	// that flush, inside the pause, almost nothing to do.
-	if f, err := os.Open(i.spec.Disk); err == nil {
-		f.Sync()
-		f.Close()
-	}
-	stateFile, err := os.OpenFile(filepath.Join(dir, vmm.SnapState), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return t, fmt.Errorf("creating state file: %w", err)
-	}
-	defer stateFile.Close()
-
-	pauseStart := time.Now()
-	if err := i.qmp.Execute(ctx, "stop", nil, nil); err != nil {
-		return t, fmt.Errorf("pausing vm: %w", err)
-	}
-	defer func() {
-		// Resume even if ctx was cancelled: a VM must never stay paused.
-		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if rerr := i.qmp.Execute(rctx, "cont", nil, nil); rerr != nil && err == nil {
-			err = fmt.Errorf("resuming vm after checkpoint: %w", rerr)
-		}
-		t.Pause = time.Since(pauseStart)
-		t.Total = time.Since(start)
-	}()
-	if err := i.qmp.SendFD(ctx, "vmstate", stateFile); err != nil {
-		return t, err
-	}
-	if err := i.qmp.Execute(ctx, "migrate", map[string]any{"uri": "fd:vmstate"}, nil); err != nil {
-		return t, fmt.Errorf("saving device state: %w", err)
-	}
-	if err := i.waitMigration(ctx, "saving device state"); err != nil {
-		return t, err
-	}
-
-	copyStart := time.Now()
-	if err := cp.CopyFile(ctx, i.spec.MemFile, filepath.Join(dir, vmm.SnapMemory)); err != nil {
-		return t, fmt.Errorf("copying memory: %w", err)
-	}
-	if err := cp.CopyFile(ctx, i.spec.Disk, filepath.Join(dir, vmm.SnapDisk)); err != nil {
-		return t, fmt.Errorf("copying disk: %w", err)
-	}
-	t.Copy = time.Since(copyStart)
-	return t, nil
 }
 
 // Kill stops QEMU with SIGKILL and waits until it is gone.

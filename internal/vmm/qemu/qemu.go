@@ -1,7 +1,10 @@
 // Package qemu is the QEMU backend: it runs each VM as a daemonized
-// qemu-system-x86_64 process on the microvm machine, with guest RAM in a
-// shared file mapping so that checkpoints only write device state (the
-// x-ignore-shared migration capability) and copy the RAM file.
+// qemu-system-x86_64 process on the microvm machine. Guest RAM is
+// anonymous memory, or a snapshot's memory file mapped copy-on-write, and
+// never a file the kernel writes back; the disk is a chain of images with a
+// writable qcow2 overlay on top (see layout.go). A checkpoint is a live
+// migration into noid-server itself (see splitStream), with the disk's top
+// frozen in the instant the vCPUs stop.
 //
 // VMM processes run in their own session, outside the server's process
 // group: a server restart or crash leaves them running and the next server
@@ -11,6 +14,7 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -125,16 +129,45 @@ func pidPath(spec vmm.Spec) string   { return filepath.Join(spec.Dir, "qemu.pid"
 // processName tags the QEMU process so Adopt can verify a pid really is ours.
 func processName(spec vmm.Spec) string { return "noid-" + spec.ID }
 
-// Args returns the QEMU command line for spec. incoming adds -incoming defer.
-// The QMP and agent sockets are listening sockets the server creates and
-// passes as fds 3 and 4, so they exist before QEMU starts and nobody polls
-// for them.
-func Args(spec vmm.Spec, incoming bool) []string { return args(spec, incoming, argOpts{tapFD: -1}) }
+// Args returns the QEMU command line for spec whose files are f.
+// incoming adds -incoming defer. The QMP and agent sockets are listening
+// sockets the server creates and passes as fds 3 and 4, so they exist
+// before QEMU starts and nobody polls for them.
+func Args(spec vmm.Spec, f VMFiles, incoming bool) []string {
+	return args(spec, f, incoming, argOpts{tapFD: -1})
+}
+
+// VMFiles are the files QEMU opens for one VM: its disk chain and its RAM
+// file. In a confined QEMU the paths are those of inherited fds.
+type VMFiles struct {
+	// Disks is the disk chain, bottom first; the last is the writable
+	// top, the others are opened read-only.
+	Disks []DiskFile
+	// Mem is the file the guest RAM starts from, mapped copy-on-write;
+	// "" gives the guest anonymous RAM.
+	Mem string
+	// MemShared maps Mem shared instead: the RAM of a VM started by noid
+	// before copy-on-write RAM.
+	MemShared bool
+	// MemReadOnly opens Mem read-only (QEMU 8.2 and later can map a
+	// read-only file privately writable).
+	MemReadOnly bool
+}
+
+// DiskFile is one image of a disk chain.
+type DiskFile struct {
+	Path string
+	// Qcow2 tells the image's format: qcow2, or raw.
+	Qcow2 bool
+}
 
 // argOpts are the extras of a confined QEMU's command line.
 type argOpts struct {
 	// tapFD, when >= 0, is the inherited fd of the NIC's TAP.
 	tapFD int
+	// fdSets are the inherited fds put into fd sets (-add-fd), through
+	// which the block layer opens the disk chain as /dev/fdset/N.
+	fdSets []fdSet
 	// filesDir, when set, names the VM directory whose files QEMU was
 	// given by fd. It goes on the command line as an inert secret object,
 	// so that ps and pgrep still show which VM and data dir a QEMU
@@ -145,8 +178,60 @@ type argOpts struct {
 	tbSizeMiB int
 }
 
+// fdSet is an inherited fd in an fd set.
+type fdSet struct{ fd, set int }
+
+// rootNode is the node name of the disk's writable top when QEMU starts;
+// a checkpoint puts a new top over it, named topNodePrefix plus a number.
+const (
+	rootNode      = "root"
+	topNodePrefix = "top-"
+)
+
+// blockdevs returns the -blockdev options of the disk chain: each layer
+// read-only with the one below it as its backing, the top writable.
+func blockdevs(disks []DiskFile) []string {
+	var out []string
+	backing := ""
+	for i, d := range disks {
+		node := fmt.Sprintf("layer%d", i)
+		top := i == len(disks)-1
+		if top {
+			node = rootNode
+		}
+		// No image locking: noid makes sure one QEMU writes a top and no
+		// one writes a layer, and QEMU's OFD locks would outlive it in
+		// the fd sets of a sandboxed QEMU (an fd set keeps its own fds
+		// open, so locks taken through a reopened image never go away).
+		o := map[string]any{"node-name": node, "file": map[string]any{"driver": "file", "filename": d.Path, "aio": "threads", "locking": "off"}}
+		if d.Qcow2 {
+			o["driver"] = "qcow2"
+			// The backing is always given (or none), never read from the
+			// image's header: layers are linked from place to place.
+			if backing != "" {
+				o["backing"] = backing
+			} else {
+				o["backing"] = nil
+			}
+		} else {
+			o["driver"] = "raw"
+		}
+		if top {
+			o["discard"] = "unmap"
+			o["cache"] = map[string]any{"direct": false, "no-flush": false}
+		} else {
+			o["read-only"] = true
+			o["file"].(map[string]any)["read-only"] = true
+		}
+		b, _ := json.Marshal(o)
+		out = append(out, "-blockdev", string(b))
+		backing = node
+	}
+	return out
+}
+
 // args is Args for a confined QEMU (see argOpts).
-func args(spec vmm.Spec, incoming bool, o argOpts) []string {
+func args(spec vmm.Spec, f VMFiles, incoming bool, o argOpts) []string {
 	mem := strconv.Itoa(spec.MemoryMiB) + "M"
 	cmdline := "console=ttyS0 reboot=t panic=-1 noid.transport=virtio-serial"
 	if spec.Accel != vmm.AccelKVM {
@@ -160,20 +245,37 @@ func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 	if spec.Cmdline != "" {
 		cmdline += " " + spec.Cmdline
 	}
+	// The guest RAM never lives in a file the kernel writes back: it is
+	// anonymous memory, or a snapshot's memory file mapped privately, so
+	// that guest writes stay in anonymous memory.
+	ram := "memory-backend-ram,id=" + ramBlockName + ",size=" + mem
+	switch {
+	case f.Mem != "" && f.MemShared:
+		ram = "memory-backend-file,id=" + ramBlockName + ",size=" + mem + ",mem-path=" + f.Mem + ",share=on"
+	case f.Mem != "" && f.MemReadOnly:
+		ram = "memory-backend-file,id=" + ramBlockName + ",size=" + mem + ",mem-path=" + f.Mem + ",share=off,readonly=on,rom=off"
+	case f.Mem != "":
+		ram = "memory-backend-file,id=" + ramBlockName + ",size=" + mem + ",mem-path=" + f.Mem + ",share=off"
+	}
 	a := []string{
 		"-name", processName(spec) + ",debug-threads=off",
-		"-M", "microvm,x-option-roms=off,rtc=on,acpi=on,pit=on,pic=on,isa-serial=on,memory-backend=ram",
+		"-M", "microvm,x-option-roms=off,rtc=on,acpi=on,pit=on,pic=on,isa-serial=on,memory-backend=" + ramBlockName,
 		"-m", mem,
 		"-smp", strconv.Itoa(spec.VCPUs),
-		"-object", "memory-backend-file,id=ram,size=" + mem + ",mem-path=" + spec.MemFile + ",share=on",
+		"-object", ram,
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-chardev", "file,id=serial0,path=" + spec.SerialLog + ",append=on",
 		"-serial", "chardev:serial0",
 		"-kernel", spec.Kernel,
 		"-initrd", spec.Initrd,
 		"-append", cmdline,
-		"-drive", "id=root,file=" + spec.Disk + ",format=raw,if=none,cache=writeback,discard=unmap,aio=threads",
-		"-device", "virtio-blk-device,drive=root",
+	}
+	for _, s := range o.fdSets {
+		a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", s.fd, s.set))
+	}
+	a = append(a, blockdevs(f.Disks)...)
+	a = append(a,
+		"-device", "virtio-blk-device,drive="+rootNode,
 		"-device", "virtio-serial-device,max_ports=2",
 		"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=noid.agent",
@@ -181,7 +283,7 @@ func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 		"-device", "virtio-rng-device,rng=rng0",
 		"-chardev", "socket,id=qmp,fd=3,server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
-	}
+	)
 	switch spec.Accel {
 	case vmm.AccelKVM:
 		a = append(a, "-accel", "kvm", "-cpu", "host")
@@ -215,6 +317,36 @@ func args(spec vmm.Spec, incoming bool, o argOpts) []string {
 	return a
 }
 
+// files finds the files QEMU opens for the VM in spec.Dir: its disk chain
+// and its RAM file.
+func (b *Backend) files(ctx context.Context, spec vmm.Spec) (VMFiles, error) {
+	var f VMFiles
+	c, err := chain(spec.Dir)
+	if err != nil {
+		return f, err
+	}
+	for _, p := range c {
+		q, err := isQcow2(p)
+		if err != nil {
+			return f, fmt.Errorf("reading disk image %s: %w", p, err)
+		}
+		f.Disks = append(f.Disks, DiskFile{Path: p, Qcow2: q})
+	}
+	switch {
+	case exists(filepath.Join(spec.Dir, vmMem)):
+		f.Mem = filepath.Join(spec.Dir, vmMem)
+		f.MemReadOnly = b.privateReadOnlyRAM(ctx)
+	case exists(filepath.Join(spec.Dir, legacyMem)):
+		f.Mem, f.MemShared = filepath.Join(spec.Dir, legacyMem), true
+	}
+	return f, nil
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
 // listenFile creates a listening unix socket at path and returns it as a
 // file to pass to QEMU. The path stays after our copy is closed.
 func listenFile(path string) (*os.File, error) {
@@ -239,10 +371,14 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 	if err != nil {
 		return nil, err
 	}
-	for _, f := range []struct{ what, path string }{{"kernel", spec.Kernel}, {"initrd", spec.Initrd}, {"disk", spec.Disk}} {
+	for _, f := range []struct{ what, path string }{{"kernel", spec.Kernel}, {"initrd", spec.Initrd}} {
 		if _, err := os.Stat(f.path); err != nil {
 			return nil, fmt.Errorf("%w: %s %s: %v", errdefs.ErrUnavailable, f.what, f.path, err)
 		}
+	}
+	files, err := b.files(ctx, spec)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errdefs.ErrUnavailable, err)
 	}
 	if err := os.MkdirAll(spec.RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating run dir: %w", err)
@@ -263,13 +399,13 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 		return nil, fmt.Errorf("opening qemu log: %w", err)
 	}
 	defer logF.Close()
-	conf, err := b.confine(spec)
+	conf, err := b.confine(spec, files)
 	if err != nil {
 		return nil, err
 	}
 	defer conf.close()
 	logStart, _ := logF.Seek(0, io.SeekEnd)
-	cmd := exec.Command(bin, args(conf.args, incoming, conf.argOpts(spec))...)
+	cmd := exec.Command(bin, args(conf.args, conf.vmFiles, incoming, conf.argOpts(spec))...)
 	cmd.Stdin = nil
 	cmd.Stdout = logF
 	cmd.Stderr = logF
@@ -343,78 +479,93 @@ func (b *Backend) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error)
 	return inst, nil
 }
 
-// Restore starts spec from the snapshot in dir: it copies the snapshot's RAM
-// and disk into the VM's own files, starts QEMU waiting for an incoming
-// migration, streams the device state in, and resumes.
+// Restore starts spec from the snapshot in dir: it prepares a VMM for it
+// (Prepare) and loads the snapshot's device state.
 func (b *Backend) Restore(ctx context.Context, spec vmm.Spec, dir string, cp vmm.Copier) (vmm.Instance, vmm.Timings, error) {
 	var t vmm.Timings
 	start := time.Now()
-	if err := b.checkSnapshot(ctx, spec, dir); err != nil {
-		return nil, t, err
-	}
-	copyStart := time.Now()
-	os.Remove(spec.MemFile)
-	os.Remove(spec.Disk)
-	if err := cp.CopyFile(ctx, filepath.Join(dir, vmm.SnapMemory), spec.MemFile); err != nil {
-		return nil, t, fmt.Errorf("copying snapshot memory: %w", err)
-	}
-	if err := cp.CopyFile(ctx, filepath.Join(dir, vmm.SnapDisk), spec.Disk); err != nil {
-		return nil, t, fmt.Errorf("copying snapshot disk: %w", err)
-	}
-	t.Copy = time.Since(copyStart)
-
-	spawnStart := time.Now()
-	inst, err := b.spawn(ctx, spec, true)
+	p, err := b.Prepare(ctx, spec, dir, cp)
 	if err != nil {
 		return nil, t, err
 	}
-	t.Spawn = time.Since(spawnStart)
-	loadStart := time.Now()
-	if err := inst.incoming(ctx, filepath.Join(dir, vmm.SnapState)); err != nil {
+	inst := p.(*Instance)
+	t.Copy, t.Spawn = inst.prepTimings.Copy, inst.prepTimings.Spawn
+	lt, err := inst.Load(ctx)
+	if err != nil {
 		inst.Kill(context.Background())
-		return nil, t, fmt.Errorf("loading snapshot state: %w", err)
+		return nil, t, err
 	}
-	t.Load = time.Since(loadStart)
+	t.Load = lt.Load
 	t.Total = time.Since(start)
 	return inst, t, nil
 }
 
-// checkSnapshot refuses a snapshot that this backend cannot restore into spec.
-func (b *Backend) checkSnapshot(ctx context.Context, spec vmm.Spec, dir string) error {
+// checkSnapshot refuses a snapshot that this backend cannot restore into
+// spec, and returns its metadata.
+func (b *Backend) checkSnapshot(ctx context.Context, spec vmm.Spec, dir string) (*vmm.SnapshotMeta, error) {
 	meta, err := vmm.ReadMeta(dir)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if meta.Backend != Name {
-		return fmt.Errorf("%w: snapshot was taken by the %s backend and cannot be restored under qemu", errdefs.ErrInvalidArgument, meta.Backend)
+		return nil, fmt.Errorf("%w: snapshot was taken by the %s backend and cannot be restored under qemu", errdefs.ErrInvalidArgument, meta.Backend)
+	}
+	if meta.Format != 0 && meta.Format != snapshotFormat {
+		return nil, fmt.Errorf("%w: snapshot has format %d, this noid reads formats 0 and %d", errdefs.ErrInvalidArgument, meta.Format, snapshotFormat)
 	}
 	if meta.VCPUs != spec.VCPUs || meta.MemoryMiB != spec.MemoryMiB {
-		return fmt.Errorf("%w: snapshot needs %d vCPUs and %d MiB, the VM has %d vCPUs and %d MiB",
+		return nil, fmt.Errorf("%w: snapshot needs %d vCPUs and %d MiB, the VM has %d vCPUs and %d MiB",
 			errdefs.ErrInvalidArgument, meta.VCPUs, meta.MemoryMiB, spec.VCPUs, spec.MemoryMiB)
 	}
 	if meta.HasNet != (spec.Net != nil) {
-		return fmt.Errorf("%w: snapshot and VM differ in network devices (snapshot has NIC: %v)", errdefs.ErrInvalidArgument, meta.HasNet)
+		return nil, fmt.Errorf("%w: snapshot and VM differ in network devices (snapshot has NIC: %v)", errdefs.ErrInvalidArgument, meta.HasNet)
 	}
 	if meta.Accel != "" && meta.Accel != spec.Accel {
-		return fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
+		return nil, fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
 	}
 	if ver, err := b.Version(ctx); err == nil && meta.VMMVersion != "" && meta.VMMVersion != ver {
-		return fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
+		return nil, fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
 	}
-	return nil
+	return meta, nil
 }
 
-// Prepare starts QEMU for spec waiting for incoming state (a warm spare).
-func (b *Backend) Prepare(ctx context.Context, spec vmm.Spec) (vmm.Prepared, error) {
-	if _, err := os.Stat(spec.MemFile); err != nil {
-		return nil, fmt.Errorf("preparing vm %s: memory file: %w", spec.Name, err)
+// Prepare lays out in spec.Dir the files of a VM restored from the
+// snapshot in dir (its disk as a new top over the snapshot's chain, its
+// copy-on-write memory file) and starts QEMU for them, waiting for the
+// snapshot's device state (see vmm.Preparer).
+func (b *Backend) Prepare(ctx context.Context, spec vmm.Spec, dir string, cp vmm.Copier) (vmm.Prepared, error) {
+	meta, err := b.checkSnapshot(ctx, spec, dir)
+	if err != nil {
+		return nil, err
 	}
+	copyStart := time.Now()
+	if err := b.layoutFromSnapshot(ctx, dir, spec.Dir, cp); err != nil {
+		return nil, fmt.Errorf("preparing the files of vm %s: %w", spec.Name, err)
+	}
+	spawnStart := time.Now()
 	inst, err := b.spawn(ctx, spec, true)
 	if err != nil {
 		return nil, err
 	}
-	inst.prepared = true
+	inst.prepared = &preparedState{dir: dir, ignoreShared: meta.Format == 0}
+	inst.prepTimings = vmm.Timings{Copy: spawnStart.Sub(copyStart), Spawn: time.Since(spawnStart)}
 	return inst, nil
+}
+
+// privateReadOnlyRAM reports whether this QEMU maps a read-only memory
+// file privately writable (memory-backend-file readonly=on,rom=off: QEMU
+// 8.2 and later). Older ones open the file for writing even to map it
+// privately, so each VM gets a copy of its snapshot's memory file.
+func (b *Backend) privateReadOnlyRAM(ctx context.Context) bool {
+	v, err := b.Version(ctx)
+	if err != nil {
+		return false
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(v, "%d.%d", &major, &minor); err != nil {
+		return false
+	}
+	return major > 8 || major == 8 && minor >= 2
 }
 
 // Adopt reattaches to a QEMU started by an earlier server.

@@ -147,6 +147,12 @@ func (q *QMP) dispatchEvent(ev Event) {
 // Execute runs a QMP command. args is marshalled as "arguments" when non-nil,
 // and the "return" value is unmarshalled into result when non-nil.
 func (q *QMP) Execute(ctx context.Context, cmd string, args any, result any) error {
+	return q.execute(ctx, cmd, args, nil, result)
+}
+
+// execute runs a QMP command, passing f along with it (SCM_RIGHTS) when
+// it is not nil.
+func (q *QMP) execute(ctx context.Context, cmd string, args any, f *os.File, result any) error {
 	q.mu.Lock()
 	if q.err != nil {
 		err := q.err
@@ -172,7 +178,16 @@ func (q *QMP) Execute(ctx context.Context, cmd string, args any, result any) err
 	if dl, ok := ctx.Deadline(); ok {
 		q.conn.SetWriteDeadline(dl)
 	}
-	_, err = q.conn.Write(b)
+	if f != nil {
+		uc, ok := q.conn.(*net.UnixConn)
+		if !ok {
+			err = errors.New("not a unix connection, so no file can be passed")
+		} else {
+			_, _, err = uc.WriteMsgUnix(b, syscall.UnixRights(int(f.Fd())), nil)
+		}
+	} else {
+		_, err = q.conn.Write(b)
+	}
 	q.conn.SetWriteDeadline(time.Time{})
 	q.wmu.Unlock()
 	if err != nil {
@@ -230,43 +245,31 @@ func (q *QMP) WaitEvent(match func(Event) bool) func(ctx context.Context) (Event
 // SendFD passes a file descriptor to QEMU under name (getfd), for use by
 // commands such as migrate "fd:name".
 func (q *QMP) SendFD(ctx context.Context, name string, f *os.File) error {
-	uc, ok := q.conn.(*net.UnixConn)
-	if !ok {
-		return errors.New("qmp: not a unix connection")
-	}
-	q.mu.Lock()
-	q.nextID++
-	id := strconv.FormatUint(q.nextID, 10)
-	ch := make(chan qmpResponse, 1)
-	q.pending[id] = ch
-	q.mu.Unlock()
-	b, _ := json.Marshal(map[string]any{"execute": "getfd", "arguments": map[string]string{"fdname": name}, "id": id})
-	b = append(b, '\n')
-	rights := syscall.UnixRights(int(f.Fd()))
-	q.wmu.Lock()
-	_, _, err := uc.WriteMsgUnix(b, rights, nil)
-	q.wmu.Unlock()
-	if err != nil {
-		q.forget(id)
-		return fmt.Errorf("qmp getfd: %w", err)
-	}
-	select {
-	case resp, ok := <-ch:
-		if !ok {
-			return errors.New("qmp getfd: connection closed")
-		}
-		if resp.Error != nil {
-			return fmt.Errorf("qmp getfd: %w", resp.Error)
-		}
-		return nil
-	case <-ctx.Done():
-		q.forget(id)
-		return ctx.Err()
-	}
+	return q.execute(ctx, "getfd", map[string]string{"fdname": name}, f, nil)
 }
 
-// Done is closed when the connection ends (QEMU exited or closed it).
+// AddFD passes a file descriptor to QEMU into the fd set set (-1: a new
+// one) and returns the set's id. QEMU's block layer opens "/dev/fdset/ID"
+// by duplicating an fd of the set whose access mode fits, so a QEMU that
+// cannot open the file by name (a sandboxed one) can still use it; a set
+// holds a read-write and a read-only fd of an image that QEMU may reopen
+// read-only later.
+func (q *QMP) AddFD(ctx context.Context, f *os.File, set int, opaque string) (int, error) {
+	args := map[string]any{"opaque": opaque}
+	if set >= 0 {
+		args["fdset-id"] = set
+	}
+	var res struct {
+		FDSetID int `json:"fdset-id"`
+	}
+	if err := q.execute(ctx, "add-fd", args, f, &res); err != nil {
+		return 0, err
+	}
+	return res.FDSetID, nil
+}
+
+// Done is closed when the QMP connection has ended.
 func (q *QMP) Done() <-chan struct{} { return q.done }
 
-// Close closes the connection.
+// Close closes the QMP connection; QEMU keeps running.
 func (q *QMP) Close() error { return q.conn.Close() }

@@ -81,11 +81,13 @@ type confinement struct {
 	groups   []uint32
 	// files are passed to QEMU after the QMP and agent sockets (fd 5 on).
 	files []*os.File
-	// args is the spec as QEMU sees it: file paths replaced by
-	// /proc/self/fd/N.
-	args  vmm.Spec
-	tapFD int // -1 without a NIC or without fd passing
-	cg    *sandbox.Cgroup
+	// args and vmFiles are the spec and the VM's files as QEMU sees them:
+	// file paths replaced by /proc/self/fd/N, disk images by fd sets.
+	args    vmm.Spec
+	vmFiles VMFiles
+	fdSets  []fdSet
+	tapFD   int // -1 without a NIC or without fd passing
+	cg      *sandbox.Cgroup
 	// leased is true when the uid was leased for this spawn.
 	leased bool
 }
@@ -114,8 +116,8 @@ func (b *Backend) undo(c *confinement, spec vmm.Spec) {
 // confine prepares spec's sandbox: the uid, the files passed by fd and the
 // cgroup. Without Spec.Sandbox it returns a confinement that changes
 // nothing.
-func (b *Backend) confine(spec vmm.Spec) (c *confinement, err error) {
-	c = &confinement{args: spec, tapFD: -1}
+func (b *Backend) confine(spec vmm.Spec, files VMFiles) (c *confinement, err error) {
+	c = &confinement{args: spec, vmFiles: files, tapFD: -1}
 	sb := spec.Sandbox
 	if sb == nil {
 		return c, nil
@@ -188,31 +190,81 @@ func (c *confinement) passFiles(spec vmm.Spec) error {
 		}
 		*r.path = add(f)
 	}
-	for _, w := range []struct {
-		what  string
-		path  *string
-		flags int
-	}{
-		{"disk", &c.args.Disk, os.O_RDWR},
-		{"memory file", &c.args.MemFile, os.O_RDWR | os.O_CREATE},
-		{"serial log", &c.args.SerialLog, os.O_WRONLY | os.O_APPEND | os.O_CREATE},
-	} {
-		if *w.path == "" {
-			continue
-		}
-		f, err := os.OpenFile(*w.path, w.flags|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	// own opens a file that is the VM's alone and gives it to the uid.
+	own := func(what, path string, flags int) (*os.File, error) {
+		f, err := os.OpenFile(path, flags|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
 		if err != nil {
-			return fmt.Errorf("opening the %s %s: %w", w.what, *w.path, err)
+			return nil, fmt.Errorf("opening the %s %s: %w", what, path, err)
 		}
 		if err := f.Chown(c.uid, c.gid); err != nil {
 			f.Close()
-			return fmt.Errorf("giving the %s to the sandbox uid %d: %w", w.what, c.uid, err)
+			return nil, fmt.Errorf("giving the %s to the sandbox uid %d: %w", what, c.uid, err)
 		}
 		if err := f.Chmod(0o600); err != nil {
 			f.Close()
-			return fmt.Errorf("setting the mode of the %s: %w", w.what, err)
+			return nil, fmt.Errorf("setting the mode of the %s: %w", what, err)
 		}
-		*w.path = add(f)
+		return f, nil
+	}
+	// The disk chain goes into fd sets: the block layer dups the fd
+	// instead of opening a path, so the shared read-only layers need not
+	// be readable (or writable) by the uid at all. Only the top is the
+	// VM's own.
+	disks := append([]DiskFile(nil), c.vmFiles.Disks...)
+	for i := range disks {
+		set := i + 1
+		readOnly := func() error {
+			f, err := os.OpenFile(disks[i].Path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("opening the disk layer %s: %w", disks[i].Path, err)
+			}
+			add(f)
+			c.fdSets = append(c.fdSets, fdSet{fd: firstExtraFD + len(c.files) - 1, set: set})
+			return nil
+		}
+		if i == len(disks)-1 {
+			// The top, also read-only: a checkpoint makes QEMU reopen it
+			// so when it freezes it.
+			f, err := own("disk", disks[i].Path, os.O_RDWR)
+			if err != nil {
+				return err
+			}
+			add(f)
+			c.fdSets = append(c.fdSets, fdSet{fd: firstExtraFD + len(c.files) - 1, set: set})
+		}
+		if err := readOnly(); err != nil {
+			return err
+		}
+		disks[i].Path = "/dev/fdset/" + strconv.Itoa(set)
+	}
+	c.vmFiles.Disks = disks
+	if mem := c.vmFiles.Mem; mem != "" {
+		var f *os.File
+		var err error
+		if c.vmFiles.MemReadOnly {
+			// A snapshot's memory file, shared with other VMs: QEMU opens
+			// it read-only through /proc/self/fd, which checks the file's
+			// own mode (the directories above it stay closed).
+			if f, err = os.OpenFile(mem, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0); err == nil {
+				err = f.Chmod(0o644)
+			}
+		} else {
+			f, err = own("memory file", mem, os.O_RDWR)
+		}
+		if err != nil {
+			if f != nil {
+				f.Close()
+			}
+			return fmt.Errorf("opening the memory file %s: %w", mem, err)
+		}
+		c.vmFiles.Mem = add(f)
+	}
+	if c.args.SerialLog != "" {
+		f, err := own("serial log", c.args.SerialLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE)
+		if err != nil {
+			return err
+		}
+		c.args.SerialLog = add(f)
 	}
 	if spec.Net != nil {
 		f, err := openTap(spec.Net.Tap)
@@ -292,7 +344,7 @@ func openTap(name string) (*os.File, error) {
 
 // argOpts returns the command-line extras of the confined QEMU of spec.
 func (c *confinement) argOpts(spec vmm.Spec) argOpts {
-	o := argOpts{tapFD: c.tapFD}
+	o := argOpts{tapFD: c.tapFD, fdSets: c.fdSets}
 	if c.cg != nil && spec.Accel != vmm.AccelKVM {
 		o.tbSizeMiB = TCGCacheMiB
 	}

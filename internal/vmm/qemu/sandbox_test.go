@@ -85,7 +85,7 @@ func bootConfined(t *testing.T, b *Backend, root, id string, kernel, initrd, roo
 		Kernel: kernel, Initrd: initrd, Disk: filepath.Join(dir, "disk.ext4"), MemFile: filepath.Join(dir, "mem.raw"),
 		Accel: testAccel(t), SerialLog: filepath.Join(dir, "serial.log"), Sandbox: &vmm.Sandbox{Seccomp: true},
 	}
-	if err := (&storage.Copier{}).CopyFile(context.Background(), rootfs, spec.Disk); err != nil {
+	if err := b.NewDisk(context.Background(), dir, rootfs, 0, &storage.Copier{}); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -236,7 +236,12 @@ func TestConfinement(t *testing.T) {
 	})
 
 	t.Run("files", func(t *testing.T) {
-		for _, f := range []string{specB.Disk, specB.MemFile, specB.SerialLog} {
+		c, err := chain(specB.Dir)
+		if err != nil || len(c) != 2 {
+			t.Fatalf("b's disk chain: %v %v", c, err)
+		}
+		top := c[len(c)-1]
+		for _, f := range []string{top, specB.SerialLog} {
 			var st syscall.Stat_t
 			if err := syscall.Stat(f, &st); err != nil {
 				t.Fatal(err)
@@ -247,14 +252,14 @@ func TestConfinement(t *testing.T) {
 		}
 		// a's uid cannot open b's disk: not by its path, not through b's
 		// open fds in /proc.
-		if msg, ok := catAs(t, uidA, specB.Disk); ok || !strings.Contains(msg, "Permission denied") {
+		if msg, ok := catAs(t, uidA, top); ok || !strings.Contains(msg, "Permission denied") {
 			t.Errorf("uid of a reading b's disk: ok=%v %q", ok, msg)
 		}
 		fds, _ := os.ReadDir("/proc/" + strconv.Itoa(bb.Pid()) + "/fd")
 		tried := 0
 		for _, fd := range fds {
 			p := "/proc/" + strconv.Itoa(bb.Pid()) + "/fd/" + fd.Name()
-			if dst, _ := os.Readlink(p); dst == specB.Disk {
+			if dst, _ := os.Readlink(p); dst == top {
 				tried++
 				if msg, ok := catAs(t, uidA, p); ok {
 					t.Errorf("uid of a read b's disk through %s: %q", p, msg)
@@ -335,26 +340,39 @@ func TestConfinement(t *testing.T) {
 
 // TestArgsConfined checks the command line of a confined QEMU: no -runas
 // (it would die of SIGSYS under elevateprivileges=deny), the NIC as an fd,
-// the marker naming the VM's directory, and no change for unconfined VMs.
+// the disk chain through fd sets, the marker naming the VM's directory,
+// and no change for unconfined VMs; and that guest RAM is never a shared
+// file unless a VM from before copy-on-write RAM brings one.
 func TestArgsConfined(t *testing.T) {
 	spec := vmm.Spec{ID: "x", Name: "x", Dir: "/data/users/1/vms/x", MemoryMiB: 128, VCPUs: 1, Kernel: "/k", Initrd: "/i",
-		Disk: "/proc/self/fd/7", MemFile: "/proc/self/fd/8", SerialLog: "/proc/self/fd/9",
-		Net: &vmm.NetSpec{Tap: "noidt1", MAC: "02:00:00:00:00:01"}, Sandbox: &vmm.Sandbox{Seccomp: true, UID: 1234, GID: 1234}}
-	conf := strings.Join(args(spec, false, argOpts{tapFD: 10, filesDir: "/data,x", tbSizeMiB: 256}), " ")
+		SerialLog: "/proc/self/fd/9",
+		Net:       &vmm.NetSpec{Tap: "noidt1", MAC: "02:00:00:00:00:01"}, Sandbox: &vmm.Sandbox{Seccomp: true, UID: 1234, GID: 1234}}
+	files := VMFiles{Disks: []DiskFile{{Path: "/dev/fdset/1"}, {Path: "/dev/fdset/2", Qcow2: true}}, Mem: "/proc/self/fd/8"}
+	conf := strings.Join(args(spec, files, false, argOpts{tapFD: 10, filesDir: "/data,x", tbSizeMiB: 256,
+		fdSets: []fdSet{{fd: 6, set: 1}, {fd: 7, set: 2}}}), " ")
 	for _, want := range []string{"-netdev tap,id=net0,fd=10 ", "-accel tcg,tb-size=256 ", "secret,id=noid-files,format=raw,data=/data,,x", "-sandbox on,obsolete=deny,elevateprivileges=deny",
-		"mem-path=/proc/self/fd/8,share=on", "file=/proc/self/fd/7,format=raw"} {
+		"memory-backend-file,id=ram,size=128M,mem-path=/proc/self/fd/8,share=off ", "-add-fd fd=6,set=1 -add-fd fd=7,set=2 ",
+		`"driver":"raw","file":{"aio":"threads","driver":"file","filename":"/dev/fdset/1","locking":"off","read-only":true},"node-name":"layer0","read-only":true`,
+		`"backing":"layer0","cache":{"direct":false,"no-flush":false},"discard":"unmap","driver":"qcow2","file":{"aio":"threads","driver":"file","filename":"/dev/fdset/2","locking":"off"},"node-name":"root"`,
+		"-device virtio-blk-device,drive=root "} {
 		if !strings.Contains(conf, want) {
 			t.Errorf("confined args lack %q:\n%s", want, conf)
 		}
 	}
-	plain := strings.Join(Args(spec, false), " ")
-	for _, bad := range []string{"-runas", "secret", "fd=10", "tb-size"} {
+	plain := strings.Join(Args(spec, VMFiles{Disks: []DiskFile{{Path: "/d/disk.ext4"}}}, false), " ")
+	for _, bad := range []string{"-runas", "secret", "fd=10", "tb-size", "share=on", "-add-fd"} {
 		if strings.Contains(conf, "-runas") || strings.Contains(plain, bad) {
 			t.Errorf("args contain %q:\nconfined: %s\nplain: %s", bad, conf, plain)
 		}
 	}
-	if !strings.Contains(plain, "ifname=noidt1,script=no,downscript=no,vnet_hdr=on") {
-		t.Errorf("plain args: %s", plain)
+	for _, want := range []string{"ifname=noidt1,script=no,downscript=no,vnet_hdr=on", "-object memory-backend-ram,id=ram,size=128M ", `"filename":"/d/disk.ext4"`} {
+		if !strings.Contains(plain, want) {
+			t.Errorf("plain args lack %q: %s", want, plain)
+		}
+	}
+	legacy := strings.Join(Args(spec, VMFiles{Disks: []DiskFile{{Path: "/d/disk.ext4"}}, Mem: "/d/mem.raw", MemShared: true}, false), " ")
+	if !strings.Contains(legacy, "mem-path=/d/mem.raw,share=on") {
+		t.Errorf("a VM with a shared RAM file from before lost it: %s", legacy)
 	}
 }
 
@@ -369,9 +387,8 @@ func benchSpawn(b *testing.B, be *Backend, sb *vmm.Sandbox) {
 		id := fmt.Sprintf("bench%d", i)
 		dir := vmDirIn(b, root, id)
 		spec := vmm.Spec{ID: id, Name: id, Dir: dir, RunDir: filepath.Join(root, "run"), VCPUs: 1, MemoryMiB: 256,
-			Kernel: img.Kernel, Initrd: img.Initrd, Disk: filepath.Join(dir, "disk.ext4"), MemFile: filepath.Join(dir, "mem.raw"),
-			Accel: accel, SerialLog: filepath.Join(dir, "serial.log"), Sandbox: sb}
-		if err := (&storage.Copier{}).CopyFile(context.Background(), img.Rootfs, spec.Disk); err != nil {
+			Kernel: img.Kernel, Initrd: img.Initrd, Accel: accel, SerialLog: filepath.Join(dir, "serial.log"), Sandbox: sb}
+		if err := be.NewDisk(context.Background(), dir, img.Rootfs, 0, &storage.Copier{}); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()

@@ -1,0 +1,119 @@
+package manager
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// A VM with a layered disk boots from a base image at the bottom of its
+// chain, which its checkpoints and goldens share. That image must never
+// change while anything uses it, whatever happens to the rootfs it came
+// from (an image build replaces it; an operator may edit a rootfs of their
+// own). So the manager pins each version of the rootfs: the first VM that
+// boots from it makes <storage>/bases/<id>.raw, a hard link to it where
+// the storage dir is on the rootfs's filesystem (free) and a copy
+// otherwise (once per version), and every VM links that. A pin no VM,
+// checkpoint or golden links any more is removed at start-up.
+
+// basesDir is where pinned base images live.
+func (m *Manager) basesDir() string { return filepath.Join(m.cfg.StorageDir(), "bases") }
+
+// baseMu serialises pinning.
+var baseMu sync.Mutex
+
+// pinBase returns the pinned copy of the rootfs at path.
+func (m *Manager) pinBase(ctx context.Context, path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("base image %s: %w", path, err)
+	}
+	// The version of a file: where it is and when it last changed.
+	h := sha256.New()
+	fmt.Fprintf(h, "%d:%d:%d:%d.%d:%d.%d", st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ctim.Sec, st.Ctim.Nsec)
+	pinned := filepath.Join(m.basesDir(), hex.EncodeToString(h.Sum(nil))[:24]+".raw")
+	baseMu.Lock()
+	defer baseMu.Unlock()
+	if _, err := os.Stat(pinned); err == nil {
+		return pinned, nil
+	}
+	if err := os.MkdirAll(m.basesDir(), 0o700); err != nil {
+		return "", err
+	}
+	tmp := pinned + ".tmp"
+	os.Remove(tmp)
+	if err := os.Link(path, tmp); err != nil {
+		if !errors.Is(err, syscall.EXDEV) {
+			return "", fmt.Errorf("pinning base image %s: %w", path, err)
+		}
+		m.log.Info("copying the base image into the storage dir (once per image version)", "image", path, "bytes", st.Size)
+		if err := m.copier.CopyFile(ctx, path, tmp); err != nil {
+			os.Remove(tmp)
+			return "", fmt.Errorf("pinning base image %s: %w", path, classifyIOErr("copying it", err))
+		}
+	}
+	if err := os.Rename(tmp, pinned); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("pinning base image %s: %w", path, err)
+	}
+	return pinned, nil
+}
+
+// sweepBases removes pinned bases nothing links any more, and unfinished
+// pins. A pin is in use while some VM, checkpoint or golden directory has
+// a link to it, so its link count is above one.
+func (m *Manager) sweepBases() {
+	ents, err := os.ReadDir(m.basesDir())
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		p := filepath.Join(m.basesDir(), e.Name())
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			os.Remove(p)
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil && st.Nlink <= 1 {
+			m.log.Info("removing a base image nothing uses any more", "file", p)
+			os.Remove(p)
+		}
+	}
+}
+
+// snapshotSize is the disk space the snapshot in dir holds, not counting
+// its base image: that is the image's, shared by every VM booted from it.
+// Disk layers it shares with other snapshots of the same VM count in each.
+func (m *Manager) snapshotSize(dir string) int64 {
+	bases := map[[2]uint64]bool{}
+	if ents, err := os.ReadDir(m.basesDir()); err == nil {
+		for _, e := range ents {
+			var st unix.Stat_t
+			if unix.Stat(filepath.Join(m.basesDir(), e.Name()), &st) == nil {
+				bases[[2]uint64{uint64(st.Dev), st.Ino}] = true
+			}
+		}
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var total int64
+	for _, e := range ents {
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join(dir, e.Name()), &st) != nil || bases[[2]uint64{uint64(st.Dev), st.Ino}] {
+			continue
+		}
+		total += st.Blocks * 512
+	}
+	return total
+}

@@ -1,0 +1,344 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/noid-vm/noid/internal/storage"
+	"github.com/noid-vm/noid/internal/vmm"
+)
+
+// How a checkpoint works (Checkpoint):
+//
+//  1. A live (precopy) migration starts with the guest running: QEMU sends
+//     its RAM, then again the pages dirtied meanwhile, into a pipe that
+//     splitStream turns into the snapshot's memory file and state stream.
+//  2. When little is left, QEMU stops the vCPUs and, with the capability
+//     pause-before-switchover, waits before it sends the last pages and the
+//     device state. In that pause the disk's writable top is frozen: a new
+//     empty qcow2 overlay, created by noid and passed in as an fd, goes on
+//     top of it (blockdev-snapshot), and the VM writes there from now on.
+//  3. The migration completes (the last pages, the device state), and the
+//     vCPUs resume.
+//
+// The pause holds the final migration pass, the device state and the
+// overlay switch, and nothing whose cost grows with the guest's memory or
+// disk. The snapshot's disk is the chain as it was at the pause, linked.
+
+// Checkpoint tuning.
+const (
+	// downtimeStart is the migration downtime limit a checkpoint starts
+	// with: QEMU stops the vCPUs once what is left would take that long.
+	downtimeStart = 10 * time.Millisecond
+	// downtimeMax is where the limit ends when a guest dirties its memory
+	// faster than the pipe drains; it doubles every downtimeStep.
+	downtimeMax  = 2 * time.Second
+	downtimeStep = 300 * time.Millisecond
+)
+
+// migrationStatus is the part of query-migrate a checkpoint reads.
+type migrationStatus struct {
+	Status    string `json:"status"`
+	ErrorDesc string `json:"error-desc"`
+	Downtime  int64  `json:"downtime"`
+	RAM       struct {
+		Transferred int64 `json:"transferred"`
+		DirtySync   int64 `json:"dirty-sync-count"`
+	} `json:"ram"`
+}
+
+// topNode returns the node name of the block device's writable top.
+func (i *Instance) topNode(ctx context.Context) (string, error) {
+	var blocks []struct {
+		Inserted *struct {
+			NodeName string `json:"node-name"`
+		} `json:"inserted"`
+	}
+	if err := i.qmp.Execute(ctx, "query-block", nil, &blocks); err != nil {
+		return "", err
+	}
+	for _, b := range blocks {
+		if b.Inserted != nil && b.Inserted.NodeName != "" {
+			return b.Inserted.NodeName, nil
+		}
+	}
+	return "", errors.New("the vm has no disk")
+}
+
+// Checkpoint writes a snapshot of the running VM into dir (which exists
+// and is empty): memory.snap, vmstate.snap, the disk chain as hard links
+// and meta.json. The vCPUs are stopped only for the last migration pass
+// and the switch to a new disk top, and always resume, even on error.
+func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t vmm.Timings, err error) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if err := i.alive(); err != nil {
+		return t, err
+	}
+	start := time.Now()
+	memSize := int64(i.spec.MemoryMiB) << 20
+	c, err := chain(i.spec.Dir)
+	if err != nil {
+		return t, err
+	}
+	oldTop, err := i.topNode(ctx)
+	if err != nil {
+		return t, fmt.Errorf("finding the disk's top: %w", err)
+	}
+	vs, err := virtualSize(c[len(c)-1])
+	if err != nil {
+		return t, err
+	}
+	newTopPath := filepath.Join(i.spec.Dir, nextLayer(c))
+	if err := storage.CreateQcow2(newTopPath, vs); err != nil {
+		return t, err
+	}
+	attached := false
+	defer func() {
+		if !attached {
+			os.Remove(newTopPath)
+		}
+	}()
+	// The new top goes to QEMU as fds (read-write, and read-only for when
+	// the next checkpoint freezes it), never by name.
+	set := -1
+	for _, flag := range []int{os.O_RDWR, os.O_RDONLY} {
+		f, err := os.OpenFile(newTopPath, flag, 0)
+		if err != nil {
+			return t, err
+		}
+		set, err = i.qmp.AddFD(ctx, f, set, filepath.Base(newTopPath))
+		f.Close()
+		if err != nil {
+			return t, fmt.Errorf("passing the new disk top to qemu: %w", err)
+		}
+	}
+	topPath := "/dev/fdset/" + strconv.Itoa(set)
+	newNode := topNodePrefix + strings.TrimSuffix(strings.TrimPrefix(filepath.Base(newTopPath), "disk-"), ".qcow2")
+
+	mem, err := os.OpenFile(filepath.Join(dir, vmm.SnapMemory), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return t, fmt.Errorf("creating the memory file: %w", err)
+	}
+	defer mem.Close()
+	if err := mem.Truncate(memSize); err != nil {
+		return t, fmt.Errorf("sizing the memory file: %w", err)
+	}
+	state, err := os.OpenFile(filepath.Join(dir, vmm.SnapState), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return t, fmt.Errorf("creating the state file: %w", err)
+	}
+	defer state.Close()
+
+	if err := i.setMigrationCaps(ctx, map[string]bool{"x-ignore-shared": false, "pause-before-switchover": true, "events": true}); err != nil {
+		return t, fmt.Errorf("preparing the migration: %w", err)
+	}
+	downtime := downtimeStart
+	if err := i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtime.Milliseconds()}, nil); err != nil {
+		return t, fmt.Errorf("preparing the migration: %w", err)
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return t, err
+	}
+	defer pr.Close()
+	if err := i.qmp.SendFD(ctx, "noid-checkpoint", pw); err != nil {
+		pw.Close()
+		return t, err
+	}
+	pw.Close()
+	// The stream is read while QEMU writes it; a failure here makes
+	// QEMU's write fail, which fails the migration and resumes the VM.
+	splitCtx, cancelSplit := context.WithCancel(ctx)
+	defer cancelSplit()
+	splitDone := make(chan splitResult, 1)
+	go func() {
+		st, err := splitStream(splitCtx, pr, mem, memSize, state)
+		if err != nil {
+			pr.Close()
+		}
+		splitDone <- splitResult{st, err}
+	}()
+
+	preSwitchover := i.qmp.WaitEvent(func(ev Event) bool { return migrationEvent(ev, "pre-switchover", "failed", "cancelled") })
+	if err := i.qmp.Execute(ctx, "migrate", map[string]any{"uri": "fd:noid-checkpoint"}, nil); err != nil {
+		return t, fmt.Errorf("starting the migration: %w", err)
+	}
+	var pauseStart time.Time
+	defer func() {
+		if err == nil {
+			return
+		}
+		// Leave no migration behind and never a paused VM.
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		i.qmp.Execute(rctx, "migrate_cancel", nil, nil)
+		var st struct {
+			Status string `json:"status"`
+		}
+		if i.qmp.Execute(rctx, "query-status", nil, &st) == nil && st.Status != "running" && st.Status != "finish-migrate" {
+			i.qmp.Execute(rctx, "cont", nil, nil)
+		}
+	}()
+
+	// Wait for the switchover, raising the downtime limit for guests that
+	// dirty memory faster than it drains.
+	for {
+		wctx, cancel := context.WithTimeout(ctx, downtimeStep)
+		ev, werr := preSwitchover(wctx)
+		cancel()
+		if werr == nil {
+			if st := eventStatus(ev); st != "pre-switchover" {
+				return t, i.migrationFailure(ctx, splitDone)
+			}
+			break
+		}
+		if ctx.Err() != nil {
+			return t, ctx.Err()
+		}
+		select {
+		case r := <-splitDone:
+			splitDone <- r
+			return t, i.migrationFailure(ctx, splitDone)
+		default:
+		}
+		if downtime < downtimeMax {
+			downtime *= 2
+			i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtime.Milliseconds()}, nil)
+		}
+	}
+	pauseStart = time.Now()
+
+	// The vCPUs are stopped: freeze the disk's top under a new one.
+	err = i.qmp.Execute(ctx, "blockdev-add", map[string]any{
+		"driver": "qcow2", "node-name": newNode, "backing": nil, "discard": "unmap",
+		"file": map[string]any{"driver": "file", "filename": topPath, "aio": "threads", "locking": "off"},
+	}, nil)
+	if err == nil {
+		err = i.qmp.Execute(ctx, "blockdev-snapshot", map[string]any{"node": oldTop, "overlay": newNode}, nil)
+		if err != nil {
+			i.qmp.Execute(ctx, "blockdev-del", map[string]any{"node-name": newNode}, nil)
+		}
+	}
+	if err != nil {
+		return t, fmt.Errorf("switching the disk to a new top: %w", err)
+	}
+	attached = true
+	completed := i.qmp.WaitEvent(func(ev Event) bool { return migrationEvent(ev, "completed", "failed", "cancelled") })
+	if err := i.qmp.Execute(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+		return t, fmt.Errorf("finishing the migration: %w", err)
+	}
+	ev, err := completed(ctx)
+	if err != nil {
+		return t, fmt.Errorf("finishing the migration: %w", err)
+	}
+	if eventStatus(ev) != "completed" {
+		return t, i.migrationFailure(ctx, splitDone)
+	}
+	if err := i.contAfterMigration(ctx); err != nil {
+		return t, fmt.Errorf("resuming the vm after the checkpoint: %w", err)
+	}
+	t.Pause = time.Since(pauseStart)
+	var ms migrationStatus
+	if i.qmp.Execute(ctx, "query-migrate", nil, &ms) == nil && time.Duration(ms.Downtime)*time.Millisecond > t.Pause {
+		// QEMU counts from the moment it stopped the vCPUs, a little
+		// before noid heard of it.
+		t.Pause = time.Duration(ms.Downtime) * time.Millisecond
+	}
+
+	r := <-splitDone
+	if r.err != nil {
+		return t, fmt.Errorf("reading the migration stream: %w", r.err)
+	}
+	t.Copy = time.Since(start) - t.Pause
+	// The disk as it was in the pause: the chain, its old top frozen.
+	for _, l := range c {
+		name := filepath.Base(l)
+		if name == legacyDisk {
+			name = diskName(0, false)
+		}
+		if err := os.Link(l, filepath.Join(dir, name)); err != nil {
+			return t, fmt.Errorf("linking disk layer %s into the checkpoint: %w", name, err)
+		}
+	}
+	meta := &vmm.SnapshotMeta{Backend: Name, VCPUs: i.spec.VCPUs, MemoryMiB: i.spec.MemoryMiB, Accel: i.spec.Accel,
+		HasNet: i.spec.Net != nil, CreatedAt: time.Now().UTC(), Format: snapshotFormat}
+	if i.b != nil {
+		meta.VMMVersion, _ = i.b.Version(ctx)
+	}
+	if err := vmm.WriteMeta(dir, meta); err != nil {
+		return t, err
+	}
+	t.Total = time.Since(start)
+	return t, nil
+}
+
+// contAfterMigration resumes the vCPUs once a migration has completed.
+// QEMU announces the completion a moment before it has cleaned the
+// migration up, and refuses cont until then ("not finalized yet").
+func (i *Instance) contAfterMigration(ctx context.Context) error {
+	delay := 100 * time.Microsecond
+	for {
+		err := i.qmp.Execute(ctx, "cont", nil, nil)
+		var qe *QMPError
+		if err == nil || !errors.As(err, &qe) || !strings.Contains(qe.Desc, "not finalized") {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 5*time.Millisecond)
+	}
+}
+
+// splitResult is what splitStream returned.
+type splitResult struct {
+	st  streamStats
+	err error
+}
+
+// migrationEvent matches a MIGRATION event with one of the statuses.
+func migrationEvent(ev Event, statuses ...string) bool {
+	if ev.Name != "MIGRATION" {
+		return false
+	}
+	st := eventStatus(ev)
+	for _, s := range statuses {
+		if st == s {
+			return true
+		}
+	}
+	return false
+}
+
+func eventStatus(ev Event) string {
+	var d struct {
+		Status string `json:"status"`
+	}
+	json.Unmarshal(ev.Data, &d)
+	return d.Status
+}
+
+// migrationFailure explains a failed checkpoint migration: QEMU's error,
+// or the stream reader's.
+func (i *Instance) migrationFailure(ctx context.Context, splitDone chan splitResult) error {
+	var ms migrationStatus
+	i.qmp.Execute(ctx, "query-migrate", nil, &ms)
+	select {
+	case r := <-splitDone:
+		if r.err != nil {
+			return fmt.Errorf("reading the migration stream: %w (qemu: %s %s)", r.err, ms.Status, ms.ErrorDesc)
+		}
+	case <-time.After(time.Second):
+	}
+	return fmt.Errorf("the checkpoint's migration %s: %s", ms.Status, ms.ErrorDesc)
+}
