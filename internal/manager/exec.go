@@ -15,10 +15,14 @@ import (
 	"github.com/noid-vm/noid/internal/store"
 )
 
-// agentFor resolves the user's VM to a connected agent, failing fast when the
-// VM is not running.
+// agentFor resolves the user's VM (see Owner) to a connected agent, failing
+// fast when the VM is not running.
 func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*store.VM, *client.Client, error) {
-	v, err := m.store.GetVM(ctx, u.ID, name)
+	owner, bare, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := m.store.GetVM(ctx, owner.ID, bare)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -27,7 +27,7 @@ func (s *Server) hConsole(w http.ResponseWriter, r *http.Request) error {
 // serveExec runs one process over a WebSocket. Errors before the upgrade are
 // ordinary HTTP errors; after it they are sent as an error message.
 func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool) error {
-	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}

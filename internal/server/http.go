@@ -170,7 +170,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 			code, _ := errdefs.Classify(err)
 			result = "error: " + string(code)
 		}
-		target := r.PathValue("name")
+		target := vmRef(r)
 		if target == "" {
 			target = r.URL.Path
 		}
@@ -182,7 +182,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 	if rt.mutating || err != nil {
 		lvl = slog.LevelInfo
 	}
-	s.log.Log(r.Context(), lvl, "request", "method", r.Method, "path", r.URL.Path, "user", uname, "vm", r.PathValue("name"),
+	s.log.Log(r.Context(), lvl, "request", "method", r.Method, "path", r.URL.Path, "user", uname, "vm", vmRef(r),
 		"request_id", rid, "ms", ms(time.Since(start)), "err", errString(err))
 }
 
@@ -307,8 +307,26 @@ func (s *Server) hWhoAmI(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, 200, api.WhoAmI{User: id.user.Name, Admin: id.user.IsAdmin, Via: id.via, Version: Version})
 }
 
+// vmRef is the VM a request names: {name}, or with ?user=U (admins only;
+// see manager.Owner) "U/{name}". It is "" for routes without a VM.
+func vmRef(r *http.Request) string {
+	name := r.PathValue("name")
+	if u := r.URL.Query().Get("user"); u != "" && name != "" {
+		return u + "/" + name
+	}
+	return name
+}
+
 func (s *Server) hListVMs(w http.ResponseWriter, r *http.Request) error {
-	vms, err := s.mgr.ListVMs(r.Context(), userOf(r.Context()))
+	list := s.mgr.ListVMs
+	switch r.URL.Query().Get("all") {
+	case "", "0", "false":
+	case "1", "true":
+		list = s.mgr.ListAllVMs
+	default:
+		return fmt.Errorf("%w: all must be true or false", errdefs.ErrInvalidArgument)
+	}
+	vms, err := list(r.Context(), userOf(r.Context()))
 	if err != nil {
 		return err
 	}
@@ -328,7 +346,7 @@ func (s *Server) hCreateVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
-	vm, err := s.mgr.GetVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	vm, err := s.mgr.GetVM(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}
@@ -336,7 +354,7 @@ func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hDestroyVM(w http.ResponseWriter, r *http.Request) error {
-	res, err := s.mgr.DestroyVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	res, err := s.mgr.DestroyVM(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}
@@ -352,7 +370,7 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 		tail = n
 	}
-	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
+	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), vmRef(r), tail)
 	if err != nil {
 		return err
 	}
