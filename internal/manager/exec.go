@@ -50,6 +50,7 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 // Guest is a running VM's connected agent, ready to start processes.
 type Guest struct {
 	c *client.Client
+	m *metrics
 }
 
 // Guest connects to the agent of the user's running VM name. It fails
@@ -60,7 +61,7 @@ func (m *Manager) Guest(ctx context.Context, u *store.User, name string) (*Guest
 	if err != nil {
 		return nil, err
 	}
-	return &Guest{c: c}, nil
+	return &Guest{c: c, m: m.metrics}, nil
 }
 
 // Exec checks req and starts its command in the guest; with console, an
@@ -72,6 +73,7 @@ func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*c
 		return nil, err
 	}
 	var proc *client.Process
+	start := time.Now()
 	if console && len(preq.Argv) == 0 {
 		proc, err = g.c.Console(ctx, preq)
 	} else {
@@ -80,6 +82,7 @@ func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*c
 	if err != nil {
 		return nil, fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err)
 	}
+	g.m.agentCall("exec", start)
 	return proc, nil
 }
 

@@ -163,24 +163,24 @@ func (wp *warmPool) ready(dir string) int {
 }
 
 // counts is the number of spares waiting for golden creates, and for
-// clones and rewinds per shape.
-func (wp *warmPool) counts() (golden int, shapes map[shapeKey]int) {
-	shapes = map[shapeKey]int{}
+// clones and rewinds, per shape.
+func (wp *warmPool) counts() (golden, blank map[shapeKey]int) {
+	golden, blank = map[shapeKey]int{}, map[shapeKey]int{}
 	if wp == nil {
-		return 0, shapes
+		return golden, blank
 	}
 	wp.mu.Lock()
 	defer wp.mu.Unlock()
 	for _, sps := range wp.spares {
 		for _, sp := range sps {
 			if sp.blank() {
-				shapes[sp.shape]++
+				blank[sp.shape]++
 			} else {
-				golden++
+				golden[sp.shape]++
 			}
 		}
 	}
-	return golden, shapes
+	return golden, blank
 }
 
 // refill starts spares in the background until the golden in dir has size

@@ -155,7 +155,9 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 		}
 		r = r.WithContext(context.WithValue(r.Context(), keyIdentity, id))
 	}
+	s.metrics.inFlight.Inc()
 	err := rt.h(w, r)
+	s.metrics.inFlight.Dec()
 	u := userOf(r.Context())
 	uname := ""
 	if u != nil {

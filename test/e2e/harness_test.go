@@ -26,6 +26,7 @@ import (
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/promtext"
 	"github.com/noid-vm/noid/internal/testutil"
 )
 
@@ -360,10 +361,12 @@ func (e *Env) WaitCloneSpare(within time.Duration) {
 	deadline := time.Now().Add(within)
 	for {
 		m := e.Metrics()
-		for _, line := range strings.Split(m, "\n") {
-			if strings.HasPrefix(line, `noid_warm_spares{kind="clone",`) && !strings.HasSuffix(line, "} 0") {
-				return
-			}
+		fams, err := promtext.Parse(m)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if fams.Sum("noid_warm_spares", map[string]string{"kind": "clone"}) > 0 {
+			return
 		}
 		if time.Now().After(deadline) {
 			e.t.Fatalf("no blank warm spare within %s; metrics:\n%s", within, m)
