@@ -68,6 +68,8 @@ type Config struct {
 	Storage Storage `toml:"storage"`
 	// Pool configures the warm pool of VMMs prepared for golden snapshots.
 	Pool Pool `toml:"pool"`
+	// HTTP configures the API server's connections and shutdown.
+	HTTP HTTP `toml:"http"`
 }
 
 // Pool is the [pool] section.
@@ -267,6 +269,7 @@ func (c *Config) applyDefaults() {
 	if c.Sandbox.UIDCount == 0 {
 		c.Sandbox.UIDCount = DefaultUIDCount
 	}
+	c.HTTP.applyDefaults()
 }
 
 // Parse decodes TOML text, rejects unknown keys and fills in defaults.
@@ -394,6 +397,9 @@ func (c *Config) Validate() error {
 		return bad("quota values must not be negative")
 	}
 	if err := c.validateSandbox(); err != nil {
+		return bad("%v", err)
+	}
+	if err := c.HTTP.validate(); err != nil {
 		return bad("%v", err)
 	}
 	return nil

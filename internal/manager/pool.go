@@ -85,10 +85,14 @@ type warmPool struct {
 	shapes []string
 	closed bool
 	wg     sync.WaitGroup
+	// ctx ends when the pool closes, so that fills in flight stop.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 func newWarmPool(m *Manager, size int) *warmPool {
-	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, ctx: ctx, cancel: cancel}
 }
 
 // shapeKey is what a blank spare must match for a clone of a snapshot.
@@ -238,7 +242,7 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 	go func() {
 		defer wp.wg.Done()
 		for i := 0; i < need; i++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			ctx, cancel := context.WithTimeout(wp.ctx, 2*time.Minute)
 			sp, err := make(ctx)
 			cancel()
 			wp.mu.Lock()
@@ -284,7 +288,7 @@ func (wp *warmPool) drain(dir string) {
 	}
 }
 
-// close discards every spare and waits for fills in flight.
+// close discards every spare, and cancels and waits for the fills in flight.
 func (wp *warmPool) close() {
 	if wp == nil {
 		return
@@ -294,6 +298,7 @@ func (wp *warmPool) close() {
 	all := wp.spares
 	wp.spares = map[string][]*spare{}
 	wp.mu.Unlock()
+	wp.cancel()
 	wp.wg.Wait()
 	for _, sps := range all {
 		for _, sp := range sps {

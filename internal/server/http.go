@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -138,7 +139,10 @@ func (s *Server) Handler(local bool) http.Handler {
 	return mux
 }
 
-func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, local bool) {
+func (s *Server) serveRoute(rw http.ResponseWriter, r *http.Request, rt route, local bool) {
+	s.reqs.add()
+	defer s.reqs.done()
+	w := newDeadlineWriter(rw, s.cfg.HTTP.Write())
 	rid := r.Header.Get("X-Request-Id")
 	if rid == "" || len(rid) > 64 {
 		rid = newRequestID()
@@ -237,6 +241,16 @@ func (s *Server) authenticate(r *http.Request, local bool) (*identity, error) {
 		"set NOID_TOKEN or run `noid auth setup --url URL --token TOKEN`")
 }
 
+// shutdownErr is err, or, when ctx was cancelled because the server is
+// shutting down, an ErrUnavailable that says so.
+func shutdownErr(ctx context.Context, err error) error {
+	if !errors.Is(context.Cause(ctx), errShuttingDown) {
+		return err
+	}
+	return errdefs.WithHint(fmt.Errorf("%w: %v, which cancelled the request (%v); VMs keep running", errdefs.ErrUnavailable, errShuttingDown, err),
+		"run it again once noid-server is back (`systemctl status noid-server`)")
+}
+
 func bearer(r *http.Request) (string, bool) {
 	h := r.Header.Get("Authorization")
 	if t, ok := strings.CutPrefix(h, "Bearer "); ok && t != "" {
@@ -266,6 +280,7 @@ func clientAddr(r *http.Request, trustProxy bool) string {
 
 // writeError sends the JSON error envelope with the status mapped by errdefs.
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	err = shutdownErr(r.Context(), err)
 	code, status := errdefs.Classify(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
