@@ -54,6 +54,9 @@ type Config struct {
 	AgentBinary string `toml:"agent_binary"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `toml:"log_level"`
+	// LogFormat is text (key=value lines) or json (one object a line, for
+	// the journal and log shippers). Default text.
+	LogFormat string `toml:"log_format"`
 	// Defaults for new VMs.
 	DefaultVCPUs     int    `toml:"default_vcpus"`
 	DefaultMemoryMiB int    `toml:"default_memory_mib"`
@@ -245,6 +248,9 @@ func (c *Config) applyDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.LogFormat == "" {
+		c.LogFormat = "text"
+	}
 	if c.DefaultVCPUs == 0 {
 		c.DefaultVCPUs = 1
 	}
@@ -340,6 +346,11 @@ func (c *Config) Validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return bad("log_level must be debug, info, warn or error, got %q", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		return bad("log_format must be text or json, got %q", c.LogFormat)
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return bad("tls_cert and tls_key must be set together")
