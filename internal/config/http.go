@@ -66,7 +66,9 @@ func (h *HTTP) validate() error {
 }
 
 // Shutdown is [http] shutdown_timeout.
-func (h *HTTP) Shutdown() time.Duration { return mustDuration(h.ShutdownTimeout, DefaultShutdownTimeout) }
+func (h *HTTP) Shutdown() time.Duration {
+	return mustDuration(h.ShutdownTimeout, DefaultShutdownTimeout)
+}
 
 // Idle is [http] idle_timeout.
 func (h *HTTP) Idle() time.Duration { return mustDuration(h.IdleTimeout, DefaultIdleTimeout) }

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -33,25 +32,7 @@ type testServer struct {
 	addr   string // the TCP listener's address, if any
 	done   chan error
 	cancel context.CancelFunc
-	logs   *syncBuf
-}
-
-// syncBuf collects the server's log.
-type syncBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuf) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuf) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
+	logs   *testutil.LogBuffer
 }
 
 // newTestServer starts a server with extra TOML appended to its config;
@@ -60,7 +41,7 @@ func newTestServer(t *testing.T, tcp bool, extra string) *testServer {
 	t.Helper()
 	testutil.RequireRoot(t) // the unix socket's admin is uid 0
 	dir := t.TempDir()
-	ts := &testServer{t: t, sock: filepath.Join(dir, "noid.sock"), done: make(chan error, 1), logs: &syncBuf{}}
+	ts := &testServer{t: t, sock: filepath.Join(dir, "noid.sock"), done: make(chan error, 1), logs: &testutil.LogBuffer{}}
 	top := ""
 	if tcp {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
