@@ -47,6 +47,7 @@ type Server struct {
 	baseCtx    context.Context
 	cancelBase context.CancelCauseFunc
 	reqs       requests
+	stopOnce   sync.Once
 
 	metrics     *httpMetrics
 	metricsOnce sync.Once
@@ -172,7 +173,12 @@ func listenUnix(path string) (net.Listener, error) {
 // streams then tell their clients that the server is shutting down) and
 // waits up to shutdownGrace for them to return before it closes the
 // connections that are left. The manager, and so every VM, is untouched.
+// Only the first call works; later ones wait for it to finish.
 func (s *Server) shutdown(timeout time.Duration) {
+	s.stopOnce.Do(func() { s.stop(timeout) })
+}
+
+func (s *Server) stop(timeout time.Duration) {
 	s.httpMu.Lock()
 	hs := s.https
 	s.https = nil
@@ -193,7 +199,9 @@ func (s *Server) shutdown(timeout time.Duration) {
 	select {
 	case <-s.reqs.idle():
 	case <-ctx.Done():
-		s.log.Warn("shutting down: cancelling the requests still in flight", "requests", s.reqs.count(), "timeout", timeout.String())
+	}
+	if n := s.reqs.count(); n > 0 {
+		s.log.Warn("shutting down: cancelling the requests still in flight", "requests", n, "timeout", timeout.String())
 	}
 	s.cancelBase(errShuttingDown)
 	select {
