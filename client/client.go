@@ -228,25 +228,52 @@ func (c *Client) ListVMs(ctx context.Context) ([]*VM, error) {
 	return vs, c.do(ctx, "GET", "/v1/vms", nil, &vs)
 }
 
-// GetVM returns one VM.
+// ListAllVMs lists every user's VMs, each with its Owner (admins only;
+// others get ErrNotFound).
+func (c *Client) ListAllVMs(ctx context.Context) ([]*VM, error) {
+	var vs []*VM
+	return vs, c.do(ctx, "GET", "/v1/vms?all=true", nil, &vs)
+}
+
+// vmPath is the API path of a VM: vm is a VM's name, or "user/vm" for
+// another user's VM, which only admins may address (for others it does not
+// exist). suffix follows the name ("/logs"); q, if not nil, is the query,
+// to which "user" is added.
+func vmPath(vm, suffix string, q url.Values) string {
+	if user, name, ok := strings.Cut(vm, "/"); ok {
+		if q == nil {
+			q = url.Values{}
+		}
+		q.Set("user", user)
+		vm = name
+	}
+	p := "/v1/vms/" + url.PathEscape(vm) + suffix
+	if len(q) > 0 {
+		p += "?" + q.Encode()
+	}
+	return p
+}
+
+// GetVM returns one VM. Every method that takes a VM name also takes
+// "user/vm", with which an admin addresses another user's VM.
 func (c *Client) GetVM(ctx context.Context, name string) (*VM, error) {
 	var v VM
-	return &v, c.do(ctx, "GET", "/v1/vms/"+url.PathEscape(name), nil, &v)
+	return &v, c.do(ctx, "GET", vmPath(name, "", nil), nil, &v)
 }
 
 // DestroyVM stops and removes a VM and its checkpoints.
 func (c *Client) DestroyVM(ctx context.Context, name string) (*DestroyResult, error) {
 	var r DestroyResult
-	return &r, c.do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(name), nil, &r)
+	return &r, c.do(ctx, "DELETE", vmPath(name, "", nil), nil, &r)
 }
 
 // Logs returns up to tail bytes of the VM's serial console log (0: the server's default).
 func (c *Client) Logs(ctx context.Context, name string, tail int64) ([]byte, error) {
-	p := "/v1/vms/" + url.PathEscape(name) + "/logs"
+	q := url.Values{}
 	if tail > 0 {
-		p += "?tail=" + strconv.FormatInt(tail, 10)
+		q.Set("tail", strconv.FormatInt(tail, 10))
 	}
-	resp, err := c.raw(ctx, "GET", p, nil, "")
+	resp, err := c.raw(ctx, "GET", vmPath(name, "/logs", q), nil, "")
 	if err != nil {
 		return nil, err
 	}
@@ -254,7 +281,8 @@ func (c *Client) Logs(ctx context.Context, name string, tail int64) ([]byte, err
 	return io.ReadAll(resp.Body)
 }
 
-// Metrics returns the server's Prometheus metrics text (admins only).
+// Metrics returns the server's Prometheus metrics text (admins only;
+// others get ErrNotFound).
 func (c *Client) Metrics(ctx context.Context) (string, error) {
 	resp, err := c.raw(ctx, "GET", "/metrics", nil, "")
 	if err != nil {
@@ -268,24 +296,24 @@ func (c *Client) Metrics(ctx context.Context) (string, error) {
 // Checkpoint captures a running VM.
 func (c *Client) Checkpoint(ctx context.Context, vm string, req CheckpointRequest) (*Checkpoint, error) {
 	var cp Checkpoint
-	return &cp, c.do(ctx, "POST", "/v1/vms/"+url.PathEscape(vm)+"/checkpoints", req, &cp)
+	return &cp, c.do(ctx, "POST", vmPath(vm, "/checkpoints", nil), req, &cp)
 }
 
 // ListCheckpoints lists a VM's checkpoints, oldest first.
 func (c *Client) ListCheckpoints(ctx context.Context, vm string) ([]*Checkpoint, error) {
 	var cps []*Checkpoint
-	return cps, c.do(ctx, "GET", "/v1/vms/"+url.PathEscape(vm)+"/checkpoints", nil, &cps)
+	return cps, c.do(ctx, "GET", vmPath(vm, "/checkpoints", nil), nil, &cps)
 }
 
 // DeleteCheckpoint removes a checkpoint (by name or id).
 func (c *Client) DeleteCheckpoint(ctx context.Context, vm, checkpoint string) error {
-	return c.do(ctx, "DELETE", "/v1/vms/"+url.PathEscape(vm)+"/checkpoints/"+url.PathEscape(checkpoint), nil, nil)
+	return c.do(ctx, "DELETE", vmPath(vm, "/checkpoints/"+url.PathEscape(checkpoint), nil), nil, nil)
 }
 
 // Restore rewinds vm in place to checkpoint.
 func (c *Client) Restore(ctx context.Context, vm, checkpoint string) (*VM, error) {
 	var v VM
-	return &v, c.do(ctx, "POST", "/v1/vms/"+url.PathEscape(vm)+"/restore", api.RestoreRequest{Checkpoint: checkpoint}, &v)
+	return &v, c.do(ctx, "POST", vmPath(vm, "/restore", nil), api.RestoreRequest{Checkpoint: checkpoint}, &v)
 }
 
 // Clone starts a new, independent VM named as from vm's checkpoint.
@@ -294,7 +322,7 @@ func (c *Client) Clone(ctx context.Context, vm, checkpoint, as string) (*VM, err
 		return nil, fmt.Errorf("%w: clone needs a new VM name", ErrInvalidArgument)
 	}
 	var v VM
-	return &v, c.do(ctx, "POST", "/v1/vms/"+url.PathEscape(vm)+"/restore", api.RestoreRequest{Checkpoint: checkpoint, As: as}, &v)
+	return &v, c.do(ctx, "POST", vmPath(vm, "/restore", nil), api.RestoreRequest{Checkpoint: checkpoint, As: as}, &v)
 }
 
 // IsNotFound reports whether err means the object does not exist.
@@ -317,7 +345,8 @@ func (c *Client) ListGolden(ctx context.Context) ([]*Golden, error) {
 }
 
 // PromoteGolden turns a checkpoint into the golden snapshot for its spec.
-// vm may be empty when checkpoint is a checkpoint id.
+// vm may be empty when checkpoint is a checkpoint id; an admin may name
+// another user's VM as "user/vm" (the golden is then a system one).
 func (c *Client) PromoteGolden(ctx context.Context, vm, checkpoint string) (*Golden, error) {
 	var g Golden
 	return &g, c.do(ctx, "POST", "/v1/golden", api.GoldenPromoteRequest{VM: vm, Checkpoint: checkpoint}, &g)

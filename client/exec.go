@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"syscall"
@@ -51,12 +50,12 @@ func (c *Client) Exec(ctx context.Context, vm string, req ExecRequest, eio ExecI
 	if eio.Stdin != nil {
 		req.Stdin = true
 	}
-	return c.stream(ctx, "/v1/vms/"+url.PathEscape(vm)+"/exec", req, eio)
+	return c.stream(ctx, vmPath(vm, "/exec", nil), req, eio)
 }
 
 // Console opens an interactive login shell on a PTY in vm.
 func (c *Client) Console(ctx context.Context, vm string, rows, cols int, eio ExecIO) (ExitStatus, error) {
-	return c.stream(ctx, "/v1/vms/"+url.PathEscape(vm)+"/console", ExecRequest{TTY: true, Stdin: true, Rows: rows, Cols: cols}, eio)
+	return c.stream(ctx, vmPath(vm, "/console", nil), ExecRequest{TTY: true, Stdin: true, Rows: rows, Cols: cols}, eio)
 }
 
 func (c *Client) wsURL(path string) string {

@@ -34,7 +34,7 @@ type (
 func (c *Client) PutFiles(ctx context.Context, vm, dir string, tarStream io.Reader) (*PutFilesResult, error) {
 	q := url.Values{"dir": {dir}}
 	body := &trackedReader{r: tarStream}
-	resp, err := c.raw(ctx, "PUT", "/v1/vms/"+url.PathEscape(vm)+"/files?"+q.Encode(), body, "application/x-tar")
+	resp, err := c.raw(ctx, "PUT", vmPath(vm, "/files", q), body, "application/x-tar")
 	if err != nil {
 		if rerr := body.readErr(); rerr != nil {
 			return nil, rerr // the local side failed, not the server
@@ -83,7 +83,7 @@ func (t *trackedReader) readErr() error {
 // instead of io.EOF. Close the reader when done.
 func (c *Client) GetFiles(ctx context.Context, vm, p string) (io.ReadCloser, error) {
 	q := url.Values{"path": {p}}
-	resp, err := c.raw(ctx, "GET", "/v1/vms/"+url.PathEscape(vm)+"/files?"+q.Encode(), nil, "")
+	resp, err := c.raw(ctx, "GET", vmPath(vm, "/files", q), nil, "")
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +116,7 @@ func (t *trailerReader) Close() error { return t.resp.Body.Close() }
 func (c *Client) StatFile(ctx context.Context, vm, p string) (*FileInfo, error) {
 	q := url.Values{"path": {p}, "stat": {"true"}}
 	var fi FileInfo
-	if err := c.do(ctx, "GET", "/v1/vms/"+url.PathEscape(vm)+"/files?"+q.Encode(), nil, &fi); err != nil {
+	if err := c.do(ctx, "GET", vmPath(vm, "/files", q), nil, &fi); err != nil {
 		return nil, err
 	}
 	return &fi, nil

@@ -15,6 +15,14 @@ say "installing dependencies and building noid"
 ./scripts/install.sh >/dev/null
 export PATH=/usr/local/bin:$PATH
 
+# From here on, a failing step ends with what `noid-server doctor` finds
+# wrong with the host (KVM, QEMU, the data dir, storage, cgroups, network).
+doctor() {
+	echo "quickstart: checking the host with \`noid-server doctor --config $CONFIG\`:" >&2
+	noid-server doctor --config "$CONFIG" >&2 || true
+}
+trap 'status=$?; echo "quickstart: a step failed (exit $status)" >&2; doctor; exit $status' ERR
+
 say "building the guest image (Debian bookworm; the first build takes a few minutes)"
 noid-server image build --config "$CONFIG"
 
@@ -54,11 +62,13 @@ done
 noid version
 if ! up; then
 	if [ $systemd = 1 ]; then
-		echo "quickstart: noid-server did not start; see \`systemctl status noid-server\` and \`journalctl -u noid-server\`" >&2
+		echo "quickstart: noid-server did not start; see \`systemctl status noid-server\` and \`journalctl -u noid-server -p warning\`" >&2
 	else
 		echo "quickstart: noid-server did not start; the end of $LOG:" >&2
 		tail -n 5 "$LOG" >&2
 	fi
+	trap - ERR
+	doctor
 	exit 1
 fi
 
@@ -83,6 +93,9 @@ noid is running. Try:
   noid restore $VM clean --as copy   clone it
   noid list / noid info $VM / noid destroy $VM
 MSG
-if [ $systemd = 0 ]; then
+if [ $systemd = 1 ]; then
+	echo "noid-server runs under systemd: systemctl status noid-server; its log: journalctl -u noid-server (-p warning for problems)"
+else
 	echo "noid-server runs in the background (log $LOG, pid in $PIDFILE); nothing restarts it after a reboot: re-run this script"
 fi
+echo "noid-server doctor --config $CONFIG checks the host and says what to fix."

@@ -2,6 +2,7 @@ package api
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/noid-vm/noid/internal/errdefs"
 )
@@ -22,6 +23,20 @@ func ValidateVMName(name string) error {
 			errdefs.ErrInvalidArgument, name, err)
 	}
 	return nil
+}
+
+// ValidateVMRef checks how a client names a VM: a VM name, or "user/vm",
+// with which an admin names another user's VM. The user part may be any
+// account name without "/", ":", spaces or control characters.
+func ValidateVMRef(ref string) error {
+	user, name, ok := strings.Cut(ref, "/")
+	if !ok {
+		return ValidateVMName(ref)
+	}
+	if user == "" || strings.ContainsAny(user, ":/") || strings.IndexFunc(user, func(r rune) bool { return r <= ' ' || r == 0x7f }) >= 0 {
+		return fmt.Errorf("%w: invalid vm %q: write another user's VM as USER/VM", errdefs.ErrInvalidArgument, ref)
+	}
+	return ValidateVMName(name)
 }
 
 // ValidateCheckpointName checks a checkpoint name: [a-z0-9][a-z0-9._-]{0,62}.

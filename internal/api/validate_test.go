@@ -34,3 +34,15 @@ func TestValidateCheckpointName(t *testing.T) {
 		}
 	}
 }
+
+// TestValidateVMRef: a VM name, or USER/VM with any account name as USER.
+func TestValidateVMRef(t *testing.T) {
+	for ref, ok := range map[string]bool{
+		"dev": true, "alice/dev": true, "john.doe/dev": true, "uid1001/_provision": true, "Admin_1/x": true,
+		"alice/": false, "/dev": false, "alice/Dev": false, "a/b/c": false, "a:b/c": false, "a b/c": false, "alice/dev:": false, "": false,
+	} {
+		if err := ValidateVMRef(ref); (err == nil) != ok {
+			t.Errorf("ValidateVMRef(%q) = %v, want ok %v", ref, err, ok)
+		}
+	}
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/promtext"
 	"github.com/noid-vm/noid/internal/storage"
 )
 
@@ -369,13 +370,11 @@ func (s *Server) checkpointDir(id string) string {
 // and rewinds) of a VM with memMiB of memory ready, as its /metrics report,
 // or until ctx ends. It reports whether one is ready.
 func (s *Server) WaitCloneSpare(ctx context.Context, memMiB int) bool {
-	prefix := fmt.Sprintf(`noid_warm_spares{kind="clone",vcpus="1",memory_mib="%d",`, memMiB)
+	want := map[string]string{"kind": "clone", "vcpus": "1", "memory_mib": strconv.Itoa(memMiB)}
 	for {
 		if m, err := s.Client.Metrics(ctx); err == nil {
-			for _, line := range strings.Split(m, "\n") {
-				if strings.HasPrefix(line, prefix) && !strings.HasSuffix(line, "} 0") {
-					return true
-				}
+			if fams, err := promtext.Parse(m); err == nil && fams.Sum("noid_warm_spares", want) > 0 {
+				return true
 			}
 		}
 		select {

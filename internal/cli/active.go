@@ -65,7 +65,7 @@ func readActiveVMFile(p string) (string, error) {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		if err := api.ValidateVMName(line); err != nil {
+		if err := api.ValidateVMRef(line); err != nil {
 			return "", errdefs.WithHint(fmt.Errorf("%s: %w", p, err), "fix it with `noid use <vm>`, or remove it with `noid use --unset`")
 		}
 		return line, nil
@@ -80,7 +80,7 @@ func readActiveVMFile(p string) (string, error) {
 // nearest ActiveVMFile. An empty name means none is set.
 func (e *env) activeVM() (name, from string, err error) {
 	if v := strings.TrimSpace(e.getenv("NOID_VM")); v != "" {
-		if err := api.ValidateVMName(v); err != nil {
+		if err := api.ValidateVMRef(v); err != nil {
 			return "", "", fmt.Errorf("NOID_VM: %w", err)
 		}
 		return v, "NOID_VM", nil
@@ -177,7 +177,7 @@ VM. --unset removes the nearest ` + ActiveVMFile + `. ` + "`noid current`" + ` s
 				return nil
 			}
 			name := args[0]
-			if err := api.ValidateVMName(name); err != nil {
+			if err := api.ValidateVMRef(name); err != nil {
 				return err
 			}
 			if !noCheck {

@@ -29,7 +29,7 @@ func parseCpArg(s string) cpArg {
 	if strings.HasPrefix(s, "/") || strings.HasPrefix(s, ".") {
 		return cpArg{path: s}
 	}
-	if name, p, ok := strings.Cut(s, ":"); ok && (name == "" || api.ValidateVMName(name) == nil) {
+	if name, p, ok := strings.Cut(s, ":"); ok && (name == "" || api.ValidateVMRef(name) == nil) {
 		return cpArg{remote: true, vm: name, path: p}
 	}
 	return cpArg{path: s}

@@ -477,3 +477,17 @@ func TestSpinnerOnTTY(t *testing.T) {
 		t.Errorf("piped checkpoint: %+v", res)
 	}
 }
+
+// TestParseCpArgUserVM: an admin's USER/VM:PATH is a VM side; a relative
+// local path with a slash before a colon-free rest stays local.
+func TestParseCpArgUserVM(t *testing.T) {
+	if a := parseCpArg("alice/dev:/root/x"); !a.remote || a.vm != "alice/dev" || a.path != "/root/x" {
+		t.Errorf("alice/dev:/root/x: %+v", a)
+	}
+	if a := parseCpArg("dir/file.txt"); a.remote {
+		t.Errorf("dir/file.txt: %+v", a)
+	}
+	if a := parseCpArg("a/b/c:/x"); a.remote {
+		t.Errorf("a/b/c:/x is a local path: %+v", a)
+	}
+}

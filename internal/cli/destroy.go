@@ -43,7 +43,7 @@ independent copies and are kept. destroy never uses the active VM (see
 					}
 					continue
 				}
-				fmt.Fprintf(e.stdout, "destroyed %s (%d checkpoints removed)\n", res.Name, res.Checkpoints)
+				fmt.Fprintf(e.stdout, "destroyed %s (%d checkpoints removed)\n", name, res.Checkpoints)
 			}
 			return firstErr
 		},

@@ -58,7 +58,7 @@ same object as the API (GET /v1/vms/{name}); its field names are stable.
 				pid = "-"
 			}
 			for _, r := range [][2]string{
-				{"name", v.Name}, {"id", v.ID}, {"state", state}, {"pid", pid}, {"vcpus", fmt.Sprint(v.VCPUs)},
+				{"name", v.Name}, {"user", orDash(v.Owner)}, {"id", v.ID}, {"state", state}, {"pid", pid}, {"vcpus", fmt.Sprint(v.VCPUs)},
 				{"memory", fmt.Sprintf("%d MiB", v.MemoryMiB)}, {"disk", bytesHuman(v.DiskBytes)}, {"ip", orDash(v.IP)},
 				{"mac", orDash(v.MAC)}, {"tap", orDash(v.Tap)}, {"network", v.Network}, {"vmm", v.VMM}, {"accel", v.Accel}, {"boot", boot},
 				{"source", orDash(v.Source)}, {"created", v.CreatedAt.Local().Format(time.RFC3339) + " (" + ago(v.CreatedAt) + ")"},

@@ -54,6 +54,9 @@ type Config struct {
 	AgentBinary string `toml:"agent_binary"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `toml:"log_level"`
+	// LogFormat is text (key=value lines) or json (one object a line, for
+	// the journal and log shippers). Default text.
+	LogFormat string `toml:"log_format"`
 	// Defaults for new VMs.
 	DefaultVCPUs     int    `toml:"default_vcpus"`
 	DefaultMemoryMiB int    `toml:"default_memory_mib"`
@@ -68,6 +71,8 @@ type Config struct {
 	Storage Storage `toml:"storage"`
 	// Pool configures the warm pool of VMMs prepared for golden snapshots.
 	Pool Pool `toml:"pool"`
+	// HTTP configures the API server's connections and shutdown.
+	HTTP HTTP `toml:"http"`
 }
 
 // Pool is the [pool] section.
@@ -243,6 +248,9 @@ func (c *Config) applyDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.LogFormat == "" {
+		c.LogFormat = "text"
+	}
 	if c.DefaultVCPUs == 0 {
 		c.DefaultVCPUs = 1
 	}
@@ -267,6 +275,7 @@ func (c *Config) applyDefaults() {
 	if c.Sandbox.UIDCount == 0 {
 		c.Sandbox.UIDCount = DefaultUIDCount
 	}
+	c.HTTP.applyDefaults()
 }
 
 // Parse decodes TOML text, rejects unknown keys and fills in defaults.
@@ -338,6 +347,11 @@ func (c *Config) Validate() error {
 	default:
 		return bad("log_level must be debug, info, warn or error, got %q", c.LogLevel)
 	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		return bad("log_format must be text or json, got %q", c.LogFormat)
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return bad("tls_cert and tls_key must be set together")
 	}
@@ -394,6 +408,9 @@ func (c *Config) Validate() error {
 		return bad("quota values must not be negative")
 	}
 	if err := c.validateSandbox(); err != nil {
+		return bad("%v", err)
+	}
+	if err := c.HTTP.validate(); err != nil {
 		return bad("%v", err)
 	}
 	return nil

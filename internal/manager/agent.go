@@ -62,11 +62,13 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 		return nil, fmt.Errorf("%w: connecting to agent: %v", errdefs.ErrUnavailable, err)
 	}
 	t1 := time.Now()
+	rt.m.metrics.agentCall("hello", t0)
 	res, err := c.Sync(cctx, rt.m.syncFor(v))
 	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("%w: syncing agent: %v", errdefs.ErrUnavailable, err)
 	}
+	rt.m.metrics.agentCall("sync", t1)
 	rt.log.Debug("agent connected", "hello_ms", ms(t1.Sub(t0)), "sync_ms", ms(time.Since(t1)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
 	rt.mu.Lock()
 	if rt.inst != inst {
@@ -89,6 +91,7 @@ func (rt *vmRT) takeAgent(ctx context.Context, c *client.Client, v *store.VM) er
 		c.Close()
 		return err
 	}
+	rt.m.metrics.agentCall("sync", t0)
 	rt.log.Debug("agent taken over from a warm spare", "sync_ms", ms(time.Since(t0)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
 	rt.mu.Lock()
 	old := rt.agent

@@ -44,11 +44,15 @@ func (m *Manager) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMe
 	return meta
 }
 
-// Checkpoint captures the user's running VM. The checkpoint directory is
+// Checkpoint captures the user's running VM (vmName as Owner resolves it). The checkpoint directory is
 // written under a temporary name, synced, and renamed into place; only then
 // is the row inserted, so a crash never leaves a listed partial checkpoint.
 func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
 	start := time.Now()
+	u, vmName, err := m.Owner(ctx, u, vmName)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err
@@ -142,8 +146,12 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	return out, nil
 }
 
-// ListCheckpoints lists a VM's checkpoints.
+// ListCheckpoints lists a VM's checkpoints (vmName as Owner resolves it).
 func (m *Manager) ListCheckpoints(ctx context.Context, u *store.User, vmName string) ([]*api.Checkpoint, error) {
+	u, vmName, err := m.Owner(ctx, u, vmName)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err
@@ -159,8 +167,13 @@ func (m *Manager) ListCheckpoints(ctx context.Context, u *store.User, vmName str
 	return out, nil
 }
 
-// DeleteCheckpoint removes a checkpoint's row and files.
+// DeleteCheckpoint removes a checkpoint's row and files (vmName as Owner
+// resolves it).
 func (m *Manager) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, cpName string) error {
+	u, vmName, err := m.Owner(ctx, u, vmName)
+	if err != nil {
+		return err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return err
@@ -210,9 +223,13 @@ func checkRestoreRequest(req api.RestoreRequest) error {
 	return nil
 }
 
-// Restore rewinds the VM to a checkpoint, or with req.As clones the
-// checkpoint into a new VM.
+// Restore rewinds the VM (vmName as Owner resolves it) to a checkpoint, or
+// with req.As clones the checkpoint into a new VM of the same owner.
 func (m *Manager) Restore(ctx context.Context, u *store.User, vmName string, req api.RestoreRequest) (*api.VM, error) {
+	u, vmName, err := m.Owner(ctx, u, vmName)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, vmName)
 	if err != nil {
 		return nil, err

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -45,22 +44,7 @@ type env struct {
 }
 
 // logBuf collects a manager's log lines for the test.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+type logBuf = testutil.LogBuffer
 
 // newEnv writes a config for a fresh data dir (extra is appended TOML) and
 // opens a manager on it. Networking is off; VMs get 256 MiB.

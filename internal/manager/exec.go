@@ -15,10 +15,14 @@ import (
 	"github.com/noid-vm/noid/internal/store"
 )
 
-// agentFor resolves the user's VM to a connected agent, failing fast when the
-// VM is not running.
+// agentFor resolves the user's VM (see Owner) to a connected agent, failing
+// fast when the VM is not running.
 func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*store.VM, *client.Client, error) {
-	v, err := m.store.GetVM(ctx, u.ID, name)
+	owner, bare, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := m.store.GetVM(ctx, owner.ID, bare)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -46,6 +50,7 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 // Guest is a running VM's connected agent, ready to start processes.
 type Guest struct {
 	c *client.Client
+	m *metrics
 }
 
 // Guest connects to the agent of the user's running VM name. It fails
@@ -56,7 +61,7 @@ func (m *Manager) Guest(ctx context.Context, u *store.User, name string) (*Guest
 	if err != nil {
 		return nil, err
 	}
-	return &Guest{c: c}, nil
+	return &Guest{c: c, m: m.metrics}, nil
 }
 
 // Exec checks req and starts its command in the guest; with console, an
@@ -68,6 +73,7 @@ func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*c
 		return nil, err
 	}
 	var proc *client.Process
+	start := time.Now()
 	if console && len(preq.Argv) == 0 {
 		proc, err = g.c.Console(ctx, preq)
 	} else {
@@ -76,6 +82,7 @@ func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*c
 	if err != nil {
 		return nil, fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err)
 	}
+	g.m.agentCall("exec", start)
 	return proc, nil
 }
 

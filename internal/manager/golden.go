@@ -248,11 +248,17 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 			vmName = v.Name
 		}
 	} else {
-		v, err := m.store.GetVM(ctx, u.ID, req.VM)
+		// An admin may promote another user's checkpoint ("user/vm"); the
+		// golden is still the caller's (for an admin, a system golden).
+		owner, name, err := m.Owner(ctx, u, req.VM)
 		if err != nil {
 			return nil, err
 		}
-		cp, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, req.Checkpoint)
+		v, err := m.store.GetVM(ctx, owner.ID, name)
+		if err != nil {
+			return nil, err
+		}
+		cp, err := m.store.GetCheckpoint(ctx, owner.ID, v.ID, req.Checkpoint)
 		if err != nil {
 			return nil, err
 		}

@@ -84,10 +84,14 @@ type warmPool struct {
 	recent []string
 	closed bool
 	wg     sync.WaitGroup
+	// ctx ends when the pool closes, so that fills in flight stop.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 func newWarmPool(m *Manager, size int) *warmPool {
-	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, ctx: ctx, cancel: cancel}
 }
 
 // spareShape is what a spare's VMM was started with, besides its snapshot.
@@ -161,24 +165,24 @@ func (wp *warmPool) ready(dir string) int {
 }
 
 // counts is the number of spares waiting for golden creates, and for
-// clones and rewinds per shape.
-func (wp *warmPool) counts() (golden int, shapes map[spareShape]int) {
-	shapes = map[spareShape]int{}
+// clones and rewinds, per shape.
+func (wp *warmPool) counts() (golden, blank map[spareShape]int) {
+	golden, blank = map[spareShape]int{}, map[spareShape]int{}
 	if wp == nil {
-		return 0, shapes
+		return golden, blank
 	}
 	wp.mu.Lock()
 	defer wp.mu.Unlock()
 	for _, sps := range wp.spares {
 		for _, sp := range sps {
-			if sp.shape.Golden {
-				golden++
+			if !sp.shape.Golden {
+				blank[sp.shape]++
 			} else {
-				shapes[sp.shape]++
+				golden[sp.shape]++
 			}
 		}
 	}
-	return golden, shapes
+	return golden, blank
 }
 
 // refill starts spares in the background until the golden in dir has size
@@ -236,7 +240,7 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 	go func() {
 		defer wp.wg.Done()
 		for i := 0; i < need; i++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			ctx, cancel := context.WithTimeout(wp.ctx, 2*time.Minute)
 			sp, err := make(ctx)
 			cancel()
 			wp.mu.Lock()
@@ -280,7 +284,7 @@ func (wp *warmPool) drain(dir string) {
 	}
 }
 
-// close discards every spare and waits for fills in flight.
+// close discards every spare, and cancels and waits for the fills in flight.
 func (wp *warmPool) close() {
 	if wp == nil {
 		return
@@ -290,6 +294,7 @@ func (wp *warmPool) close() {
 	all := wp.spares
 	wp.spares = map[string][]*spare{}
 	wp.mu.Unlock()
+	wp.cancel()
 	wp.wg.Wait()
 	for _, sps := range all {
 		for _, sp := range sps {

@@ -537,8 +537,12 @@ func (m *Manager) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 	return len(cps), nil
 }
 
-// DestroyVM destroys the user's named VM and its checkpoints.
+// DestroyVM destroys the user's named VM (see Owner) and its checkpoints.
 func (m *Manager) DestroyVM(ctx context.Context, u *store.User, name string) (*api.DestroyResult, error) {
+	u, name, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err
@@ -574,6 +578,9 @@ func (m *Manager) apiVM(ctx context.Context, v *store.VM) *api.VM {
 	if n, err := m.store.CheckpointCounts(ctx, v.UserID, v.ID); err == nil {
 		out.Checkpoints = n[v.ID]
 	}
+	if o, err := m.store.UserByID(ctx, v.UserID); err == nil {
+		out.Owner = o.Name
+	}
 	return out
 }
 
@@ -601,9 +608,10 @@ func (m *Manager) apiVMState(v *store.VM) *api.VM {
 	return out
 }
 
-// apiVMs converts VMs of one user for the API, counting their checkpoints
-// in one query rather than one per VM.
-func (m *Manager) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*api.VM {
+// apiVMs converts VMs of one user (every user's for a negative userID) for
+// the API, counting their checkpoints in one query rather than one per VM;
+// owners maps user ids to the names the VMs' owners are given.
+func (m *Manager) apiVMs(ctx context.Context, userID int64, vms []*store.VM, owners map[int64]string) []*api.VM {
 	counts, err := m.store.CheckpointCounts(ctx, userID, "")
 	out := make([]*api.VM, 0, len(vms))
 	for _, v := range vms {
@@ -611,6 +619,7 @@ func (m *Manager) apiVMs(ctx context.Context, userID int64, vms []*store.VM) []*
 		if err == nil {
 			a.Checkpoints = counts[v.ID]
 		}
+		a.Owner = owners[v.UserID]
 		out = append(out, a)
 	}
 	return out
@@ -622,11 +631,15 @@ func (m *Manager) ListVMs(ctx context.Context, u *store.User) ([]*api.VM, error)
 	if err != nil {
 		return nil, err
 	}
-	return m.apiVMs(ctx, u.ID, vms), nil
+	return m.apiVMs(ctx, u.ID, vms, map[int64]string{u.ID: u.Name}), nil
 }
 
-// GetVM returns one of the user's VMs.
+// GetVM returns one of the user's VMs (see Owner).
 func (m *Manager) GetVM(ctx context.Context, u *store.User, name string) (*api.VM, error) {
+	u, name, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err
@@ -634,8 +647,13 @@ func (m *Manager) GetVM(ctx context.Context, u *store.User, name string) (*api.V
 	return m.apiVM(ctx, v), nil
 }
 
-// Logs returns up to tail bytes of the VM's serial console log.
+// Logs returns up to tail bytes of the VM's serial console log (see Owner
+// for name).
 func (m *Manager) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
+	u, name, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err

@@ -7,7 +7,7 @@ import (
 )
 
 func (s *Server) hListCheckpoints(w http.ResponseWriter, r *http.Request) error {
-	out, err := s.mgr.ListCheckpoints(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	out, err := s.mgr.ListCheckpoints(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}
@@ -19,7 +19,7 @@ func (s *Server) hCheckpoint(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeJSON(r, &req); err != nil {
 		return err
 	}
-	out, err := s.mgr.Checkpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
+	out, err := s.mgr.Checkpoint(r.Context(), userOf(r.Context()), vmRef(r), req)
 	if err != nil {
 		return err
 	}
@@ -27,7 +27,7 @@ func (s *Server) hCheckpoint(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hDeleteCheckpoint(w http.ResponseWriter, r *http.Request) error {
-	if err := s.mgr.DeleteCheckpoint(r.Context(), userOf(r.Context()), r.PathValue("name"), r.PathValue("checkpoint")); err != nil {
+	if err := s.mgr.DeleteCheckpoint(r.Context(), userOf(r.Context()), vmRef(r), r.PathValue("checkpoint")); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -39,7 +39,7 @@ func (s *Server) hRestore(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeJSON(r, &req); err != nil {
 		return err
 	}
-	out, err := s.mgr.Restore(r.Context(), userOf(r.Context()), r.PathValue("name"), req)
+	out, err := s.mgr.Restore(r.Context(), userOf(r.Context()), vmRef(r), req)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -27,23 +28,49 @@ func (s *Server) hConsole(w http.ResponseWriter, r *http.Request) error {
 // serveExec runs one process over a WebSocket. Errors before the upgrade are
 // ordinary HTTP errors; after it they are sent as an error message.
 func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool) error {
-	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
+	}
+	// The stream is not bounded by write_timeout: the upgrade goes to the
+	// connection's own writer, and the hijacked connection keeps the
+	// deadlines serveRoute cleared. Pings and a timeout on each write
+	// drop a client that is gone.
+	if dw, ok := w.(*deadlineWriter); ok {
+		w = dw.Unwrap()
 	}
 	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true, CompressionMode: websocket.CompressionDisabled})
 	if err != nil {
 		return nil // Accept already wrote the response.
 	}
 	ws.SetReadLimit(4 << 20)
-	ctx, cancel := context.WithCancel(r.Context())
+	// The WebSocket closes its connection when the context of a read or
+	// write ends, so the stream's context does not end with the request's
+	// (at a shutdown): the shutdown is told to the client first.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
 	defer cancel()
+	writeTimeout := s.cfg.HTTP.Write()
+	write := func(typ websocket.MessageType, b []byte) error {
+		wctx, wcancel := context.WithTimeout(ctx, writeTimeout)
+		defer wcancel()
+		return ws.Write(wctx, typ, b)
+	}
 	sendErr := func(err error) {
 		code, _ := errdefs.Classify(err)
 		b, _ := json.Marshal(api.StreamMsg{Type: api.MsgError, Error: &api.ErrorDetail{Code: string(code), Message: err.Error(), Hint: errdefs.HintOf(err), RequestID: requestID(ctx)}})
-		ws.Write(ctx, websocket.MessageText, b)
+		write(websocket.MessageText, b)
 		ws.Close(websocket.StatusNormalClosure, "")
 	}
+	shutdown := make(chan struct{})
+	stopWatch := context.AfterFunc(r.Context(), func() {
+		if errors.Is(context.Cause(r.Context()), errShuttingDown) {
+			sendErr(shutdownErr(r.Context(), context.Canceled))
+			close(shutdown)
+		}
+		cancel()
+	})
+	defer stopWatch()
+	go s.keepAlive(ctx, cancel, ws)
 
 	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
 	typ, first, err := ws.Read(rctx)
@@ -67,7 +94,7 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		return nil
 	}
 	started, _ := json.Marshal(api.StreamMsg{Type: api.MsgStarted})
-	if err := ws.Write(ctx, websocket.MessageText, started); err != nil {
+	if err := write(websocket.MessageText, started); err != nil {
 		proc.Signal(context.Background(), syscall.SIGKILL)
 		return nil
 	}
@@ -144,7 +171,7 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		for {
 			n, err := rd.Read(buf[1:])
 			if n > 0 {
-				if werr := ws.Write(ctx, websocket.MessageBinary, buf[:n+1]); werr != nil {
+				if werr := write(websocket.MessageBinary, buf[:n+1]); werr != nil {
 					cancel()
 					io.Copy(io.Discard, rd)
 					return
@@ -158,7 +185,15 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	wg.Add(2)
 	go pump(api.ChanStdout, proc.Stdout())
 	go pump(api.ChanStderr, proc.Stderr())
-	wg.Wait()
+	pumped := make(chan struct{})
+	go func() { wg.Wait(); close(pumped) }()
+	select {
+	case <-pumped:
+	case <-shutdown:
+		// The client was told; the pumps end when the manager closes the
+		// agent connection.
+		return nil
+	}
 	ex, err := proc.Wait()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -172,9 +207,37 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		return nil
 	}
 	b, _ := json.Marshal(api.StreamMsg{Type: api.MsgExit, Code: ex.Code, ExitSig: ex.Signal, TimedOut: ex.TimedOut})
-	ws.Write(ctx, websocket.MessageText, b)
+	write(websocket.MessageText, b)
 	ws.Close(websocket.StatusNormalClosure, "")
 	return nil
+}
+
+// streamPing is how often an exec or console stream pings its client.
+var streamPing = 30 * time.Second
+
+// keepAlive pings the client of a stream every streamPing and ends the
+// stream (cancel) when a pong does not come within write_timeout: the
+// client is gone, though its connection may not say so.
+func (s *Server) keepAlive(ctx context.Context, cancel context.CancelFunc, ws *websocket.Conn) {
+	t := time.NewTicker(streamPing)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, pcancel := context.WithTimeout(ctx, s.cfg.HTTP.Write())
+		err := ws.Ping(pctx)
+		pcancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Info("exec stream: the client does not answer pings; hanging up", "request_id", requestID(ctx), "err", err)
+			}
+			cancel()
+			return
+		}
+	}
 }
 
 // clientMsg decodes a text message a client sends during an exec. It

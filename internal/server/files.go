@@ -14,7 +14,7 @@ import (
 // hPutFiles extracts the tar stream in the request body into ?dir= in the
 // guest.
 func (s *Server) hPutFiles(w http.ResponseWriter, r *http.Request) error {
-	res, err := s.mgr.PutFiles(r.Context(), userOf(r.Context()), r.PathValue("name"), r.URL.Query().Get("dir"), r.Body)
+	res, err := s.mgr.PutFiles(r.Context(), userOf(r.Context()), vmRef(r), r.URL.Query().Get("dir"), r.Body)
 	if err != nil {
 		// Read (a bounded part of) what the client still sends, so it sees
 		// this answer instead of a connection reset.
@@ -39,7 +39,7 @@ func (s *Server) hGetFiles(w http.ResponseWriter, r *http.Request) error {
 	default:
 		return fmt.Errorf("%w: stat must be true or false", errdefs.ErrInvalidArgument)
 	}
-	name := r.PathValue("name")
+	name := vmRef(r)
 	if stat {
 		fi, err := s.mgr.StatFile(r.Context(), userOf(r.Context()), name, p)
 		if err != nil {

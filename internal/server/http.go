@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -138,7 +139,10 @@ func (s *Server) Handler(local bool) http.Handler {
 	return mux
 }
 
-func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, local bool) {
+func (s *Server) serveRoute(rw http.ResponseWriter, r *http.Request, rt route, local bool) {
+	s.reqs.add()
+	defer s.reqs.done()
+	w := newDeadlineWriter(rw, s.cfg.HTTP.Write())
 	rid := r.Header.Get("X-Request-Id")
 	if rid == "" || len(rid) > 64 {
 		rid = newRequestID()
@@ -155,7 +159,9 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 		}
 		r = r.WithContext(context.WithValue(r.Context(), keyIdentity, id))
 	}
+	s.metrics.inFlight.Inc()
 	err := rt.h(w, r)
+	s.metrics.inFlight.Dec()
 	u := userOf(r.Context())
 	uname := ""
 	if u != nil {
@@ -170,7 +176,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 			code, _ := errdefs.Classify(err)
 			result = "error: " + string(code)
 		}
-		target := r.PathValue("name")
+		target := vmRef(r)
 		if target == "" {
 			target = r.URL.Path
 		}
@@ -182,7 +188,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request, rt route, lo
 	if rt.mutating || err != nil {
 		lvl = slog.LevelInfo
 	}
-	s.log.Log(r.Context(), lvl, "request", "method", r.Method, "path", r.URL.Path, "user", uname, "vm", r.PathValue("name"),
+	s.log.Log(r.Context(), lvl, "request", "method", r.Method, "path", r.URL.Path, "user", uname, "vm", vmRef(r),
 		"request_id", rid, "ms", ms(time.Since(start)), "err", errString(err))
 }
 
@@ -235,6 +241,16 @@ func (s *Server) authenticate(r *http.Request, local bool) (*identity, error) {
 		"set NOID_TOKEN or run `noid auth setup --url URL --token TOKEN`")
 }
 
+// shutdownErr is err, or, when ctx was cancelled because the server is
+// shutting down, an ErrUnavailable that says so.
+func shutdownErr(ctx context.Context, err error) error {
+	if !errors.Is(context.Cause(ctx), errShuttingDown) {
+		return err
+	}
+	return errdefs.WithHint(fmt.Errorf("%w: %v, which cancelled the request (%v); VMs keep running", errdefs.ErrUnavailable, errShuttingDown, err),
+		"run it again once noid-server is back (`systemctl status noid-server`)")
+}
+
 func bearer(r *http.Request) (string, bool) {
 	h := r.Header.Get("Authorization")
 	if t, ok := strings.CutPrefix(h, "Bearer "); ok && t != "" {
@@ -264,6 +280,7 @@ func clientAddr(r *http.Request, trustProxy bool) string {
 
 // writeError sends the JSON error envelope with the status mapped by errdefs.
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	err = shutdownErr(r.Context(), err)
 	code, status := errdefs.Classify(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
@@ -307,8 +324,26 @@ func (s *Server) hWhoAmI(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, 200, api.WhoAmI{User: id.user.Name, Admin: id.user.IsAdmin, Via: id.via, Version: Version})
 }
 
+// vmRef is the VM a request names: {name}, or with ?user=U (admins only;
+// see manager.Owner) "U/{name}". It is "" for routes without a VM.
+func vmRef(r *http.Request) string {
+	name := r.PathValue("name")
+	if u := r.URL.Query().Get("user"); u != "" && name != "" {
+		return u + "/" + name
+	}
+	return name
+}
+
 func (s *Server) hListVMs(w http.ResponseWriter, r *http.Request) error {
-	vms, err := s.mgr.ListVMs(r.Context(), userOf(r.Context()))
+	list := s.mgr.ListVMs
+	switch r.URL.Query().Get("all") {
+	case "", "0", "false":
+	case "1", "true":
+		list = s.mgr.ListAllVMs
+	default:
+		return fmt.Errorf("%w: all must be true or false", errdefs.ErrInvalidArgument)
+	}
+	vms, err := list(r.Context(), userOf(r.Context()))
 	if err != nil {
 		return err
 	}
@@ -328,7 +363,7 @@ func (s *Server) hCreateVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
-	vm, err := s.mgr.GetVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	vm, err := s.mgr.GetVM(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}
@@ -336,7 +371,7 @@ func (s *Server) hGetVM(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) hDestroyVM(w http.ResponseWriter, r *http.Request) error {
-	res, err := s.mgr.DestroyVM(r.Context(), userOf(r.Context()), r.PathValue("name"))
+	res, err := s.mgr.DestroyVM(r.Context(), userOf(r.Context()), vmRef(r))
 	if err != nil {
 		return err
 	}
@@ -352,7 +387,7 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 		tail = n
 	}
-	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
+	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), vmRef(r), tail)
 	if err != nil {
 		return err
 	}

@@ -41,7 +41,26 @@ type Server struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	limiter   *authLimiter
+
+	// baseCtx is the parent of every request's context; shutdown cancels
+	// it, with errShuttingDown, when its deadline passes.
+	baseCtx    context.Context
+	cancelBase context.CancelCauseFunc
+	reqs       requests
+	stopOnce   sync.Once
+
+	metrics     *httpMetrics
+	metricsOnce sync.Once
+	promHandler http.Handler
 }
+
+// errShuttingDown is the cause of the cancellation of the requests still
+// running when a stopping server's shutdown_timeout has passed.
+var errShuttingDown = errors.New("noid-server is shutting down")
+
+// shutdownGrace is how long requests get to return once they have been
+// cancelled, before the server stops without them.
+const shutdownGrace = 10 * time.Second
 
 // New returns a Server for mgr, which its caller keeps owning (and closes
 // after the Server). It does not start listening; call Serve. A nil log
@@ -50,14 +69,19 @@ func New(mgr *manager.Manager, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{cfg: mgr.Config(), log: log, mgr: mgr, store: mgr.Store(), closed: make(chan struct{}), limiter: newAuthLimiter()}
+	base, cancel := context.WithCancelCause(context.Background())
+	return &Server{cfg: mgr.Config(), log: log, mgr: mgr, store: mgr.Store(), closed: make(chan struct{}), limiter: newAuthLimiter(),
+		baseCtx: base, cancelBase: cancel, metrics: newHTTPMetrics()}
 }
 
 // Manager is the VM lifecycle the server serves.
 func (s *Server) Manager() *manager.Manager { return s.mgr }
 
 // Serve listens on the unix socket (and the TCP address if configured) and
-// serves until ctx ends or Close is called.
+// serves until ctx ends or Close is called. It then stops accepting
+// connections, lets the requests in flight run for up to [http]
+// shutdown_timeout, cancels those still running and returns once they have
+// (or after a short grace, without them).
 func (s *Server) Serve(ctx context.Context) error {
 	ul, err := listenUnix(s.cfg.Socket)
 	if err != nil {
@@ -69,18 +93,18 @@ func (s *Server) Serve(ctx context.Context) error {
 	if s.cfg.Listen != "" {
 		tl, err := net.Listen("tcp", s.cfg.Listen)
 		if err != nil {
-			ul.Close()
+			s.shutdown(0)
 			return fmt.Errorf("listening on %s: %w", s.cfg.Listen, err)
 		}
-		s.log.Info("listening", "addr", tl.Addr().String(), "tls", s.cfg.TLSCert != "")
-		s.serveOn(tl, false, errc)
+		s.log.Info("listening", "addr", tl.Addr().String(), "tls", s.cfg.TLSCert != "", "max_conns_per_client", s.cfg.HTTP.MaxConnsPerClient)
+		s.serveOn(s.limitConns(tl), false, errc)
 	}
 	select {
 	case <-ctx.Done():
 	case <-s.closed:
 	case err = <-errc:
 	}
-	s.shutdownHTTP()
+	s.shutdown(s.cfg.HTTP.Shutdown())
 	return err
 }
 
@@ -94,8 +118,13 @@ func (s *Server) serveOn(l net.Listener, local bool, errc chan<- error) {
 	hs := &http.Server{
 		Handler:           s.Handler(local),
 		ReadHeaderTimeout: 10 * time.Second,
-		ConnContext:       connContext,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		// Responses the server writes outside the routes (a malformed
+		// request, say); the routes bound each write themselves.
+		WriteTimeout: s.cfg.HTTP.Write(),
+		IdleTimeout:  s.cfg.HTTP.Idle(),
+		ConnContext:  connContext,
+		BaseContext:  func(net.Listener) context.Context { return s.baseCtx },
+		ErrorLog:     slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	s.httpMu.Lock()
 	s.listeners = append(s.listeners, l)
@@ -139,23 +168,103 @@ func listenUnix(path string) (net.Listener, error) {
 	return l, nil
 }
 
-func (s *Server) shutdownHTTP() {
+// shutdown stops accepting connections, waits up to timeout for the
+// requests in flight, cancels those still running (exec and console
+// streams then tell their clients that the server is shutting down) and
+// waits up to shutdownGrace for them to return before it closes the
+// connections that are left. The manager, and so every VM, is untouched.
+// Only the first call works; later ones wait for it to finish.
+func (s *Server) shutdown(timeout time.Duration) {
+	s.stopOnce.Do(func() { s.stop(timeout) })
+}
+
+func (s *Server) stop(timeout time.Duration) {
 	s.httpMu.Lock()
 	hs := s.https
 	s.https = nil
 	s.httpMu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	var wg sync.WaitGroup
 	for _, h := range hs {
-		h.Shutdown(ctx)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.Shutdown(ctx) // closes the listeners at once
+		}()
+	}
+	if n := s.reqs.count(); n > 0 {
+		s.log.Info("shutting down: waiting for the requests in flight", "requests", n, "timeout", timeout.String())
+	}
+	select {
+	case <-s.reqs.idle():
+	case <-ctx.Done():
+	}
+	if n := s.reqs.count(); n > 0 {
+		s.log.Warn("shutting down: cancelling the requests still in flight", "requests", n, "timeout", timeout.String())
+	}
+	s.cancelBase(errShuttingDown)
+	select {
+	case <-s.reqs.idle():
+	case <-time.After(shutdownGrace):
+		s.log.Error("shutting down without the requests that did not end when cancelled", "requests", s.reqs.count())
+	}
+	cancel()
+	wg.Wait()
+	for _, h := range hs {
+		h.Close()
 	}
 }
 
-// Close stops serving. The manager stays open: its owner closes it.
+// requests counts the requests being served, streams included.
+type requests struct {
+	mu   sync.Mutex
+	n    int
+	zero chan struct{} // closed when n drops to 0
+}
+
+func (r *requests) add() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.n == 0 {
+		r.zero = make(chan struct{})
+	}
+	r.n++
+}
+
+func (r *requests) done() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.n--
+	if r.n == 0 {
+		close(r.zero)
+	}
+}
+
+func (r *requests) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.n
+}
+
+// idle is closed once no request is being served.
+func (r *requests) idle() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.n == 0 {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return r.zero
+}
+
+// Close stops serving at once: requests in flight are cancelled. The
+// manager stays open: its owner closes it.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		close(s.closed)
-		s.shutdownHTTP()
+		s.shutdown(0)
 	})
 	return nil
 }

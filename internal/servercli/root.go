@@ -29,16 +29,7 @@ func (e *env) config() (*config.Config, error) {
 }
 
 func (e *env) logger(cfg *config.Config) *slog.Logger {
-	lvl := slog.LevelInfo
-	switch cfg.LogLevel {
-	case "debug":
-		lvl = slog.LevelDebug
-	case "warn":
-		lvl = slog.LevelWarn
-	case "error":
-		lvl = slog.LevelError
-	}
-	return slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: lvl}))
+	return newLogger(e.stderr, cfg, e.stderr == io.Writer(os.Stderr) && stderrIsJournal())
 }
 
 // usageError marks bad usage (exit code 2).
@@ -61,7 +52,7 @@ func newRoot(e *env) *cobra.Command {
 	root.PersistentFlags().StringVar(&e.configPath, "config", "", "config file (TOML); default: built-in defaults")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return &usageError{err} })
 	root.AddCommand(newServeCmd(e), newImageCmd(e), newAddUserCmd(e), newListUsersCmd(e), newRotateTokenCmd(e),
-		newRemoveUserCmd(e), newStorageCmd(e), newVersionCmd(e), newAuditCmd(e), newSetQuotaCmd(e))
+		newRemoveUserCmd(e), newStorageCmd(e), newVersionCmd(e), newAuditCmd(e), newSetQuotaCmd(e), newDoctorCmd(e))
 	return root
 }
 

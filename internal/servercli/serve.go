@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -15,13 +16,22 @@ import (
 	"github.com/noid-vm/noid/internal/server"
 )
 
+// shutdownSlack is how much longer than [http] shutdown_timeout a stopping
+// server may take (the cancelled requests' grace, closing the manager)
+// before it exits regardless.
+const shutdownSlack = 30 * time.Second
+
 func newServeCmd(e *env) *cobra.Command {
 	return &cobra.Command{
 		Use:   "serve",
 		Short: "Run the server (VMs survive restarts of it)",
 		Long: `Run noid-server. It listens on the unix socket (and on the TCP address when
 "listen" is configured), re-adopts VMs left running by an earlier server and
-serves until SIGTERM or SIGINT. Stopping the server leaves VMs running.
+serves until SIGTERM or SIGINT. Stopping the server leaves VMs running: it
+stops accepting connections, lets requests in flight (creates, checkpoints,
+exec streams) run for up to [http] shutdown_timeout (30s), cancels the rest
+(exec clients are told the server is shutting down) and exits, within
+shutdown_timeout + 30s at most. A second signal stops it at once.
 
 One server per data dir: serve locks <data_dir>/noid.lock before it reads
 anything and keeps it until it has stopped. A second serve on the same data
@@ -38,6 +48,18 @@ refused whatever its bridge and pool.`,
 			log := e.logger(cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
+			// After the first signal a second one stops the server at once
+			// (the default action), and a shutdown that outlives its bound
+			// ends the process anyway. VMs keep running either way.
+			context.AfterFunc(ctx, func() {
+				stop()
+				bound := cfg.HTTP.Shutdown() + shutdownSlack
+				log.Info("shutting down; a second SIGTERM or SIGINT stops at once", "bound", bound.String())
+				time.AfterFunc(bound, func() {
+					log.Error("shutdown did not finish in time; exiting, VMs keep running", "bound", bound.String(), "pid", os.Getpid())
+					os.Exit(1)
+				})
+			})
 			lock, err := e.lockDataDir(ctx, cfg, noteServe+" "+cfg.Socket)
 			if err != nil {
 				var sr *serverRunning
@@ -57,11 +79,10 @@ refused whatever its bridge and pool.`,
 			srv := server.New(mgr, log)
 			defer srv.Close()
 			err = srv.Serve(ctx)
-			log.Info("shutting down; VMs keep running", "pid", os.Getpid())
+			log.Info("stopped serving; VMs keep running", "pid", os.Getpid())
 			if err != nil && ctx.Err() == nil {
 				return err
 			}
-			_ = context.Canceled
 			return nil
 		},
 	}

@@ -162,3 +162,24 @@ func TinyImage(t testing.TB) *image.Image {
 
 // NumCPU is the host's CPU count (for sizing parallel tests).
 func NumCPU() int { return runtime.NumCPU() }
+
+// LogBuffer collects log output written from several goroutines, for a
+// test to read.
+type LogBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+// Write appends p.
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// String is everything written so far.
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/promtext"
 	"github.com/noid-vm/noid/internal/testutil"
 )
 
@@ -200,7 +201,7 @@ func (e *Env) Stop() {
 	}
 }
 
-// cleanup destroys every VM through the server, stops it and removes the dir.
+// cleanup destroys every user's VM through the server, stops it and removes the dir.
 func (e *Env) cleanup() {
 	select {
 	case <-e.exited:
@@ -209,9 +210,9 @@ func (e *Env) cleanup() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if vms, err := e.Client.ListVMs(ctx); err == nil {
+	if vms, err := e.Client.ListAllVMs(ctx); err == nil {
 		for _, v := range vms {
-			e.Client.DestroyVM(ctx, v.Name)
+			e.Client.DestroyVM(ctx, v.Owner+"/"+v.Name)
 		}
 	}
 	e.Stop()
@@ -243,8 +244,20 @@ type Result struct {
 // CLI runs the noid binary against this server.
 func (e *Env) CLI(stdin string, args ...string) Result {
 	e.t.Helper()
+	return e.runCLI(stdin, nil, args)
+}
+
+// CLIAs runs the noid binary against this server with token (a user's,
+// over the unix socket) instead of the caller's uid.
+func (e *Env) CLIAs(token string, args ...string) Result {
+	e.t.Helper()
+	return e.runCLI("", []string{"NOID_TOKEN=" + token}, args)
+}
+
+func (e *Env) runCLI(stdin string, env, args []string) Result {
+	e.t.Helper()
 	cmd := exec.Command(e.Bins.Noid, args...)
-	cmd.Env = append(os.Environ(), "NOID_URL=unix://"+e.Socket)
+	cmd.Env = append(append(os.Environ(), "NOID_URL=unix://"+e.Socket), env...)
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
 	}
@@ -348,10 +361,12 @@ func (e *Env) WaitCloneSpare(within time.Duration) {
 	deadline := time.Now().Add(within)
 	for {
 		m := e.Metrics()
-		for _, line := range strings.Split(m, "\n") {
-			if strings.HasPrefix(line, `noid_warm_spares{kind="clone",`) && !strings.HasSuffix(line, "} 0") {
-				return
-			}
+		fams, err := promtext.Parse(m)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if fams.Sum("noid_warm_spares", map[string]string{"kind": "clone"}) > 0 {
+			return
 		}
 		if time.Now().After(deadline) {
 			e.t.Fatalf("no blank warm spare within %s; metrics:\n%s", within, m)
