@@ -51,7 +51,9 @@ refused whatever its bridge and pool.`,
 			// After the first signal a second one stops the server at once
 			// (the default action), and a shutdown that outlives its bound
 			// ends the process anyway. VMs keep running either way.
-			context.AfterFunc(ctx, func() {
+			// (Registered after stop is deferred, so it is deregistered
+			// before a return cancels ctx: only a signal triggers it.)
+			cancelAfter := context.AfterFunc(ctx, func() {
 				stop()
 				bound := cfg.HTTP.Shutdown() + shutdownSlack
 				log.Info("shutting down; a second SIGTERM or SIGINT stops at once", "bound", bound.String())
@@ -60,6 +62,7 @@ refused whatever its bridge and pool.`,
 					os.Exit(1)
 				})
 			})
+			defer cancelAfter()
 			lock, err := e.lockDataDir(ctx, cfg, noteServe+" "+cfg.Socket)
 			if err != nil {
 				var sr *serverRunning

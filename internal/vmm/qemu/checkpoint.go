@@ -38,9 +38,12 @@ const (
 	// with: QEMU stops the vCPUs once what is left would take that long.
 	downtimeStart = 10 * time.Millisecond
 	// downtimeMax is where the limit ends when a guest dirties its memory
-	// faster than the pipe drains; it doubles every downtimeStep.
-	downtimeMax  = 2 * time.Second
-	downtimeStep = 300 * time.Millisecond
+	// faster than the pipe drains: once the migration has made
+	// convergePasses passes over RAM without switching over, the limit
+	// doubles every downtimeStep.
+	downtimeMax    = 2 * time.Second
+	downtimeStep   = 300 * time.Millisecond
+	convergePasses = 4
 )
 
 // migrationStatus is the part of query-migrate a checkpoint reads.
@@ -209,7 +212,11 @@ func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t
 			return t, i.migrationFailure(ctx, splitDone)
 		default:
 		}
-		if downtime < downtimeMax {
+		// The first passes copy what the guest touched; only a guest
+		// that keeps dirtying its memory faster than it drains needs a
+		// longer stop.
+		var ms migrationStatus
+		if downtime < downtimeMax && i.qmp.Execute(ctx, "query-migrate", nil, &ms) == nil && ms.RAM.DirtySync >= convergePasses {
 			downtime *= 2
 			i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtime.Milliseconds()}, nil)
 		}
