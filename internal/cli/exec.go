@@ -20,6 +20,7 @@ func newExecCmd(e *env) *cobra.Command {
 	var cwd string
 	var tty bool
 	var timeout time.Duration
+	var user string
 	cmd := &cobra.Command{
 		Use:   "exec [<vm>] [flags] [-- <command> [args...]]",
 		Short: "Run a command in a VM",
@@ -40,6 +41,7 @@ Without --, the first argument is the VM and the rest is the command
   noid exec dev -e API_KEY=secret -w /srv -- ./run.sh
   noid exec dev -t -- top
   noid exec dev --timeout 30s -- make test
+  noid exec dev --user noid -- sudo apt-get install -y git
   noid use dev && noid exec -- ls -la /root`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if d := cmd.ArgsLenAtDash(); d > 1 {
@@ -58,7 +60,7 @@ Without --, the first argument is the VM and the rest is the command
 				return err
 			}
 			if len(argv) == 0 {
-				return runConsole(cmd.Context(), e, vm)
+				return runConsole(cmd.Context(), e, vm, user)
 			}
 			envMap := map[string]string{}
 			for _, kv := range envs {
@@ -75,10 +77,13 @@ Without --, the first argument is the VM and the rest is the command
 			if err != nil {
 				return err
 			}
-			req := client.ExecRequest{Argv: argv, Env: envMap, Cwd: cwd, TTY: tty, TimeoutMs: timeout.Milliseconds()}
+			req := client.ExecRequest{Argv: argv, Env: envMap, Cwd: cwd, TTY: tty, TimeoutMs: timeout.Milliseconds(), User: user}
 			st, err := execInteractive(cmd.Context(), e, c, vm, req)
 			if err != nil {
 				return err
+			}
+			if st.Message != "" {
+				fmt.Fprintf(e.stderr, "noid: %s\n", st.Message)
 			}
 			if st.TimedOut {
 				fmt.Fprintf(e.stderr, "noid: command timed out after %s\n", timeout)
@@ -94,6 +99,7 @@ Without --, the first argument is the VM and the rest is the command
 	f.StringVarP(&cwd, "workdir", "w", "", "working directory in the VM")
 	f.BoolVarP(&tty, "tty", "t", false, "allocate a pseudo-terminal")
 	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long (exit code 124)")
+	f.StringVarP(&user, "user", "u", "", "run as this user of the VM (name or uid; default: the server's, root)")
 	return cmd
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/manager"
 )
 
 func (s *Server) hExec(w http.ResponseWriter, r *http.Request) error {
@@ -159,19 +160,15 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	go pump(api.ChanStdout, proc.Stdout())
 	go pump(api.ChanStderr, proc.Stderr())
 	wg.Wait()
-	ex, err := proc.Wait()
+	msg, err := manager.ExitMessage(proc.Wait())
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
-		sendErr(fmt.Errorf("%w: lost the process: %v", errdefs.ErrUnavailable, err))
+		sendErr(err)
 		return nil
 	}
-	if ex.Code < 0 && ex.Error != "" {
-		sendErr(fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, ex.Error))
-		return nil
-	}
-	b, _ := json.Marshal(api.StreamMsg{Type: api.MsgExit, Code: ex.Code, ExitSig: ex.Signal, TimedOut: ex.TimedOut})
+	b, _ := json.Marshal(msg)
 	ws.Write(ctx, websocket.MessageText, b)
 	ws.Close(websocket.StatusNormalClosure, "")
 	return nil
