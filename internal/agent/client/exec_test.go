@@ -52,13 +52,15 @@ func TestExecStartFailure(t *testing.T) {
 		t.Fatalf("the agent does not announce %s: %+v", proto.FeatureExecUser, c.Agent())
 	}
 	dir := t.TempDir()
-	for name, content := range map[string]string{"data": "", "garbage": "\x01\x02 not a program\n"} {
+	for name, content := range map[string]string{"data": "", "garbage": "\x01\x02 not a program\n", "badinterp": "#!/nonexistent/interp\n"} {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Chmod(filepath.Join(dir, "garbage"), 0o755); err != nil {
-		t.Fatal(err)
+	for _, name := range []string{"garbage", "badinterp"} {
+		if err := os.Chmod(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, tc := range []struct {
 		req    proto.ExecRequest
@@ -70,6 +72,7 @@ func TestExecStartFailure(t *testing.T) {
 		{proto.ExecRequest{Argv: []string{filepath.Join(dir, "data")}}, proto.ReasonNotExecutable, filepath.Join(dir, "data") + ": permission denied"},
 		{proto.ExecRequest{Argv: []string{dir}}, proto.ReasonNotExecutable, dir + ": is a directory"},
 		{proto.ExecRequest{Argv: []string{"./garbage"}, Cwd: dir}, proto.ReasonNotExecutable, "./garbage: exec format error"},
+		{proto.ExecRequest{Argv: []string{"./badinterp"}, Cwd: dir}, proto.ReasonNotFound, "./badinterp: bad interpreter or loader: no such file or directory"},
 		{proto.ExecRequest{Argv: []string{"true"}, Cwd: "/nonexistent-dir"}, proto.ReasonBadCwd, "working directory /nonexistent-dir: no such file or directory"},
 		{proto.ExecRequest{Argv: []string{"true"}, Cwd: filepath.Join(dir, "data")}, proto.ReasonBadCwd, "working directory " + filepath.Join(dir, "data") + ": not a directory"},
 		// The agent's EtcDir has no passwd: nobody but the default root exists.

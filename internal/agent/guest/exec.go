@@ -146,9 +146,11 @@ func execError(argv0 string, err error) error {
 	case syscall.ENOENT:
 		// The file was there: its #! interpreter or ELF loader is not.
 		return &startError{proto.ReasonNotFound, argv0 + ": bad interpreter or loader: no such file or directory"}
-	case syscall.EACCES, syscall.EPERM, syscall.ENOEXEC, syscall.EISDIR, syscall.ETXTBSY, syscall.ENOTDIR, syscall.ELOOP:
+	case syscall.EACCES, syscall.ENOEXEC, syscall.EISDIR, syscall.ETXTBSY, syscall.ENOTDIR, syscall.ELOOP:
 		return &startError{proto.ReasonNotExecutable, argv0 + ": " + errno.Error()}
 	}
+	// EPERM is left out: fork/exec reports a refused setuid or setgroups
+	// (an agent that is not root) with it too.
 	return fmt.Errorf("starting %s: %w", argv0, err)
 }
 
