@@ -25,8 +25,11 @@ func newExecCmd(e *env) *cobra.Command {
 		Use:   "exec [<vm>] [flags] [-- <command> [args...]]",
 		Short: "Run a command in a VM",
 		Long: `Run a command in a VM. stdout and stderr are streamed separately as they are
-produced, stdin is forwarded, and noid exec exits with the command's exit code.
+produced, stdin is forwarded, and noid exec exits with the command's exit code:
+127 if the command does not exist, 126 if it cannot be executed, as in a shell.
 Ctrl-C is passed to the remote process. With no command, it opens the console.
+The command runs as root, or as --user (a user of the VM's /etc/passwd; the
+images have noid, with passwordless sudo on Debian) or the server's default.
 
 What comes before -- is the VM, what comes after it is the command:
   noid exec dev -- ls    runs ls in dev
