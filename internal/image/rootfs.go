@@ -438,7 +438,7 @@ func (b *builder) debootstrap(ctx context.Context, src *rootfsSource) error {
 	if len(src.info.Packages) > 0 {
 		extra = " + " + strings.Join(src.info.Packages, ", ")
 	}
-	b.p.Printf("rootfs: running debootstrap %s minbase%s (about 1 min)…", src.info.Suite, extra)
+	b.p.Printf("rootfs: running debootstrap %s minbase%s (1 to 3 min)…", src.info.Suite, extra)
 	if err := runDebootstrap(ctx, args, b.p); err != nil {
 		return err
 	}
