@@ -44,7 +44,7 @@ Without --, the first argument is the VM and the rest is the command
   noid exec dev -e API_KEY=secret -w /srv -- ./run.sh
   noid exec dev -t -- top
   noid exec dev --timeout 30s -- make test
-  noid exec dev --user noid -- sudo apt-get install -y git
+  noid exec dev --user noid -- sh -c 'sudo apt-get update && sudo apt-get install -y git'
   noid use dev && noid exec -- ls -la /root`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if d := cmd.ArgsLenAtDash(); d > 1 {
