@@ -42,7 +42,22 @@ type ExitStatus struct {
 	Signal int
 	// TimedOut is set when the request's timeout killed the process.
 	TimedOut bool
+	// Reason is set when the command could not be run at all: ReasonNotFound
+	// (Code 127) or ReasonNotExecutable (Code 126).
+	Reason string
+	// Message, with Reason, is a one-line description for the user, such
+	// as "nosuchcmd: command not found".
+	Message string
 }
+
+// Reasons of an ExitStatus whose command could not be run.
+const (
+	// ReasonNotFound: the command does not exist (exit code 127).
+	ReasonNotFound = api.ExitNotFound
+	// ReasonNotExecutable: the command exists but cannot be executed
+	// (exit code 126).
+	ReasonNotExecutable = api.ExitNotExecutable
+)
 
 // Exec runs a process in vm and streams its input and output. It returns when
 // the process has exited and all output has been written.
@@ -55,7 +70,15 @@ func (c *Client) Exec(ctx context.Context, vm string, req ExecRequest, eio ExecI
 
 // Console opens an interactive login shell on a PTY in vm.
 func (c *Client) Console(ctx context.Context, vm string, rows, cols int, eio ExecIO) (ExitStatus, error) {
-	return c.stream(ctx, vmPath(vm, "/console", nil), ExecRequest{TTY: true, Stdin: true, Rows: rows, Cols: cols}, eio)
+	return c.ConsoleWith(ctx, vm, ExecRequest{Rows: rows, Cols: cols}, eio)
+}
+
+// ConsoleWith opens an interactive login shell on a PTY in vm with the
+// settings of req: Rows, Cols, Env, Cwd and User apply, Argv is ignored and
+// TTY and Stdin are always on.
+func (c *Client) ConsoleWith(ctx context.Context, vm string, req ExecRequest, eio ExecIO) (ExitStatus, error) {
+	req.Argv, req.TTY, req.Stdin = nil, true, true
+	return c.stream(ctx, vmPath(vm, "/console", nil), req, eio)
 }
 
 func (c *Client) wsURL(path string) string {
@@ -177,7 +200,7 @@ func (c *Client) stream(ctx context.Context, path string, req ExecRequest, eio E
 			}
 		case api.MsgExit:
 			ws.Close(websocket.StatusNormalClosure, "")
-			return ExitStatus{Code: m.Code, Signal: m.ExitSig, TimedOut: m.TimedOut}, nil
+			return ExitStatus{Code: m.Code, Signal: m.ExitSig, TimedOut: m.TimedOut, Reason: m.Reason, Message: m.Message}, nil
 		case api.MsgError:
 			if m.Error == nil {
 				return ExitStatus{}, errors.New("exec failed")

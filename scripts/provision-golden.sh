@@ -44,25 +44,31 @@ trap '$NOID destroy "$VM" >/dev/null 2>&1 || true' EXIT
 echo "provision-golden: creating $VM"
 $NOID create "$VM" "${args[@]}"
 
+# Runs a command in the VM as root, whatever the server's [exec] default_user.
+in_vm() { $NOID exec "$VM" --user root -- "$@"; }
+
 # ---------------------------------------------------------------------------
 # INSTALL SECTION: edit freely. Everything here runs inside the VM before the
 # snapshot is taken, so VMs created from the golden start with it in place.
-# Each step is a `noid exec "$VM" -- …` command.
+# Each step is an `in_vm …` command (noid exec as root). The default Debian
+# image already has python3, curl, ping, ip, ps, less, nano and sudo, and a
+# user noid (noid exec --user noid); `noid-server image build --packages a,b`
+# bakes more packages into the image itself.
 # ---------------------------------------------------------------------------
-$NOID exec "$VM" -- sh -c 'mkdir -p /etc/noid && date -u +%Y-%m-%dT%H:%M:%SZ > /etc/noid/golden-provisioned'
-if $NOID exec "$VM" -- sh -c 'command -v apt-get' >/dev/null 2>&1; then
+in_vm sh -c 'mkdir -p /etc/noid && date -u +%Y-%m-%dT%H:%M:%SZ > /etc/noid/golden-provisioned'
+if in_vm sh -c 'command -v apt-get' >/dev/null 2>&1; then
 	: # Debian image: for example
-	# $NOID exec "$VM" -- apt-get install -y git python3
+	# in_vm sh -c 'apt-get update && apt-get install -y git build-essential'
 fi
 if [ -n "${PROVISION_EXTRA:-}" ]; then
-	$NOID exec "$VM" -- sh -c "$PROVISION_EXTRA"
+	in_vm sh -c "$PROVISION_EXTRA"
 fi
 # ---------------------------------------------------------------------------
 # END OF INSTALL SECTION
 # ---------------------------------------------------------------------------
 
 # Flush the guest's caches so the snapshot's disk is tidy.
-$NOID exec "$VM" -- sync
+in_vm sync
 
 cp_out=$($NOID checkpoint "$VM" golden --label "provisioned $(date -u +%F)")
 echo "provision-golden: $cp_out"

@@ -87,6 +87,8 @@ cat <<MSG
 
 noid is running. Try:
   noid exec $VM -- ls /          run a command
+  noid exec $VM -- python3 -c 'print(42)'      python3, curl, ping, less, nano are in the image
+  noid exec $VM --user noid -- sudo id -u      as the user noid, with passwordless sudo
   noid console $VM               interactive shell (Ctrl-] detaches)
   noid checkpoint $VM clean      capture the VM
   noid restore $VM clean         rewind to it

@@ -183,6 +183,10 @@ type ExecRequest struct {
 	TimeoutMs int64             `json:"timeout_ms,omitempty"`
 	// Stdin says the client will send input; without it stdin is empty.
 	Stdin bool `json:"stdin,omitempty"`
+	// User is the guest user to run as (a name or uid from the guest's
+	// /etc/passwd); empty means the server's [exec] default_user, root
+	// unless configured.
+	User string `json:"user,omitempty"`
 }
 
 // Exec stream channels: the first byte of every binary WebSocket message.
@@ -207,7 +211,23 @@ type StreamMsg struct {
 	ExitSig  int          `json:"exit_signal,omitempty"`
 	TimedOut bool         `json:"timed_out,omitempty"`
 	Error    *ErrorDetail `json:"error,omitempty"`
+	// Reason, on an exit whose command never ran, says why: ExitNotFound
+	// (code 127) or ExitNotExecutable (code 126).
+	Reason string `json:"reason,omitempty"`
+	// Message, with Reason, is a one-line description for the user, such
+	// as "nosuchcmd: command not found".
+	Message string `json:"message,omitempty"`
 }
+
+// Exit reasons (StreamMsg.Reason) of a command that could not be run, with
+// the exit codes a shell gives them.
+const (
+	// ExitNotFound: the command does not exist (exit code 127).
+	ExitNotFound = "command_not_found"
+	// ExitNotExecutable: the command exists but cannot be executed:
+	// permission denied, a directory, an unknown format (exit code 126).
+	ExitNotExecutable = "command_not_executable"
+)
 
 // Stream message types.
 const (

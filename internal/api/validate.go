@@ -48,6 +48,37 @@ func ValidateCheckpointName(name string) error {
 	return nil
 }
 
+// MaxGuestUserLen is the longest guest user name (Linux's useradd limit).
+const MaxGuestUserLen = 32
+
+// ValidateGuestUser checks the name of a user in the guest (exec's user): a
+// user name or a numeric uid, 1 to 32 characters of letters, digits, '.',
+// '_' and '-' (not first), with an optional trailing '$'. Whether the user
+// exists is for the guest to say.
+func ValidateGuestUser(name string) error {
+	bad := func(why string) error {
+		return fmt.Errorf("%w: invalid user %q: %s (a user name or uid of the guest, at most %d characters of letters, digits, '.', '_' and '-')",
+			errdefs.ErrInvalidArgument, name, why, MaxGuestUserLen)
+	}
+	if name == "" {
+		return bad("empty")
+	}
+	if len(name) > MaxGuestUserLen {
+		return bad(fmt.Sprintf("longer than %d characters", MaxGuestUserLen))
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '.':
+		case c == '-' && i > 0:
+		case c == '$' && i == len(name)-1 && i > 0:
+		default:
+			return bad(fmt.Sprintf("character %q at position %d is not allowed", c, i+1))
+		}
+	}
+	return nil
+}
+
 func checkName(n string, extended bool) error {
 	if n == "" {
 		return fmt.Errorf("empty")

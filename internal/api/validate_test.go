@@ -46,3 +46,17 @@ func TestValidateVMRef(t *testing.T) {
 		}
 	}
 }
+
+func TestValidateGuestUser(t *testing.T) {
+	for _, ok := range []string{"root", "noid", "1000", "0", "Debian-exim", "www.data", "_apt", "machine$", strings.Repeat("u", 32)} {
+		if err := ValidateGuestUser(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "-x", "a:b", "a/b", "a b", "a\n", "a\x00", "$", "a$b", "ü", strings.Repeat("u", 33), "../etc"} {
+		err := ValidateGuestUser(bad)
+		if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "invalid user") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}

@@ -233,6 +233,10 @@ func TestExitCodesAndHints(t *testing.T) {
 		{[]string{"list"}, 0, "", "", "dev"},
 		{[]string{"--help"}, 0, "", "", "Available Commands"},
 		{[]string{"exec", "dev", "--", "a", "b", "c"}, 3, "", "", "argv=a|b|c"},
+		{[]string{"exec", "dev", "--user", "noid", "--", "id"}, 1, "", "", "exec vm=dev argv=id user=noid\n"},
+		{[]string{"exec", "dev", "-u", "noid"}, 0, "", "", "console vm=dev argv= user=noid\n"},
+		{[]string{"console", "dev", "--user", "1000"}, 0, "", "", "console vm=dev argv= user=1000\n"},
+		{[]string{"exec", "dev", "--", "nosuchcmd", "x"}, 127, "noid: nosuchcmd: command not found\n", "", ""},
 		{[]string{"info", "nope"}, 1, `vm "nope": not found`, "hint: noid list", ""},
 		{[]string{"frobnicate"}, 2, "unknown command", "hint: `noid --help`", ""},
 		{[]string{"list", "--bogus"}, 2, "unknown flag: --bogus", "", ""},
@@ -248,6 +252,10 @@ func TestExitCodesAndHints(t *testing.T) {
 		res := r.run(c.args...)
 		if res.code != c.code || !strings.Contains(res.stderr, c.msg) || !strings.Contains(res.stderr, c.hint) || !strings.Contains(res.stdout, c.stdoutPart) {
 			t.Errorf("noid %s: exit %d stdout %q stderr %q; want exit %d, %q, %q", strings.Join(c.args, " "), res.code, res.stdout, res.stderr, c.code, c.msg, c.hint)
+		}
+		// A command that could not run is reported in one plain line.
+		if c.code == 127 && res.stderr != c.msg {
+			t.Errorf("noid %s: stderr %q, want exactly %q", strings.Join(c.args, " "), res.stderr, c.msg)
 		}
 	}
 	// No server: exit 1 with a hint about starting it.

@@ -18,6 +18,7 @@ import (
 const DetachKey = 0x1d
 
 func newConsoleCmd(e *env) *cobra.Command {
+	var user string
 	cmd := &cobra.Command{
 		Use:   "console [<vm>]",
 		Short: "Open an interactive shell in a VM (Ctrl-] detaches)",
@@ -27,6 +28,7 @@ VM keeps running. Typing exit also ends the session. ` + "`noid exec <vm>`" + ` 
 command does the same.
 ` + activeHelp,
 		Example: `  noid console dev
+  noid console dev --user noid
   noid console            # the active VM`,
 		Args:              rangeArgs(0, 1, "an optional VM name"),
 		ValidArgsFunction: completeVMs(e, 1),
@@ -35,9 +37,10 @@ command does the same.
 			if err != nil {
 				return err
 			}
-			return runConsole(cmd.Context(), e, vm)
+			return runConsole(cmd.Context(), e, vm, user)
 		},
 	}
+	cmd.Flags().StringVarP(&user, "user", "u", "", "log in as this user of the VM (name or uid; default: the server's, root)")
 	return cmd
 }
 
@@ -63,7 +66,8 @@ func (d *detachReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func runConsole(ctx context.Context, e *env, vm string) error {
+// runConsole opens a console in vm as user (empty: the server's default).
+func runConsole(ctx context.Context, e *env, vm, user string) error {
 	c, err := e.client()
 	if err != nil {
 		return err
@@ -85,13 +89,16 @@ func runConsole(ctx context.Context, e *env, vm string) error {
 		eio.Resize = watchResize(ctx, int(f.Fd()))
 		fmt.Fprintf(e.stderr, "connected to %s; press Ctrl-] to detach\r\n", vm)
 	}
-	st, err := c.Console(ctx, vm, rows, cols, eio)
+	st, err := c.ConsoleWith(ctx, vm, client.ExecRequest{Rows: rows, Cols: cols, User: user}, eio)
 	if dr.hit {
 		fmt.Fprintf(e.stderr, "\r\ndetached from %s; the VM keeps running\r\n", vm)
 		return nil
 	}
 	if err != nil {
 		return err
+	}
+	if st.Message != "" {
+		fmt.Fprintf(e.stderr, "noid: %s\n", st.Message)
 	}
 	if st.Code != 0 {
 		return &exitError{code: st.Code}

@@ -20,12 +20,16 @@ func newExecCmd(e *env) *cobra.Command {
 	var cwd string
 	var tty bool
 	var timeout time.Duration
+	var user string
 	cmd := &cobra.Command{
 		Use:   "exec [<vm>] [flags] [-- <command> [args...]]",
 		Short: "Run a command in a VM",
 		Long: `Run a command in a VM. stdout and stderr are streamed separately as they are
-produced, stdin is forwarded, and noid exec exits with the command's exit code.
+produced, stdin is forwarded, and noid exec exits with the command's exit code:
+127 if the command does not exist, 126 if it cannot be executed, as in a shell.
 Ctrl-C is passed to the remote process. With no command, it opens the console.
+The command runs as root, or as --user (a user of the VM's /etc/passwd; the
+images have noid, with passwordless sudo on Debian) or the server's default.
 
 What comes before -- is the VM, what comes after it is the command:
   noid exec dev -- ls    runs ls in dev
@@ -40,6 +44,7 @@ Without --, the first argument is the VM and the rest is the command
   noid exec dev -e API_KEY=secret -w /srv -- ./run.sh
   noid exec dev -t -- top
   noid exec dev --timeout 30s -- make test
+  noid exec dev --user noid -- sh -c 'sudo apt-get update && sudo apt-get install -y git'
   noid use dev && noid exec -- ls -la /root`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if d := cmd.ArgsLenAtDash(); d > 1 {
@@ -58,7 +63,7 @@ Without --, the first argument is the VM and the rest is the command
 				return err
 			}
 			if len(argv) == 0 {
-				return runConsole(cmd.Context(), e, vm)
+				return runConsole(cmd.Context(), e, vm, user)
 			}
 			envMap := map[string]string{}
 			for _, kv := range envs {
@@ -75,10 +80,13 @@ Without --, the first argument is the VM and the rest is the command
 			if err != nil {
 				return err
 			}
-			req := client.ExecRequest{Argv: argv, Env: envMap, Cwd: cwd, TTY: tty, TimeoutMs: timeout.Milliseconds()}
+			req := client.ExecRequest{Argv: argv, Env: envMap, Cwd: cwd, TTY: tty, TimeoutMs: timeout.Milliseconds(), User: user}
 			st, err := execInteractive(cmd.Context(), e, c, vm, req)
 			if err != nil {
 				return err
+			}
+			if st.Message != "" {
+				fmt.Fprintf(e.stderr, "noid: %s\n", st.Message)
 			}
 			if st.TimedOut {
 				fmt.Fprintf(e.stderr, "noid: command timed out after %s\n", timeout)
@@ -94,6 +102,7 @@ Without --, the first argument is the VM and the rest is the command
 	f.StringVarP(&cwd, "workdir", "w", "", "working directory in the VM")
 	f.BoolVarP(&tty, "tty", "t", false, "allocate a pseudo-terminal")
 	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long (exit code 124)")
+	f.StringVarP(&user, "user", "u", "", "run as this user of the VM (name or uid; default: the server's, root)")
 	return cmd
 }
 

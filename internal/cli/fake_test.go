@@ -149,8 +149,9 @@ func (f *fakeServer) vm(w http.ResponseWriter, r *http.Request) *api.VM {
 	return v
 }
 
-// exec echoes the request: stdout gets "vm=NAME argv=A|B|C" and the exit
-// code is len(argv).
+// exec echoes the request: stdout gets "vm=NAME argv=A|B|C" (and
+// " user=U" when the request names a user) and the exit code is len(argv).
+// A command "nosuchcmd" is not found: exit 127 with a reason and message.
 func (f *fakeServer) exec(w http.ResponseWriter, r *http.Request) {
 	v := f.vm(w, r)
 	if v == nil {
@@ -175,7 +176,16 @@ func (f *fakeServer) exec(w http.ResponseWriter, r *http.Request) {
 	f.record(kind, v.Name, strings.Join(req.Argv, "|"))
 	send := func(m api.StreamMsg) { b, _ := json.Marshal(m); ws.Write(ctx, websocket.MessageText, b) }
 	send(api.StreamMsg{Type: api.MsgStarted})
-	ws.Write(ctx, websocket.MessageBinary, append([]byte{api.ChanStdout}, fmt.Sprintf("%s vm=%s argv=%s\n", kind, v.Name, strings.Join(req.Argv, "|"))...))
+	if len(req.Argv) > 0 && req.Argv[0] == "nosuchcmd" {
+		send(api.StreamMsg{Type: api.MsgExit, Code: 127, Reason: api.ExitNotFound, Message: "nosuchcmd: command not found"})
+		ws.Close(websocket.StatusNormalClosure, "")
+		return
+	}
+	user := ""
+	if req.User != "" {
+		user = " user=" + req.User
+	}
+	ws.Write(ctx, websocket.MessageBinary, append([]byte{api.ChanStdout}, fmt.Sprintf("%s vm=%s argv=%s%s\n", kind, v.Name, strings.Join(req.Argv, "|"), user)...))
 	send(api.StreamMsg{Type: api.MsgExit, Code: len(req.Argv)})
 	ws.Close(websocket.StatusNormalClosure, "")
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 )
 
@@ -73,6 +74,16 @@ type Config struct {
 	Pool Pool `toml:"pool"`
 	// HTTP configures the API server's connections and shutdown.
 	HTTP HTTP `toml:"http"`
+	// Exec configures noid exec and noid console.
+	Exec Exec `toml:"exec"`
+}
+
+// Exec is the [exec] section.
+type Exec struct {
+	// DefaultUser is the guest user that exec and console run as when the
+	// request names none (noid exec --user): a user name or uid of the
+	// guest's /etc/passwd. Default "" (root).
+	DefaultUser string `toml:"default_user"`
 }
 
 // Pool is the [pool] section.
@@ -364,6 +375,11 @@ func (c *Config) Validate() error {
 	if c.DefaultDiskSize != "" {
 		if _, err := ParseSize(c.DefaultDiskSize); err != nil {
 			return bad("default_disk_size: %v", err)
+		}
+	}
+	if c.Exec.DefaultUser != "" {
+		if err := api.ValidateGuestUser(c.Exec.DefaultUser); err != nil {
+			return fmt.Errorf("exec.default_user: %w", err)
 		}
 	}
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {

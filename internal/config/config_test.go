@@ -20,6 +20,13 @@ func TestDefaults(t *testing.T) {
 	if c.StorageDir() != "/srv/noid" {
 		t.Fatalf("storage dir %q", c.StorageDir())
 	}
+	if c.Exec.DefaultUser != "" {
+		t.Fatalf("exec.default_user defaults to %q, want root's empty", c.Exec.DefaultUser)
+	}
+	c, err = Parse([]byte("[exec]\ndefault_user = \"noid\""))
+	if err != nil || c.Exec.DefaultUser != "noid" {
+		t.Fatalf("[exec] default_user: %+v, %v", c.Exec, err)
+	}
 }
 
 func TestParseErrors(t *testing.T) {
@@ -34,6 +41,7 @@ func TestParseErrors(t *testing.T) {
 		{`default_vcpus = 0` + "\n" + `default_memory_mib = 10`, "default_memory_mib"},
 		{"[storage]\nreflink_image_size = \"10M\"", "at least 1G"},
 		{`data_dir = `, "line 1"},
+		{"[exec]\ndefault_user = \"a:b\"", "exec.default_user: invalid argument: invalid user"},
 	} {
 		_, err := Parse([]byte(tc.in))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errdefs.ErrInvalidArgument) {

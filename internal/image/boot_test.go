@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	agentclient "github.com/noid-vm/noid/internal/agent/client"
+	"github.com/noid-vm/noid/internal/agent/proto"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -25,6 +29,9 @@ type bootSpec struct {
 	Extra                  []string       // extra QEMU arguments
 	Marker                 *regexp.Regexp // default: the stand-in's marker line
 	KeepRunning            bool           // the guest does not power off: kill QEMU at the marker
+	// WhileUp, with KeepRunning, runs after the marker and before QEMU is
+	// killed, with the path of the unix socket behind the noid.agent port.
+	WhileUp func(agentSock string)
 }
 
 type bootResult struct {
@@ -113,6 +120,9 @@ loop:
 		}
 	}
 	if !done {
+		if s.WhileUp != nil && res.Marker != 0 {
+			s.WhileUp(sock)
+		}
 		cmd.Process.Kill()
 		<-exited
 	}
@@ -262,10 +272,13 @@ func TestBootCmdlineVariants(t *testing.T) {
 }
 
 // TestBootRealAgent boots the tiny and the Debian image with the real agent
-// from cmd/noid-agent (skipped if it does not build) and waits for the
-// agent's "init done" log line, which it prints after loading the modules
-// and switching root. The Debian variant needs the cached debootstrap
-// tarball (see TestBuildDebian) and is skipped with -short.
+// from cmd/noid-agent (skipped if it does not build), waits for the agent's
+// "init done" log line, which it prints after loading the modules and
+// switching root, and then runs commands through the agent: as the noid
+// user on both images, and on Debian the tools of DefaultPackages, a Python
+// script using json and urllib, and sudo without a password. The Debian
+// variant needs the cached debootstrap tarball (see TestBuildDebian) and is
+// skipped with -short.
 func TestBootRealAgent(t *testing.T) {
 	requireRoot(t)
 	requireTool(t, "qemu-system-x86_64")
@@ -282,8 +295,12 @@ func TestBootRealAgent(t *testing.T) {
 			}
 			img, disk := imageForBoot(t, tiny, agent)
 			cmdline := strings.Join(append([]string{"console=ttyS0", "quiet"}, vmm.TCGKernelArgs()...), " ")
+			ran := false
 			res := bootQEMU(t, bootSpec{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: disk, Append: cmdline,
-				Marker: initDone, KeepRunning: true, Timeout: 60 * time.Second})
+				Marker: initDone, KeepRunning: true, Timeout: 120 * time.Second, WhileUp: func(sock string) {
+					ran = true
+					checkGuest(t, sock, tiny)
+				}})
 			if res.Line == "" {
 				t.Fatalf("agent never logged init done; serial:\n%s", res.Serial)
 			}
@@ -291,6 +308,68 @@ func TestBootRealAgent(t *testing.T) {
 			if !strings.Contains(res.Line, "root_switched=true") || !strings.Contains(res.Line, fmt.Sprintf("modules=%d", len(GuestModules))) {
 				t.Errorf("init did not load every module and switch root: %s\nserial:\n%s", res.Line, res.Serial)
 			}
+			if !ran {
+				t.Error("the guest checks did not run")
+			}
 		})
 	}
+}
+
+// checkGuest runs commands in a booted image through its agent.
+func checkGuest(t *testing.T, sock string, tiny bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("agent socket: %v", err)
+	}
+	c, err := agentclient.Connect(ctx, conn, agentclient.Options{})
+	if err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	defer c.Close()
+	run := func(user string, argv ...string) (string, int) {
+		t.Helper()
+		p, err := c.Exec(ctx, proto.ExecRequest{Argv: argv, User: user, TimeoutMS: 60_000})
+		if err != nil {
+			t.Fatalf("exec %q: %v", argv, err)
+		}
+		var out, errb bytes.Buffer
+		done := make(chan struct{})
+		go func() { io.Copy(&errb, p.Stderr()); close(done) }()
+		io.Copy(&out, p.Stdout())
+		<-done
+		ex, err := p.Wait()
+		if err != nil {
+			t.Errorf("exec %q as %q: %v", argv, user, err)
+			return "", -1
+		}
+		if ex.Code != 0 {
+			t.Errorf("exec %q as %q: exit %d, stdout %q, stderr %q", argv, user, ex.Code, out.String(), errb.String())
+		}
+		return out.String(), ex.Code
+	}
+	if out, _ := run(GuestUser, "sh", "-c", `id -u; id -g; echo "$HOME"; pwd`); out != "1000\n1000\n/home/noid\n/home/noid\n" {
+		t.Errorf("as %s: %q", GuestUser, out)
+	}
+	if tiny {
+		return
+	}
+	if out, _ := run("", "python3", "-c", "print(1)"); out != "1\n" {
+		t.Errorf("python3 -c 'print(1)' printed %q", out)
+	}
+	script := `import json, urllib.request, urllib.parse, ssl, subprocess
+print(json.dumps({"q": urllib.parse.quote("a b"), "tls": ssl.OPENSSL_VERSION.split()[0]}))`
+	if out, _ := run(GuestUser, "python3", "-c", script); out != `{"q": "a%20b", "tls": "OpenSSL"}`+"\n" {
+		t.Errorf("python3 script printed %q", out)
+	}
+	for _, tool := range []string{"curl", "ping", "ip", "ps", "less", "nano", "sudo", "python3"} {
+		run("", "sh", "-c", "command -v "+tool)
+	}
+	run("", "curl", "--version")
+	run(GuestUser, "ping", "-c", "1", "-W", "5", "127.0.0.1")
+	if out, _ := run(GuestUser, "sudo", "-n", "id", "-u"); out != "0\n" {
+		t.Errorf("sudo id -u as %s: %q", GuestUser, out)
+	}
+	run(GuestUser, "sudo", "true")
 }

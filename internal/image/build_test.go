@@ -77,6 +77,12 @@ func checkTinyImage(t *testing.T, img *Image, agent string) {
 	if out := debugfs(t, img.Rootfs, "stat /tmp"); !strings.Contains(out, "Mode:  01777") {
 		t.Errorf("/tmp is not 1777:\n%s", out)
 	}
+	if out := debugfs(t, img.Rootfs, "cat /etc/passwd"); !strings.Contains(out, "\nnoid:x:1000:1000:noid:/home/noid:/bin/sh\n") {
+		t.Errorf("/etc/passwd lacks the noid user:\n%s", out)
+	}
+	if out := debugfs(t, img.Rootfs, "stat /home/noid"); !strings.Contains(out, "Type: directory") || !strings.Contains(out, "User:  1000") {
+		t.Errorf("/home/noid:\n%s", out)
+	}
 	// The rootfs is sparse and sized as asked.
 	st, _ := os.Stat(img.Rootfs)
 	if st.Size() != DefaultTinyRootfsSize {
@@ -442,11 +448,43 @@ func TestBuildDebian(t *testing.T) {
 	if !strings.Contains(osr, "bookworm") {
 		t.Errorf("os-release: %s", osr)
 	}
+	// The tools of DefaultPackages, and the noid user with its sudo rule.
 	for _, f := range []string{"/usr/local/bin/noid-agent", "/usr/bin/apt-get", "/usr/bin/dpkg", "/usr/sbin/ip", "/usr/bin/ps",
-		"/etc/ssl/certs/ca-certificates.crt"} {
+		"/etc/ssl/certs/ca-certificates.crt", "/usr/bin/python3", "/usr/lib/python3.11/json/__init__.py",
+		"/usr/lib/python3.11/urllib/request.py", "/usr/lib/python3.11/http/client.py", "/usr/bin/curl", "/usr/bin/ping",
+		"/usr/bin/less", "/usr/bin/nano", "/usr/bin/sudo", "/home/noid/.bashrc", "/etc/dpkg/dpkg.cfg.d/noid-slim",
+		"/usr/share/doc/curl/copyright"} {
 		if out := debugfs(t, img.Rootfs, "stat "+f); strings.Contains(out, "File not found") {
 			t.Errorf("%s missing from the Debian rootfs", f)
 		}
+	}
+	if out := debugfs(t, img.Rootfs, "stat /usr/bin/sudo"); !strings.Contains(out, "Mode:  04755") {
+		t.Errorf("sudo is not setuid root:\n%s", out)
+	}
+	if out := debugfs(t, img.Rootfs, "stat /etc/sudoers.d/noid"); !strings.Contains(out, "Mode:  0440") || !strings.Contains(out, "User:     0") {
+		t.Errorf("/etc/sudoers.d/noid:\n%s", out)
+	}
+	if out := debugfs(t, img.Rootfs, "cat /etc/sudoers.d/noid"); !strings.Contains(out, GuestSudoersLine) {
+		t.Errorf("/etc/sudoers.d/noid: %s", out)
+	}
+	if out := debugfs(t, img.Rootfs, "cat /etc/passwd"); !strings.Contains(out, "\nnoid:x:1000:1000:noid:/home/noid:/bin/bash\n") {
+		t.Errorf("/etc/passwd: %s", out)
+	}
+	if out := debugfs(t, img.Rootfs, "stat /home/noid"); !strings.Contains(out, "User:  1000") || !strings.Contains(out, "Mode:  0700") {
+		t.Errorf("/home/noid:\n%s", out)
+	}
+	// Documentation, manual pages and translations are left out.
+	for _, dir := range []string{"/usr/share/man", "/usr/share/locale"} {
+		if out := debugfs(t, img.Rootfs, "ls "+dir); strings.Contains(out, "man1") || strings.Contains(out, "LC_MESSAGES") || strings.Contains(out, " de ") {
+			t.Errorf("%s not emptied:\n%s", dir, out)
+		}
+	}
+	if out := debugfs(t, img.Rootfs, "ls /usr/share/doc/curl"); strings.Contains(out, "changelog") {
+		t.Errorf("/usr/share/doc/curl still has more than its copyright:\n%s", out)
+	}
+	m, err := readManifest(img.Dir)
+	if err != nil || strings.Join(m.Rootfs.Packages, ",") != strings.Join(sortedCopy(DefaultPackages), ",") {
+		t.Errorf("manifest packages %v (%v), want %v", m.Rootfs.Packages, err, DefaultPackages)
 	}
 	if out := debugfs(t, img.Rootfs, "ls /var/cache/apt/archives"); strings.Contains(out, ".deb") {
 		t.Error("downloaded .debs were left in the rootfs")

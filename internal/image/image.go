@@ -47,8 +47,26 @@ const DefaultSuite = "bookworm"
 const DefaultKernelPackage = "linux-image-cloud-amd64"
 
 // DefaultPackages are the packages added to the Debian rootfs on top of
-// debootstrap's minbase variant when BuildOptions.Packages is nil.
-var DefaultPackages = []string{"ca-certificates", "iproute2", "procps"}
+// debootstrap's minbase variant when BuildOptions.Packages is nil: what the
+// common uses of a VM need without an apt-get inside it (python3 with its
+// whole standard library, curl, ping, ip, ps, less, an editor, sudo for the
+// guest user). debootstrap installs their dependencies but not their
+// recommendations.
+var DefaultPackages = []string{"ca-certificates", "curl", "iproute2", "iputils-ping", "less", "nano", "procps", "python3", "sudo"}
+
+// The account every image has besides root: GuestUser (uid and gid
+// GuestUID) with its home in /home, and on the Debian image passwordless
+// sudo (/etc/sudoers.d/noid) and membership of the sudo group.
+const (
+	GuestUser        = "noid"
+	GuestUID         = 1000
+	GuestSudoersLine = GuestUser + " ALL=(ALL:ALL) NOPASSWD: ALL\n"
+)
+
+// rootfsRecipe versions what customizeTree and populateBusybox put into a
+// root tree. It is part of the rootfs cache key: change it whenever they
+// change.
+const rootfsRecipe = 2
 
 // Default root filesystem image sizes (sparse files; the guest sees this much
 // space). They grow when the tree does not fit comfortably.
@@ -408,7 +426,7 @@ func (b *builder) build(ctx context.Context) (*Image, error) {
 
 	kernelKey := hashStrings("kernel", fmt.Sprint(FormatVersion), k.Key)
 	initrdKey := hashStrings("initrd", fmt.Sprint(FormatVersion), k.Key, agentSHA, initrdCompression)
-	rootfsKey := hashStrings("rootfs", fmt.Sprint(FormatVersion), src.info.Kind, src.info.Source,
+	rootfsKey := hashStrings("rootfs", fmt.Sprint(FormatVersion), fmt.Sprint(rootfsRecipe), src.info.Kind, src.info.Source,
 		fmt.Sprint(b.opts.RootfsSize), agentSHA)
 	keys := map[string]string{FileKernel: kernelKey, FileVmlinux: kernelKey, FileInitrd: initrdKey, FileRootfs: rootfsKey}
 

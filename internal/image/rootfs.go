@@ -7,15 +7,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/noid-vm/noid/internal/errdefs"
 )
 
 // rootfsSource is what a rootfs is built from.
@@ -43,10 +47,8 @@ func (b *builder) rootfsSource(ctx context.Context) (*rootfsSource, error) {
 		return &rootfsSource{busybox: bb, info: rootfsInfo{Kind: "busybox", Source: sum, Size: b.opts.RootfsSize}}, nil
 	}
 	pkgs := sortedCopy(b.opts.Packages)
-	for _, p := range pkgs {
-		if p == "" || strings.ContainsAny(p, ", \t\n") {
-			return nil, fmt.Errorf("bad package name %q", p)
-		}
+	if err := CheckPackageNames(pkgs); err != nil {
+		return nil, err
 	}
 	key := hashStrings("debootstrap", fmt.Sprint(FormatVersion), b.opts.Suite, "minbase", "amd64", strings.Join(pkgs, ","))
 	tarball := filepath.Join(b.root, "cache", fmt.Sprintf("debootstrap-%s-%s.tar.zst", b.opts.Suite, key[:16]))
@@ -54,6 +56,22 @@ func (b *builder) rootfsSource(ctx context.Context) (*rootfsSource, error) {
 		tarball: tarball,
 		info:    rootfsInfo{Kind: "debootstrap", Suite: b.opts.Suite, Packages: pkgs, Source: key, Size: b.opts.RootfsSize},
 	}, nil
+}
+
+// packageRE is what Debian policy allows in a package name (lower case
+// letters, digits, + - .; at least two characters, starting alphanumeric),
+// optionally with an architecture qualifier.
+var packageRE = regexp.MustCompile(`^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$`)
+
+// CheckPackageNames checks that every name is a valid Debian package name.
+// The error wraps errdefs.ErrInvalidArgument.
+func CheckPackageNames(names []string) error {
+	for _, n := range names {
+		if !packageRE.MatchString(n) {
+			return fmt.Errorf("%w: bad package name %q (Debian package names are lower case: a-z, 0-9, +, -, .)", errdefs.ErrInvalidArgument, n)
+		}
+	}
+	return nil
 }
 
 // findBusybox returns a static busybox: the host's busybox-static if
@@ -257,13 +275,99 @@ func customizeTree(tree, agent string, tiny bool) error {
 			return err
 		}
 	}
+	if err := addGuestUser(tree); err != nil {
+		return fmt.Errorf("adding the %s user: %w", GuestUser, err)
+	}
 	if !tiny {
+		if err := slimTree(tree); err != nil {
+			return err
+		}
 		// Leftovers of debootstrap that should not ship in every VM.
 		for _, glob := range []string{"var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*_*",
 			"var/log/bootstrap.log", "etc/machine-id"} {
 			matches, _ := filepath.Glob(filepath.Join(tree, glob))
 			for _, m := range matches {
 				os.Remove(m)
+			}
+		}
+	}
+	return nil
+}
+
+// slimDpkgConfig keeps documentation, manual pages and translations out of
+// the Debian image, as Debian's slim container images do: packages
+// installed later in the VM skip them too. Copyright files stay.
+const slimDpkgConfig = `# noid: no documentation, manual pages or translations in the guest image.
+# Delete this file to get them with the packages you install from now on.
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/groff/*
+path-exclude=/usr/share/lintian/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+`
+
+// slimTree removes from a Debian tree what slimDpkgConfig excludes and
+// installs that configuration as /etc/dpkg/dpkg.cfg.d/noid-slim.
+func slimTree(tree string) error {
+	for _, dir := range []string{"usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/groff", "usr/share/lintian", "usr/share/locale"} {
+		root := filepath.Join(tree, dir)
+		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				if os.IsNotExist(err) && p == root {
+					return filepath.SkipDir
+				}
+				return err
+			}
+			if d.IsDir() {
+				return nil
+			}
+			rel, _ := filepath.Rel(tree, p)
+			keep := (dir == "usr/share/doc" && d.Name() == "copyright" && strings.Count(rel, "/") == 4) ||
+				rel == "usr/share/locale/locale.alias"
+			if keep {
+				return nil
+			}
+			return os.Remove(p)
+		})
+		if err != nil {
+			return fmt.Errorf("slimming %s: %w", dir, err)
+		}
+		if err := removeEmptyDirs(root); err != nil {
+			return err
+		}
+	}
+	cfg := filepath.Join(tree, "etc/dpkg/dpkg.cfg.d")
+	if err := os.MkdirAll(cfg, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(cfg, "noid-slim"), []byte(slimDpkgConfig), 0o644)
+}
+
+// removeEmptyDirs removes the empty directories below root (not root).
+func removeEmptyDirs(root string) error {
+	var dirs []string
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if os.IsNotExist(err) && p == root {
+				return filepath.SkipDir
+			}
+			return err
+		}
+		if d.IsDir() && p != root {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := len(dirs) - 1; i >= 0; i-- { // deepest first
+		if ents, err := os.ReadDir(dirs[i]); err == nil && len(ents) == 0 {
+			if err := os.Remove(dirs[i]); err != nil {
+				return err
 			}
 		}
 	}
@@ -334,7 +438,7 @@ func (b *builder) debootstrap(ctx context.Context, src *rootfsSource) error {
 	if len(src.info.Packages) > 0 {
 		extra = " + " + strings.Join(src.info.Packages, ", ")
 	}
-	b.p.Printf("rootfs: running debootstrap %s minbase%s (about 1 min)…", src.info.Suite, extra)
+	b.p.Printf("rootfs: running debootstrap %s minbase%s (1 to 3 min)…", src.info.Suite, extra)
 	if err := runDebootstrap(ctx, args, b.p); err != nil {
 		return err
 	}

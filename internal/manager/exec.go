@@ -51,6 +51,9 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 type Guest struct {
 	c *client.Client
 	m *metrics
+	// defaultUser is the guest user of requests that name none
+	// ([exec] default_user); empty means root.
+	defaultUser string
 }
 
 // Guest connects to the agent of the user's running VM name. It fails
@@ -61,13 +64,16 @@ func (m *Manager) Guest(ctx context.Context, u *store.User, name string) (*Guest
 	if err != nil {
 		return nil, err
 	}
-	return &Guest{c: c, m: m.metrics}, nil
+	return &Guest{c: c, m: m.metrics, defaultUser: m.cfg.Exec.DefaultUser}, nil
 }
 
 // Exec checks req and starts its command in the guest; with console, an
 // empty command opens a login shell on a terminal (noid console) and the
 // process always gets a terminal and stdin.
 func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*client.Process, error) {
+	if req.User == "" {
+		req.User = g.defaultUser
+	}
 	preq, err := execParams(req, console)
 	if err != nil {
 		return nil, err
@@ -78,6 +84,10 @@ func (g *Guest) Exec(ctx context.Context, req api.ExecRequest, console bool) (*c
 		proc, err = g.c.Console(ctx, preq)
 	} else {
 		proc, err = g.c.Exec(ctx, preq)
+	}
+	if errors.Is(err, client.ErrUnsupported) {
+		return nil, errdefs.WithHint(fmt.Errorf("%w: %v", errdefs.ErrNotImplemented, err),
+			"the VM runs an agent from before noid exec --user (booted or restored from an older image); a VM created from the current image has it")
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: starting process: %v", errdefs.ErrUnavailable, err)
@@ -110,8 +120,43 @@ func execParams(req api.ExecRequest, console bool) (proto.ExecRequest, error) {
 	if req.Rows < 0 || req.Rows > 65535 || req.Cols < 0 || req.Cols > 65535 {
 		return proto.ExecRequest{}, fmt.Errorf("%w: terminal size out of range", errdefs.ErrInvalidArgument)
 	}
+	if req.User != "" {
+		if err := api.ValidateGuestUser(req.User); err != nil {
+			return proto.ExecRequest{}, err
+		}
+	}
 	return proto.ExecRequest{
 		Argv: req.Argv, Env: env, Cwd: req.Cwd, TTY: req.TTY, Rows: uint16(req.Rows), Cols: uint16(req.Cols),
-		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin,
+		TimeoutMS: req.TimeoutMs, Stdin: req.Stdin, User: req.User,
 	}, nil
+}
+
+// ExitMessage turns what a process's Wait returned into the last message
+// of its exec stream. A process that ran gives an exit with its status. A
+// command that could not be run because it does not exist or cannot be
+// executed also gives an exit, with the codes a shell uses (127 and 126),
+// a reason and a one-line message: that is the command's failure, not
+// noid's. Any other failure is an error: an unknown user or a bad working
+// directory (ErrInvalidArgument), another start failure (ErrInternal), a
+// lost agent connection (ErrUnavailable).
+func ExitMessage(ex proto.Exit, err error) (api.StreamMsg, error) {
+	if err == nil {
+		return api.StreamMsg{Type: api.MsgExit, Code: ex.Code, ExitSig: ex.Signal, TimedOut: ex.TimedOut}, nil
+	}
+	var se *client.StartError
+	if !errors.As(err, &se) {
+		return api.StreamMsg{}, fmt.Errorf("%w: lost the process: %v", errdefs.ErrUnavailable, err)
+	}
+	switch se.Reason {
+	case proto.ReasonNotFound:
+		return api.StreamMsg{Type: api.MsgExit, Code: 127, Reason: api.ExitNotFound, Message: se.Message}, nil
+	case proto.ReasonNotExecutable:
+		return api.StreamMsg{Type: api.MsgExit, Code: 126, Reason: api.ExitNotExecutable, Message: se.Message}, nil
+	case proto.ReasonUnknownUser:
+		return api.StreamMsg{}, errdefs.WithHint(fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, se.Message),
+			"the guest's users are in its /etc/passwd (noid exec <vm> -- cat /etc/passwd); the images have root and noid")
+	case proto.ReasonBadCwd:
+		return api.StreamMsg{}, fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, se.Message)
+	}
+	return api.StreamMsg{}, fmt.Errorf("%w: the guest could not start the process: %s", errdefs.ErrInternal, se.Message)
 }

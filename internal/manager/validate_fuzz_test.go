@@ -170,7 +170,8 @@ func FuzzGoldenPromoteRequest(f *testing.F) {
 func FuzzExecRequest(f *testing.F) {
 	for _, s := range []string{`{"argv":["uname","-a"]}`, `{"argv":["sh"],"env":{"A":"1","B":"x=y"},"cwd":"/root","tty":true,"rows":24,"cols":80,"timeout_ms":1000,"stdin":true}`,
 		`{}`, `{"argv":[]}`, `{"argv":["x"],"env":{"":"1"}}`, `{"argv":["x"],"env":{"A=B":"1"}}`, `{"argv":["x"],"env":{"A":"\u0000"}}`,
-		`{"argv":["x"],"rows":70000}`, `{"argv":["x"],"timeout_ms":-1}`, `{"argv":"x"}`, `{"argv":["x"],"unknown":true}`} {
+		`{"argv":["x"],"rows":70000}`, `{"argv":["x"],"timeout_ms":-1}`, `{"argv":"x"}`, `{"argv":["x"],"unknown":true}`,
+		`{"argv":["id"],"user":"noid"}`, `{"argv":["id"],"user":"a:b"}`, `{"argv":["id"],"user":"-x"}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -189,6 +190,9 @@ func FuzzExecRequest(f *testing.F) {
 			}
 			if !sort.StringsAreSorted(p.Env) {
 				t.Fatalf("env not sorted: %q", p.Env)
+			}
+			if p.User != req.User || p.User != "" && api.ValidateGuestUser(p.User) != nil {
+				t.Fatalf("user %q accepted as %q", req.User, p.User)
 			}
 			for _, kv := range p.Env {
 				k, v, ok := strings.Cut(kv, "=")

@@ -15,6 +15,7 @@ import (
 
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/manager"
 )
 
 func (s *Server) hExec(w http.ResponseWriter, r *http.Request) error {
@@ -194,19 +195,15 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		// agent connection.
 		return nil
 	}
-	ex, err := proc.Wait()
+	msg, err := manager.ExitMessage(proc.Wait())
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
-		sendErr(fmt.Errorf("%w: lost the process: %v", errdefs.ErrUnavailable, err))
+		sendErr(err)
 		return nil
 	}
-	if ex.Code < 0 && ex.Error != "" {
-		sendErr(fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, ex.Error))
-		return nil
-	}
-	b, _ := json.Marshal(api.StreamMsg{Type: api.MsgExit, Code: ex.Code, ExitSig: ex.Signal, TimedOut: ex.TimedOut})
+	b, _ := json.Marshal(msg)
 	write(websocket.MessageText, b)
 	ws.Close(websocket.StatusNormalClosure, "")
 	return nil

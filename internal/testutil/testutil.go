@@ -114,10 +114,14 @@ func Build(t testing.TB) Binaries {
 }
 
 // RemoveBinaries deletes what Build compiled (a temporary directory per
-// test process). A TestMain calls it after m.Run.
+// test process) and this process's pinned copy of the tiny image. A
+// TestMain calls it after m.Run.
 func RemoveBinaries() {
 	if bins.Noid != "" {
 		os.RemoveAll(filepath.Dir(bins.Noid))
+	}
+	if img != nil {
+		os.RemoveAll(img.Dir)
 	}
 }
 
@@ -135,7 +139,11 @@ var (
 )
 
 // TinyImage builds (or reuses) the tiny busybox guest image with the current
-// agent, in the shared cache.
+// agent, in the shared cache, and returns a copy pinned for this process:
+// its files are hard links in a directory of its own. The cache's image
+// directory is replaced whenever a test process with another agent (another
+// checkout) builds it, and VMs booted later must still get this process's
+// agent.
 func TinyImage(t testing.TB) *image.Image {
 	t.Helper()
 	b := Build(t)
@@ -149,15 +157,52 @@ func TinyImage(t testing.TB) *image.Image {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		defer cancel()
 		var progress strings.Builder
-		img, imgErr = image.Build(ctx, image.BuildOptions{DataDir: filepath.Join(CacheDir(), "data"), Tiny: true, AgentBinary: b.Agent, Progress: &progress})
-		if imgErr != nil {
-			imgErr = fmt.Errorf("building tiny image: %w\n%s", imgErr, progress.String())
+		built, err := image.Build(ctx, image.BuildOptions{DataDir: filepath.Join(CacheDir(), "data"), Tiny: true, AgentBinary: b.Agent, Progress: &progress})
+		if err != nil {
+			imgErr = fmt.Errorf("building tiny image: %w\n%s", err, progress.String())
+			return
 		}
+		// Still under the lock, so no other test process replaces the files
+		// before they are linked.
+		img, imgErr = pinImage(built)
 	})
 	if imgErr != nil {
 		t.Fatal(imgErr)
 	}
 	return img
+}
+
+// pinImage hard-links the files of img into a new directory under the cache
+// (the same file system, so links always work) and returns img with its
+// paths there. Pinned copies older than a day are left-overs of killed test
+// processes and are removed.
+func pinImage(built *image.Image) (*image.Image, error) {
+	root := filepath.Join(CacheDir(), "pinned")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, err
+	}
+	if ents, err := os.ReadDir(root); err == nil {
+		for _, e := range ents {
+			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > 24*time.Hour {
+				os.RemoveAll(filepath.Join(root, e.Name()))
+			}
+		}
+	}
+	dir, err := os.MkdirTemp(root, "tiny-")
+	if err != nil {
+		return nil, err
+	}
+	pinned := *built
+	pinned.Dir = dir
+	for _, p := range []*string{&pinned.Kernel, &pinned.Vmlinux, &pinned.Initrd, &pinned.Rootfs} {
+		dst := filepath.Join(dir, filepath.Base(*p))
+		if err := os.Link(*p, dst); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pinning the tiny image: %w", err)
+		}
+		*p = dst
+	}
+	return &pinned, nil
 }
 
 // NumCPU is the host's CPU count (for sizing parallel tests).

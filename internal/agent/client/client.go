@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,11 @@ var ErrClosed = fmt.Errorf("agent connection closed: %w", errdefs.ErrUnavailable
 
 // ErrExited is returned by writes to a process's stdin after it exited.
 var ErrExited = errors.New("process exited")
+
+// ErrUnsupported is wrapped by the error of a request that needs a feature
+// the connected agent does not announce (an agent older than the feature,
+// in a VM booted or restored from before it).
+var ErrUnsupported = errors.New("the VM's agent does not support it")
 
 // Options tune Connect. The zero value is usable.
 type Options struct {
@@ -186,6 +192,10 @@ func Connect(ctx context.Context, conn io.ReadWriteCloser, opts Options) (*Clien
 
 // Agent returns the agent's HELLO_ACK: its version, boot id and pid.
 func (c *Client) Agent() proto.HelloAck { return c.ack }
+
+// HasFeature reports whether the agent announced feature (a
+// proto.Feature* constant) in its HELLO_ACK.
+func (c *Client) HasFeature(feature string) bool { return slices.Contains(c.ack.Features, feature) }
 
 // Done is closed when the connection is gone.
 func (c *Client) Done() <-chan struct{} { return c.done }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -47,6 +48,10 @@ func (c *Client) Console(ctx context.Context, req proto.ExecRequest) (*Process, 
 }
 
 func (c *Client) start(ctx context.Context, o proto.Open, req proto.ExecRequest, name string) (*Process, error) {
+	if req.User != "" && !c.HasFeature(proto.FeatureExecUser) {
+		// An older agent would ignore the user and run the process as root.
+		return nil, fmt.Errorf("agent exec %s as user %q: %w: it predates running commands as another user", name, req.User, ErrUnsupported)
+	}
 	cl, err := c.open(ctx, o)
 	if err != nil {
 		return nil, fmt.Errorf("agent exec %s: %w", name, err)
@@ -130,16 +135,51 @@ func (p *Process) Resize(ctx context.Context, rows, cols uint16) error {
 
 // Wait waits for the process to exit and returns its exit status. It
 // returns an error if the process could not be started (Exit.Code is then -1
-// and Exit.Error says why) or if the connection was lost. Wait may be
-// called several times and concurrently; output not read yet stays readable.
+// and Exit.Error says why; the error is a *StartError) or if the connection
+// was lost. Wait may be called several times and concurrently; output not
+// read yet stays readable.
 func (p *Process) Wait() (proto.Exit, error) {
 	p.once.Do(func() {
 		p.exit, p.err = p.c.wait(context.Background(), p.cl)
 		if p.err != nil {
 			p.err = fmt.Errorf("agent exec %s: %w", p.name, p.err)
 		} else if p.exit.Error != "" {
-			p.err = fmt.Errorf("agent exec %s: %s", p.name, p.exit.Error)
+			reason := p.exit.Reason
+			if reason == "" {
+				reason = legacyReason(p.exit.Error)
+			}
+			p.err = &StartError{Name: p.name, Reason: reason, Message: p.exit.Error}
 		}
 	})
 	return p.exit, p.err
+}
+
+// StartError is the error of Wait for a process the agent could not start.
+type StartError struct {
+	// Name is the program (argv[0]) or "console".
+	Name string
+	// Reason is one of the proto.Reason* constants, or empty when the
+	// failure is of another kind (or the agent did not say).
+	Reason string
+	// Message is the agent's description, such as
+	// "nosuchcmd: command not found".
+	Message string
+}
+
+// Error returns "agent exec <name>: <message>".
+func (e *StartError) Error() string { return "agent exec " + e.Name + ": " + e.Message }
+
+// legacyReason classifies the start failures of agents that predate
+// Exit.Reason by their messages, which those agents no longer change:
+// running VMs and checkpoints keep their agent across server upgrades.
+func legacyReason(msg string) string {
+	switch {
+	case strings.HasSuffix(msg, ": executable file not found in PATH"),
+		strings.HasPrefix(msg, "stat ") && (strings.HasSuffix(msg, ": no such file or directory") || strings.HasSuffix(msg, ": not a directory")):
+		return proto.ReasonNotFound
+	case strings.HasSuffix(msg, ": permission denied"), // not executable, or a directory
+		strings.HasPrefix(msg, "starting ") && strings.HasSuffix(msg, ": exec format error"):
+		return proto.ReasonNotExecutable
+	}
+	return ""
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noid-vm/noid/internal/agent/client"
 	"github.com/noid-vm/noid/internal/agent/proto"
 )
 
@@ -46,17 +48,131 @@ func TestExecExitCodes(t *testing.T) {
 
 func TestExecStartFailure(t *testing.T) {
 	c, _ := newClient(t)
-	r := run(t, c, proto.ExecRequest{Argv: []string{"/nonexistent/program"}}, nil)
-	if r.err == nil || r.exit.Code != -1 || r.exit.Error == "" {
-		t.Fatalf("got %+v, %v; want start failure", r.exit, r.err)
+	if !c.HasFeature(proto.FeatureExecUser) {
+		t.Fatalf("the agent does not announce %s: %+v", proto.FeatureExecUser, c.Agent())
 	}
-	r = run(t, c, proto.ExecRequest{Argv: []string{"true"}, Cwd: "/nonexistent-dir"}, nil)
-	if r.err == nil || r.exit.Code != -1 {
-		t.Fatalf("bad cwd: got %+v, %v", r.exit, r.err)
+	dir := t.TempDir()
+	for name, content := range map[string]string{"data": "", "garbage": "\x01\x02 not a program\n", "badinterp": "#!/nonexistent/interp\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"garbage", "badinterp"} {
+		if err := os.Chmod(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		req    proto.ExecRequest
+		reason string
+		msg    string
+	}{
+		{proto.ExecRequest{Argv: []string{"/nonexistent/program"}}, proto.ReasonNotFound, "/nonexistent/program: no such file or directory"},
+		{proto.ExecRequest{Argv: []string{"nonexistent-cmd", "arg"}}, proto.ReasonNotFound, "nonexistent-cmd: command not found"},
+		{proto.ExecRequest{Argv: []string{filepath.Join(dir, "data")}}, proto.ReasonNotExecutable, filepath.Join(dir, "data") + ": permission denied"},
+		{proto.ExecRequest{Argv: []string{dir}}, proto.ReasonNotExecutable, dir + ": is a directory"},
+		{proto.ExecRequest{Argv: []string{"./garbage"}, Cwd: dir}, proto.ReasonNotExecutable, "./garbage: exec format error"},
+		{proto.ExecRequest{Argv: []string{"./badinterp"}, Cwd: dir}, proto.ReasonNotFound, "./badinterp: bad interpreter or loader: no such file or directory"},
+		{proto.ExecRequest{Argv: []string{"true"}, Cwd: "/nonexistent-dir"}, proto.ReasonBadCwd, "working directory /nonexistent-dir: no such file or directory"},
+		{proto.ExecRequest{Argv: []string{"true"}, Cwd: filepath.Join(dir, "data")}, proto.ReasonBadCwd, "working directory " + filepath.Join(dir, "data") + ": not a directory"},
+		// The agent's EtcDir has no passwd: nobody but the default root exists.
+		{proto.ExecRequest{Argv: []string{"true"}, User: "root"}, proto.ReasonUnknownUser, `no user "root" in the guest's /etc/passwd`},
+	} {
+		r := run(t, c, tc.req, nil)
+		var se *client.StartError
+		if !errors.As(r.err, &se) || r.exit.Code != -1 || se.Reason != tc.reason || se.Message != tc.msg || r.exit.Reason != tc.reason {
+			t.Errorf("%q in %q as %q: exit %+v, err %v; want %s %q", tc.req.Argv, tc.req.Cwd, tc.req.User, r.exit, r.err, tc.reason, tc.msg)
+		}
 	}
 	// The connection is still fine.
 	if err := c.Ping(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestExecAsUser runs processes as a user of the agent's /etc/passwd: its
+// uid, gid, groups, HOME, USER and LOGNAME, its home as the working
+// directory, its own terminal, and the user's permissions for the working
+// directory and the program.
+func TestExecAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to change uid")
+	}
+	c, e := newClient(t)
+	base := t.TempDir()
+	// t.TempDir's parent is private (0700): open both to everyone.
+	for _, d := range []string{filepath.Dir(base), base} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	home := filepath.Join(base, "home")
+	closed := filepath.Join(base, "closed")
+	for _, d := range []string{home, closed} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(home, 4242, 4243); err != nil {
+		t.Fatal(err)
+	}
+	private := filepath.Join(base, "private-tool")
+	if err := os.WriteFile(private, []byte("#!/bin/sh\necho ran\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	passwd := "root:x:0:0:root:/root:/bin/sh\ntester:x:4242:4243:tester:" + home + ":/bin/sh\n"
+	group := "root:x:0:\ntester:x:4243:\nextra:x:5000:someone,tester\nother:x:5001:someone\n"
+	for name, content := range map[string]string{"passwd": passwd, "group": group} {
+		if err := os.WriteFile(filepath.Join(e.etc, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	script := `id -u; id -g; id -G; echo "$HOME $USER $LOGNAME"; pwd`
+	want := fmt.Sprintf("4242\n4243\n4243 5000\n%s tester tester\n%s\n", home, home)
+	for _, user := range []string{"tester", "4242"} {
+		r := run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", script}, User: user}, nil)
+		if r.err != nil || r.exit.Code != 0 || r.stdout != want {
+			t.Errorf("as %s: %+v, want stdout %q", user, r, want)
+		}
+	}
+	// Root by name: uid 0 with root's HOME from passwd.
+	r := run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", `id -u; echo "$HOME $USER"`}, User: "root"}, nil)
+	if r.err != nil || r.stdout != "0\n/root root\n" {
+		t.Errorf("as root: %+v", r)
+	}
+	// The user's terminal belongs to the user.
+	r = run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", `id -u; stat -c %u "$(tty)"`}, User: "tester", TTY: true}, nil)
+	if r.err != nil || strings.ReplaceAll(r.stdout, "\r", "") != "4242\n4242\n" {
+		t.Errorf("tty as tester: %+v", r)
+	}
+	// What the user may not enter or run is refused before anything starts,
+	// with a reason.
+	var se *client.StartError
+	r = run(t, c, proto.ExecRequest{Argv: []string{"true"}, User: "tester", Cwd: closed}, nil)
+	if !errors.As(r.err, &se) || se.Reason != proto.ReasonBadCwd || !strings.Contains(se.Message, "permission denied for user tester") {
+		t.Errorf("closed cwd: %+v", r)
+	}
+	r = run(t, c, proto.ExecRequest{Argv: []string{private}, User: "tester"}, nil)
+	if !errors.As(r.err, &se) || se.Reason != proto.ReasonNotExecutable || se.Message != private+": permission denied" {
+		t.Errorf("root-only program: %+v", r)
+	}
+	// Root may run it.
+	if r = run(t, c, proto.ExecRequest{Argv: []string{private}}, nil); r.err != nil || r.stdout != "ran\n" {
+		t.Errorf("root-only program as root: %+v", r)
+	}
+	// A user whose home is missing starts in /.
+	passwd += "gone:x:4300:4300::/nonexistent:/bin/false\n"
+	if err := os.WriteFile(filepath.Join(e.etc, "passwd"), []byte(passwd), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r = run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", `pwd; echo "$HOME"`}, User: "gone"}, nil)
+	if r.err != nil || r.stdout != "/\n/nonexistent\n" {
+		t.Errorf("as gone: %+v", r)
+	}
+	r = run(t, c, proto.ExecRequest{Argv: []string{"true"}, User: "nosuchuser"}, nil)
+	if !errors.As(r.err, &se) || se.Reason != proto.ReasonUnknownUser {
+		t.Errorf("unknown user: %+v", r)
 	}
 }
 

@@ -377,6 +377,18 @@ func TestHostSkipsGarbageAndStaleAcks(t *testing.T) {
 	if c.Agent().PID != 4242 {
 		t.Fatalf("ack %+v", c.Agent())
 	}
+	// This agent announces no features, like the agents from before them:
+	// a request for another user is refused here rather than run as root
+	// by an agent that ignores the field.
+	if c.HasFeature(proto.FeatureExecUser) {
+		t.Fatal("feature announced by an ack without features")
+	}
+	if _, err := c.Exec(context.Background(), proto.ExecRequest{Argv: []string{"id"}, User: "noid"}); !errors.Is(err, client.ErrUnsupported) {
+		t.Fatalf("exec as a user on an agent without the feature: %v", err)
+	}
+	if _, err := c.Console(context.Background(), proto.ExecRequest{User: "noid"}); !errors.Is(err, client.ErrUnsupported) {
+		t.Fatalf("console as a user on an agent without the feature: %v", err)
+	}
 }
 
 // After a restore the agent may sit in the middle of a frame of the old

@@ -245,7 +245,7 @@ func (a *Agent) startSession(t *transport, h proto.Hello) *session {
 			old.t.closer.Close()
 		}
 	}
-	ack := proto.HelloAck{ID: h.ID, Version: proto.Version, AgentVersion: Version, BootID: bootID(), PID: os.Getpid()}
+	ack := proto.HelloAck{ID: h.ID, Version: proto.Version, AgentVersion: Version, BootID: bootID(), PID: os.Getpid(), Features: proto.Features}
 	if err := send.Send(proto.Frame{Type: proto.TypeHelloAck, Payload: proto.Marshal(ack)}); err != nil {
 		a.log.Warn("cannot acknowledge HELLO", "transport", t.name, "err", err)
 		s.close(err)

@@ -27,12 +27,17 @@ var defaultEnv = []string{
 }
 
 // buildEnv merges extra KEY=VALUE entries over the default environment.
-func buildEnv(extra []string, tty bool) []string {
+// For a user other than the default root (u != nil), HOME is the user's
+// home and USER and LOGNAME name the user.
+func buildEnv(extra []string, tty bool, u *guestUser) []string {
 	term := "TERM=dumb"
 	if tty {
 		term = "TERM=xterm-256color"
 	}
 	base := append(append([]string{}, defaultEnv...), term)
+	if u != nil {
+		extra = append([]string{"HOME=" + u.Home, "USER=" + u.Name, "LOGNAME=" + u.Name}, extra...)
+	}
 	idx := map[string]int{}
 	for i, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")
@@ -62,42 +67,126 @@ func envGet(env []string, key string) string {
 	return ""
 }
 
+// startError says why a process could not be started; reason is the
+// proto.Reason* constant sent in the EXIT.
+type startError struct {
+	reason string
+	msg    string
+}
+
+func (e *startError) Error() string { return e.msg }
+
+// failedStart is the EXIT of a process that could not be started.
+func failedStart(err error) proto.Exit {
+	e := proto.Exit{Code: -1, Error: err.Error()}
+	var se *startError
+	if errors.As(err, &se) {
+		e.Reason = se.reason
+	}
+	return e
+}
+
 // lookPath finds file in the PATH of the process's environment (not the
-// agent's own), like a shell would.
+// agent's own), like a shell would: a name with a slash is used as it is,
+// others are searched in PATH, where the first executable file wins and a
+// non-executable one is reported only when there is no executable one.
+// Failures are startErrors: not found, or not executable.
 func lookPath(file, path, cwd string) (string, error) {
-	isExec := func(p string) error {
-		fi, err := os.Stat(p)
-		if err != nil {
-			return err
+	abs := func(p string) string {
+		if !filepath.IsAbs(p) {
+			return filepath.Join(cwd, p)
 		}
-		if fi.IsDir() || fi.Mode()&0o111 == 0 {
-			return fmt.Errorf("%s: permission denied", p)
-		}
-		return nil
+		return p
 	}
 	if strings.Contains(file, "/") {
-		p := file
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(cwd, p)
-		}
-		if err := isExec(p); err != nil {
-			return "", err
+		fi, err := os.Stat(abs(file))
+		switch {
+		case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOTDIR):
+			return "", &startError{proto.ReasonNotFound, file + ": no such file or directory"}
+		case err != nil:
+			return "", &startError{proto.ReasonNotExecutable, fmt.Sprintf("%s: %v", file, errnoText(err))}
+		case fi.IsDir():
+			return "", &startError{proto.ReasonNotExecutable, file + ": is a directory"}
+		case fi.Mode()&0o111 == 0:
+			return "", &startError{proto.ReasonNotExecutable, file + ": permission denied"}
 		}
 		return file, nil
 	}
+	denied := ""
 	for _, dir := range filepath.SplitList(path) {
 		if dir == "" {
 			dir = "."
 		}
-		p := filepath.Join(dir, file)
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(cwd, p)
+		p := abs(filepath.Join(dir, file))
+		fi, err := os.Stat(p)
+		if err != nil || fi.IsDir() {
+			continue
 		}
-		if isExec(p) == nil {
+		if fi.Mode()&0o111 != 0 {
 			return p, nil
 		}
+		if denied == "" {
+			denied = p
+		}
 	}
-	return "", fmt.Errorf("%s: executable file not found in PATH", file)
+	if denied != "" {
+		return "", &startError{proto.ReasonNotExecutable, denied + ": permission denied"}
+	}
+	return "", &startError{proto.ReasonNotFound, file + ": command not found"}
+}
+
+// execError classifies the error of starting path (found by lookPath): the
+// errno of a failed execve, as a shell would report it.
+func execError(argv0 string, err error) error {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return fmt.Errorf("starting %s: %w", argv0, err)
+	}
+	switch errno {
+	case syscall.ENOENT:
+		// The file was there: its #! interpreter or ELF loader is not.
+		return &startError{proto.ReasonNotFound, argv0 + ": bad interpreter or loader: no such file or directory"}
+	case syscall.EACCES, syscall.ENOEXEC, syscall.EISDIR, syscall.ETXTBSY, syscall.ENOTDIR, syscall.ELOOP:
+		return &startError{proto.ReasonNotExecutable, argv0 + ": " + errno.Error()}
+	}
+	// EPERM is left out: fork/exec reports a refused setuid or setgroups
+	// (an agent that is not root) with it too.
+	return fmt.Errorf("starting %s: %w", argv0, err)
+}
+
+// errnoText returns the errno's text when err wraps one (without the
+// operation and path of an os.PathError), else err's text.
+func errnoText(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno.Error()
+	}
+	return err.Error()
+}
+
+// workDir checks the requested working directory (or picks the default:
+// HOME when it is a directory the user may enter, otherwise /). Go's
+// fork/exec reports a failed chdir and a failed execve alike, so the
+// directory is checked before the start, as the user: every directory on
+// its path must be searchable by the user's uid or groups.
+func workDir(cwd, home string, u *guestUser) (string, error) {
+	if cwd == "" {
+		if fi, err := os.Stat(home); err == nil && fi.IsDir() && u.mayReach(home) {
+			return home, nil
+		}
+		return "/", nil
+	}
+	fi, err := os.Stat(cwd)
+	if err != nil {
+		return "", &startError{proto.ReasonBadCwd, fmt.Sprintf("working directory %s: %s", cwd, errnoText(err))}
+	}
+	if !fi.IsDir() {
+		return "", &startError{proto.ReasonBadCwd, fmt.Sprintf("working directory %s: not a directory", cwd)}
+	}
+	if !u.mayReach(cwd) {
+		return "", &startError{proto.ReasonBadCwd, fmt.Sprintf("working directory %s: permission denied for user %s", cwd, u.Name)}
+	}
+	return cwd, nil
 }
 
 // loginShell returns the argv of the console's shell.
@@ -121,21 +210,33 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 		s.finish(h, proto.Exit{Code: -1, Error: "empty argv"})
 		return
 	}
-	env := buildEnv(req.Env, req.TTY)
-	cwd := req.Cwd
-	if cwd == "" {
-		cwd = envGet(env, "HOME")
-		if fi, err := os.Stat(cwd); err != nil || !fi.IsDir() {
-			cwd = "/"
+	var u *guestUser
+	if req.User != "" {
+		var err error
+		if u, err = lookupUser(a.cfg.EtcDir, req.User); err != nil {
+			if errors.Is(err, errNoUser) || errors.Is(err, os.ErrNotExist) {
+				err = &startError{proto.ReasonUnknownUser, fmt.Sprintf("no user %q in the guest's /etc/passwd", req.User)}
+			}
+			s.finish(h, failedStart(err))
+			return
 		}
+	}
+	env := buildEnv(req.Env, req.TTY, u)
+	cwd, err := workDir(req.Cwd, envGet(env, "HOME"), u)
+	if err != nil {
+		s.finish(h, failedStart(err))
+		return
 	}
 	path, err := lookPath(req.Argv[0], envGet(env, "PATH"), cwd)
 	if err != nil {
-		s.finish(h, proto.Exit{Code: -1, Error: err.Error()})
+		s.finish(h, failedStart(err))
 		return
 	}
 	cmd := &exec.Cmd{Path: path, Args: req.Argv, Env: env, Dir: cwd,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true}}
+	if u != nil {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: u.Groups}
+	}
 
 	var (
 		stdinW  io.WriteCloser // where host stdin goes
@@ -153,7 +254,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 		if stdinW != nil {
 			stdinW.Close()
 		}
-		s.finish(h, proto.Exit{Code: -1, Error: err.Error()})
+		s.finish(h, failedStart(err))
 	}
 	if req.TTY {
 		var tty *os.File
@@ -167,6 +268,10 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 			rows, cols = 24, 80
 		}
 		_ = setWinsize(ptmx, rows, cols)
+		if u != nil {
+			// The user owns its terminal, as after login(1).
+			_ = tty.Chown(int(u.UID), -1)
+		}
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
 		cmd.SysProcAttr.Setctty = true
 		cmd.SysProcAttr.Ctty = 0
@@ -203,7 +308,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 	}
 	closers = nil
 	if err != nil {
-		fail(fmt.Errorf("starting %s: %w", req.Argv[0], err))
+		fail(execError(req.Argv[0], err))
 		return
 	}
 	a.log.Debug("exec started", "session", s.n, "stream", st.ID(), "argv0", req.Argv[0], "pid", pid, "tty", req.TTY)

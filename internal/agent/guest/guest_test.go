@@ -133,11 +133,18 @@ func TestHostsWithIdentity(t *testing.T) {
 }
 
 func TestBuildEnv(t *testing.T) {
-	env := buildEnv([]string{"PATH=/x", "A=1", "=bad", "noequals", "A=2"}, true)
+	env := buildEnv([]string{"PATH=/x", "A=1", "=bad", "noequals", "A=2"}, true, nil)
 	joined := strings.Join(env, "\n")
 	if !strings.Contains(joined, "PATH=/x") || strings.Contains(joined, "/usr/bin") || !strings.Contains(joined, "TERM=xterm-256color") ||
-		!strings.Contains(joined, "A=2") || strings.Contains(joined, "A=1") || strings.Contains(joined, "noequals") {
+		!strings.Contains(joined, "A=2") || strings.Contains(joined, "A=1") || strings.Contains(joined, "noequals") ||
+		envGet(env, "HOME") != "/root" || envGet(env, "USER") != "" {
 		t.Fatalf("env %q", env)
+	}
+	// A user brings HOME, USER and LOGNAME; the request's entries still win.
+	u := &guestUser{Name: "noid", UID: 1000, GID: 1000, Home: "/home/noid"}
+	env = buildEnv([]string{"LOGNAME=other"}, false, u)
+	if envGet(env, "HOME") != "/home/noid" || envGet(env, "USER") != "noid" || envGet(env, "LOGNAME") != "other" || envGet(env, "TERM") != "dumb" {
+		t.Fatalf("env with user %q", env)
 	}
 }
 

@@ -27,7 +27,22 @@ type HelloAck struct {
 	BootID string `json:"boot_id,omitempty"`
 	// PID is the agent's process id (1 when it runs as init).
 	PID int `json:"pid"`
+	// Features lists what the agent supports beyond the first release of
+	// protocol version 1 (the Feature* constants). A host must not send a
+	// request that needs a feature the agent does not list: older agents
+	// ignore fields they do not know.
+	Features []string `json:"features,omitempty"`
 }
+
+// Optional features an agent announces in HelloAck.Features.
+const (
+	// FeatureExecUser: the agent honours ExecRequest.User and reports
+	// Exit.Reason for failed starts.
+	FeatureExecUser = "exec_user"
+)
+
+// Features are the features this package's agent implements.
+var Features = []string{FeatureExecUser}
 
 // Stream kinds carried in Open.Kind.
 const (
@@ -79,6 +94,11 @@ type ExecRequest struct {
 	// Stdin says the host will send standard input. Without it the process
 	// reads /dev/null (or, with TTY, a terminal nobody types on).
 	Stdin bool `json:"stdin,omitempty"`
+	// User is the guest user to run as: a name or a numeric uid found in the
+	// guest's /etc/passwd. The process then gets that user's uid, primary
+	// gid and supplementary groups (from /etc/group), HOME, USER and LOGNAME,
+	// and starts in HOME. Empty means root, with HOME=/root.
+	User string `json:"user,omitempty"`
 }
 
 // Control is the payload of a CONTROL frame on an exec stream.
@@ -105,9 +125,29 @@ type Exit struct {
 	// Error describes a failure of the request itself (cannot start, bad
 	// path, ...). It is empty on success and for processes that ran.
 	Error string `json:"error,omitempty"`
+	// Reason classifies an exec or console that could not start (Code -1):
+	// one of the Reason* constants, or empty for any other failure. Agents
+	// older than the field leave it empty.
+	Reason string `json:"reason,omitempty"`
 	// Result carries the reply of unary kinds (SyncResult, Info, PutResult).
 	Result json.RawMessage `json:"result,omitempty"`
 }
+
+// Why an exec could not start (Exit.Reason).
+const (
+	// ReasonNotFound: the program does not exist (not in PATH, or no such
+	// file). A shell would exit 127.
+	ReasonNotFound = "not_found"
+	// ReasonNotExecutable: the program exists but cannot be executed
+	// (permission denied, a directory, an unknown binary format, a missing
+	// interpreter). A shell would exit 126.
+	ReasonNotExecutable = "not_executable"
+	// ReasonBadCwd: the working directory does not exist, is not a
+	// directory or cannot be entered by the user.
+	ReasonBadCwd = "bad_cwd"
+	// ReasonUnknownUser: ExecRequest.User is not in the guest's /etc/passwd.
+	ReasonUnknownUser = "unknown_user"
+)
 
 // Reset is the payload of a RESET frame. On stream 0, sent by the agent, it
 // means the agent lost the connection's framing and dropped the connection:
