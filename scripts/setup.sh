@@ -12,6 +12,21 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 
+# QEMU 9.0 or later: with TCG (no usable KVM), earlier QEMUs lose some of the
+# pages a guest writes during a live migration, so noid's live checkpoints
+# need it (older ones make checkpoints that stop the guest for the whole RAM
+# copy). Debian 12 ships 7.2; its backports have 10.0, which this installs.
+. /etc/os-release 2>/dev/null || true
+qemu_from=()
+if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+	bpo=/etc/apt/sources.list.d/noid-bookworm-backports.list
+	if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+		echo "setup: adding bookworm-backports (for QEMU 10) in $bpo"
+		echo "deb http://deb.debian.org/debian bookworm-backports main" >"$bpo"
+		apt-get update -qq || true
+	fi
+	qemu_from=(-t bookworm-backports)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +36,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq || true
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+qemu_version() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1; }
+if [ ${#qemu_from[@]} -gt 0 ] && [ "$(qemu_version)" != "" ] && [ "$(qemu_version)" -lt 9 ]; then
+	echo "setup: upgrading QEMU to the bookworm-backports version"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${qemu_from[@]}" qemu-system-x86 qemu-utils >/dev/null ||
+		echo "setup: warning: QEMU from bookworm-backports could not be installed; checkpoints stop the guest for the whole RAM copy under TCG" >&2
 fi
 
 # Go: use the one on PATH or /usr/local/go if new enough, else fetch the

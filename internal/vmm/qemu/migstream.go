@@ -29,7 +29,8 @@ import (
 // The format read here is QEMU's (migration/savevm.c, migration/ram.c):
 // a header ("QEVM", version 3), an optional configuration section, then
 // sections of the "ram" iterable (START with the block list, PART and END
-// with page records, each ending with an EOS flag and a footer), and from
+// with page records, each ending with an EOS flag and a footer), commands
+// to the destination (copied through), and from
 // the first section of any other kind on, the device state, which is
 // copied through without being parsed. Only the page record flags QEMU
 // uses without compression, XBZRLE, RDMA or multifd are accepted;
@@ -47,6 +48,7 @@ const (
 	secFull          = 0x04
 	secSubsection    = 0x05
 	secConfiguration = 0x07
+	secCommand       = 0x08
 	secFooter        = 0x7e
 
 	ramFlagZero         = 0x002
@@ -410,6 +412,18 @@ func splitStream(ctx context.Context, r io.Reader, mem *os.File, memSize int64, 
 			if err := footer(sid); err != nil {
 				return st, err
 			}
+		case secCommand:
+			// A command to the destination (QEMU 10 sends one before the
+			// switchover): copied through. Its length is in the stream.
+			var hdr [4]byte
+			if err := sr.full(hdr[:]); err != nil {
+				return st, err
+			}
+			payload := make([]byte, binary.BigEndian.Uint16(hdr[2:]))
+			if err := sr.full(payload); err != nil {
+				return st, err
+			}
+			out([]byte{t}, hdr[:], payload)
 		case secFull, secEOF:
 			// The device state: copied through to the end.
 			if err := mw.flush(); err != nil {

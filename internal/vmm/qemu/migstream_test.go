@@ -87,6 +87,13 @@ func TestSplitStream(t *testing.T) {
 	want.record(ramFlagZero, pageSize, "", []byte{0})
 	want.be64(ramFlagEOS)
 	want.footer(1)
+	// A command to the destination (QEMU 10 sends one), copied through.
+	for _, b := range []*streamBuilder{&in, &want} {
+		b.u8(secCommand)
+		binary.Write(b, binary.BigEndian, uint16(9))
+		binary.Write(b, binary.BigEndian, uint16(3))
+		b.Write([]byte{1, 2, 3})
+	}
 	// Final pass: page 1 again, page 3 now zero.
 	for _, b := range []*streamBuilder{&in, &want} {
 		b.section(secEnd, 1, "")
@@ -173,8 +180,8 @@ func TestSplitStreamRefuses(t *testing.T) {
 		}, "block migration"},
 		"unknown section": {func(b *streamBuilder) {
 			start(b, memSize)
-			b.u8(0x08)
-		}, "section of type 0x8"},
+			b.u8(0x06)
+		}, "section of type 0x6"},
 	}
 	for name, tc := range cases {
 		var b streamBuilder
@@ -185,6 +192,24 @@ func TestSplitStreamRefuses(t *testing.T) {
 		mem.Close()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error mentioning %q", name, err, tc.want)
+		}
+	}
+}
+
+func TestCompareVersions(t *testing.T) {
+	for _, c := range []struct {
+		a, b string
+		want int
+	}{
+		{"7.2.22", "7.2.22", 0},
+		{"7.2.22", "10.0.2", -1},
+		{"10.0.2", "9.2", 1},
+		{"9.0", "9.0.0", 0},
+		{"8.2.0-rc1", "8.2", 0},
+		{"8.1.5", "8.2", -1},
+	} {
+		if got := compareVersions(c.a, c.b); got != c.want {
+			t.Errorf("compareVersions(%q, %q) = %d, want %d", c.a, c.b, got, c.want)
 		}
 	}
 }

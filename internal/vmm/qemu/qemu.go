@@ -50,7 +50,8 @@ type Options struct {
 	MemoryOverhead int64
 	// PidsLimit is the cgroup's pids.max; 0 means PidsLimit plus the vCPUs.
 	PidsLimit int64
-	// Logger receives warnings about sandbox clean-up; nil discards them.
+	// Logger receives warnings (sandbox clean-up, snapshots from an older
+	// QEMU); nil discards them.
 	Logger *slog.Logger
 }
 
@@ -524,7 +525,16 @@ func (b *Backend) checkSnapshot(ctx context.Context, spec vmm.Spec, dir string) 
 		return nil, fmt.Errorf("%w: snapshot was taken under %s and cannot be restored under %s", errdefs.ErrInvalidArgument, meta.Accel, spec.Accel)
 	}
 	if ver, err := b.Version(ctx); err == nil && meta.VMMVersion != "" && meta.VMMVersion != ver {
-		return nil, fmt.Errorf("%w: snapshot was taken by qemu %s, this host runs qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
+		// QEMU reads the migration streams of its earlier releases, not
+		// of later ones. A snapshot from an older QEMU is tried: if its
+		// state does not load, the restore fails before anything of the
+		// VM is touched (the old VMM keeps running on a rewind).
+		if compareVersions(meta.VMMVersion, ver) > 0 {
+			return nil, fmt.Errorf("%w: snapshot was taken by qemu %s, newer than this host's qemu %s", errdefs.ErrInvalidArgument, meta.VMMVersion, ver)
+		}
+		if b.opts.Logger != nil {
+			b.opts.Logger.Warn("restoring a snapshot taken by an older qemu", "vm", spec.Name, "dir", dir, "snapshot_qemu", meta.VMMVersion, "qemu", ver)
+		}
 	}
 	return meta, nil
 }
@@ -557,15 +567,7 @@ func (b *Backend) Prepare(ctx context.Context, spec vmm.Spec, dir string, cp vmm
 // 8.2 and later). Older ones open the file for writing even to map it
 // privately, so each VM gets a copy of its snapshot's memory file.
 func (b *Backend) privateReadOnlyRAM(ctx context.Context) bool {
-	v, err := b.Version(ctx)
-	if err != nil {
-		return false
-	}
-	var major, minor int
-	if _, err := fmt.Sscanf(v, "%d.%d", &major, &minor); err != nil {
-		return false
-	}
-	return major > 8 || major == 8 && minor >= 2
+	return b.versionAtLeast(ctx, 8, 2)
 }
 
 // Adopt reattaches to a QEMU started by an earlier server.
