@@ -1,0 +1,58 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"database/sql"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	_ "modernc.org/sqlite"
+)
+
+// TestAuditLogEscaped (issue 18, finding 7): a target made of newlines,
+// tabs and terminal escapes is stored escaped, and `noid-server audit`
+// prints one line per entry with no control character, also for a row
+// written raw (as an older server did).
+func TestAuditLogEscaped(t *testing.T) {
+	e := NewEnv(t)
+	forged := "x\n2030-01-01T00:00:00Z  root  DELETE /v1/vms/{name}  prod\tok\x1b[2J\x1b]0;owned\x07\u202e"
+	if _, err := e.Client.DestroyVM(ctx(t), forged); err == nil {
+		t.Fatal("destroying a VM that does not exist succeeded")
+	}
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(e.Dir, "data", "noid.db")+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var stored string
+	if err := db.QueryRow(`SELECT target FROM audit ORDER BY id DESC LIMIT 1`).Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	want := `x\n2030-01-01T00:00:00Z  root  DELETE /v1/vms/{name}  prod\tok\x1b[2J\x1b]0;owned\a\u202e`
+	if stored != want {
+		t.Errorf("stored target %q, want %q", stored, want)
+	}
+	// A row an older server wrote raw.
+	if _, err := db.Exec(`INSERT INTO audit(at, user_name, action, target, result, request_id) VALUES ('2026-01-01T00:00:00Z', 'root', 'DELETE /v1/vms/{name}', ?, 'ok', ?)`,
+		"legacy\nrow\x1b[31m", "rid\twith\ttabs"); err != nil {
+		t.Fatal(err)
+	}
+	out := e.serverCmd(t, "audit")
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if len(lines) != 3 { // the header, the refused destroy, the legacy row
+		t.Errorf("audit printed %d lines, want 3:\n%s", len(lines), out)
+	}
+	for _, c := range out {
+		if c != '\n' && (c < ' ' || c == 0x7f || (c >= 0x80 && c < 0xa0) || c == '\u202e') {
+			t.Errorf("audit output holds the control character %U:\n%q", c, out)
+			break
+		}
+	}
+	for _, want := range []string{want, `legacy\nrow\x1b[31m`, `rid\twith\ttabs`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("audit output lacks %q:\n%s", want, out)
+		}
+	}
+}
