@@ -91,15 +91,17 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		log = slog.Default()
 	}
 	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "run")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("creating %s: %w", d, err)
+		if err := privateDir(d, log); err != nil {
+			return nil, err
 		}
 	}
 	if err := setupStorage(ctx, cfg, log); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.StorageDir(), "users"), 0o700); err != nil {
-		return nil, fmt.Errorf("creating storage dir: %w", err)
+	for _, d := range []string{cfg.StorageDir(), filepath.Join(cfg.StorageDir(), "users")} {
+		if err := privateDir(d, log); err != nil {
+			return nil, err
+		}
 	}
 	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "noid.db"))
 	if err != nil {
@@ -259,6 +261,27 @@ func (m *Manager) closeNetwork() {
 	if m.net != nil {
 		m.net.Close()
 	}
+}
+
+// privateDir creates dir with mode 0700, or gives an existing dir that
+// mode when group or others have any access to it (a data dir made by hand,
+// or by an older noid), saying so in the log: the database, the images and
+// every VM's files live below it.
+func privateDir(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("checking %s: %w", dir, err)
+	}
+	if mode := fi.Mode().Perm(); mode&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("making %s private (mode 0700): %w", dir, err)
+		}
+		log.Warn("made a data directory private: it was open to group or others", "dir", dir, "old_mode", fmt.Sprintf("%04o", mode), "mode", "0700")
+	}
+	return nil
 }
 
 // storageRootFile records which storage root the VMs were created under.

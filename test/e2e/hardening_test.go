@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"database/sql"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,6 +54,38 @@ func TestAuditLogEscaped(t *testing.T) {
 	for _, want := range []string{want, `legacy\nrow\x1b[31m`, `rid\twith\ttabs`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("audit output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestDataDirModes (issue 18, finding 11): a server makes an existing data
+// dir that others can read private, saying so, and the database's -wal and
+// -shm files are 0600 like the database.
+func TestDataDirModes(t *testing.T) {
+	e := NewEnv(t)
+	data := filepath.Join(e.Dir, "data")
+	e.Stop()
+	if err := os.Chmod(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	fi, err := os.Stat(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := fi.Mode().Perm(); m != 0o700 {
+		t.Errorf("data dir has mode %04o after a start, want 0700", m)
+	}
+	if !strings.Contains(e.Log(), "made a data directory private") || !strings.Contains(e.Log(), "old_mode=0755") {
+		t.Errorf("the server did not say it changed the data dir's mode:\n%s", e.Log())
+	}
+	for _, f := range []string{"noid.db", "noid.db-wal", "noid.db-shm"} {
+		fi, err := os.Stat(filepath.Join(data, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := fi.Mode().Perm(); m != 0o600 {
+			t.Errorf("%s has mode %04o, want 0600", f, m)
 		}
 	}
 }
