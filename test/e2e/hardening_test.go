@@ -5,6 +5,7 @@ package e2e
 import (
 	"database/sql"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -87,5 +88,42 @@ func TestDataDirModes(t *testing.T) {
 		if m := fi.Mode().Perm(); m != 0o600 {
 			t.Errorf("%s has mode %04o, want 0600", f, m)
 		}
+	}
+}
+
+// TestExecEnvFileAndCallerEnv (issue 18, finding 13): secrets reach an
+// exec through --env-file and -e KEY (the value from the caller's
+// environment), never through the command line.
+func TestExecEnvFileAndCallerEnv(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("envs")
+	file := filepath.Join(t.TempDir(), "secrets.env")
+	if err := os.WriteFile(file, []byte("# deploy secrets\nFROM_FILE=file secret=with equals \n  INDENTED=yes\nPASSED\nUNSET_HERE\n\nOVERRIDDEN=file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"exec", "envs", "--env-file", file, "-e", "FROM_CALLER", "-e", "OVERRIDDEN=flag", "--",
+		"sh", "-c", `echo "$FROM_FILE|$INDENTED|$PASSED|${UNSET_HERE-unset}|$FROM_CALLER|$OVERRIDDEN"`}
+	cmd := exec.Command(e.Bins.Noid, args...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "UNSET_HERE=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, "NOID_URL=unix://"+e.Socket, "FROM_CALLER=caller secret", "PASSED=from env")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("noid %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	if want := "file secret=with equals |yes|from env|unset|caller secret|flag\n"; string(out) != want {
+		t.Errorf("the command saw %q, want %q", out, want)
+	}
+	if line := strings.Join(args, " "); strings.Contains(line, "file secret") || strings.Contains(line, "caller secret") {
+		t.Fatal("the test put a secret on the command line")
+	}
+	// A line that is neither KEY=VALUE nor KEY is a usage error naming it.
+	bad := filepath.Join(t.TempDir(), "bad.env")
+	os.WriteFile(bad, []byte("OK=1\nNOT A KEY\n"), 0o600)
+	if r := e.CLI("", "exec", "envs", "--env-file", bad, "--", "true"); r.Code != 2 || !strings.Contains(r.Stderr, "line 2") {
+		t.Errorf("a bad env file: exit %d, %s", r.Code, r.Stderr)
 	}
 }
