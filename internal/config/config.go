@@ -134,6 +134,10 @@ type Network struct {
 	// BlockedNets are extra destination prefixes VMs may never reach, on top
 	// of link-local and cloud metadata addresses (for example your LAN).
 	BlockedNets []string `toml:"blocked_nets"`
+	// AllowedNets opens destinations inside the private ranges VMs may not
+	// reach by default (10/8, 172.16/12, 192.168/16, 100.64/10), such as
+	// a LAN package mirror. Default none.
+	AllowedNets []string `toml:"allowed_nets"`
 }
 
 // Quota is the [quota] section; zero means unlimited.
@@ -385,6 +389,11 @@ func (c *Config) Validate() error {
 	for _, b := range c.Network.BlockedNets {
 		if _, err := netip.ParsePrefix(b); err != nil {
 			return bad("network.blocked_nets: %q is not a prefix", b)
+		}
+	}
+	for _, a := range c.Network.AllowedNets {
+		if p, err := netip.ParsePrefix(a); err != nil || !p.Addr().Is4() {
+			return bad("network.allowed_nets: %q is not an IPv4 prefix", a)
 		}
 	}
 	if c.Quota.HostMemoryOvercommit < 0 || c.Quota.HostMemoryOvercommit > 100 {

@@ -34,6 +34,8 @@ func TestParseErrors(t *testing.T) {
 		{`default_vcpus = 0` + "\n" + `default_memory_mib = 10`, "default_memory_mib"},
 		{"[storage]\nreflink_image_size = \"10M\"", "at least 1G"},
 		{`data_dir = `, "line 1"},
+		{"[network]\nallowed_nets = [\"fd00::/8\"]", "allowed_nets"},
+		{"[network]\nallowed_nets = [\"lan\"]", "allowed_nets"},
 	} {
 		_, err := Parse([]byte(tc.in))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errdefs.ErrInvalidArgument) {

@@ -30,6 +30,13 @@ func (m *Manager) netConfig() (network.Config, error) {
 		}
 		nc.BlockedNets = append(nc.BlockedNets, bp)
 	}
+	for _, a := range m.cfg.Network.AllowedNets {
+		ap, err := netip.ParsePrefix(a)
+		if err != nil {
+			return network.Config{}, fmt.Errorf("%w: network.allowed_nets: %v", errdefs.ErrInvalidArgument, err)
+		}
+		nc.AllowedNets = append(nc.AllowedNets, ap)
+	}
 	return nc.WithDefaults(), nil
 }
 
