@@ -138,6 +138,12 @@ type Network struct {
 	// reach by default (10/8, 172.16/12, 192.168/16, 100.64/10), such as
 	// a LAN package mirror. Default none.
 	AllowedNets []string `toml:"allowed_nets"`
+	// DNSRate is how many queries per second one VM may send to the DNS
+	// server (bursts of twice that). Default 100.
+	DNSRate float64 `toml:"dns_rate"`
+	// DNSConcurrency bounds the DNS queries answered at once, and the TCP
+	// connections open, over all VMs; one VM gets a quarter. Default 64.
+	DNSConcurrency int `toml:"dns_concurrency"`
 }
 
 // Quota is the [quota] section; zero means unlimited.
@@ -265,6 +271,12 @@ func (c *Config) applyDefaults() {
 	if c.Network.DNSPort == 0 {
 		c.Network.DNSPort = 53
 	}
+	if c.Network.DNSRate == 0 {
+		c.Network.DNSRate = 100
+	}
+	if c.Network.DNSConcurrency == 0 {
+		c.Network.DNSConcurrency = 64
+	}
 	if c.Sandbox.UIDBase == 0 {
 		c.Sandbox.UIDBase = DefaultUIDBase
 	}
@@ -390,6 +402,12 @@ func (c *Config) Validate() error {
 		if _, err := netip.ParsePrefix(b); err != nil {
 			return bad("network.blocked_nets: %q is not a prefix", b)
 		}
+	}
+	if c.Network.DNSRate < 1 || c.Network.DNSRate > 1e6 {
+		return bad("network.dns_rate must be 1..1000000 queries per second, got %v", c.Network.DNSRate)
+	}
+	if c.Network.DNSConcurrency < 1 || c.Network.DNSConcurrency > 65536 {
+		return bad("network.dns_concurrency must be 1..65536, got %d", c.Network.DNSConcurrency)
 	}
 	for _, a := range c.Network.AllowedNets {
 		if p, err := netip.ParsePrefix(a); err != nil || !p.Addr().Is4() {

@@ -36,6 +36,8 @@ func TestParseErrors(t *testing.T) {
 		{`data_dir = `, "line 1"},
 		{"[network]\nallowed_nets = [\"fd00::/8\"]", "allowed_nets"},
 		{"[network]\nallowed_nets = [\"lan\"]", "allowed_nets"},
+		{"[network]\ndns_rate = -1", "dns_rate"},
+		{"[network]\ndns_concurrency = -5", "dns_concurrency"},
 	} {
 		_, err := Parse([]byte(tc.in))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errdefs.ErrInvalidArgument) {

@@ -81,7 +81,8 @@ func (m *Manager) setupNetwork(ctx context.Context) error {
 	if err := nm.Reconcile(ctx, want); err != nil {
 		m.log.Warn("reconciling VM networks", "err", err)
 	}
-	dns, err := nm.StartDNS(ctx, network.ResolverFunc(m.lookupVM), network.DNSOptions{Domain: "noid"})
+	dns, err := nm.StartDNS(ctx, network.ResolverFunc(m.lookupVM), network.DNSOptions{Domain: "noid",
+		Rate: m.cfg.Network.DNSRate, Concurrency: m.cfg.Network.DNSConcurrency})
 	if err != nil {
 		nm.Close()
 		return fmt.Errorf("starting the VM DNS server: %w", err)
