@@ -159,6 +159,12 @@ type Quota struct {
 
 // Sandbox is the [sandbox] section. See SECURITY.md.
 type Sandbox struct {
+	// Require refuses to start VMMs when the confinement configured here
+	// cannot be had (per-VM or shared uid, cgroups), and Firecracker
+	// without its jailer, instead of running them unconfined as root.
+	// The server still starts, so VMs can be listed and destroyed.
+	// Default true.
+	Require *bool `toml:"require"`
 	// Seccomp runs QEMU with -sandbox on. Default true.
 	Seccomp *bool `toml:"seccomp"`
 	// User is who VMM processes run as: "auto" (or empty, the default)
@@ -204,6 +210,10 @@ func (c *Config) NetworkEnabled() bool { return c.Network.Enabled == nil || *c.N
 
 // SeccompEnabled reports whether QEMU runs with its seccomp sandbox.
 func (c *Config) SeccompEnabled() bool { return c.Sandbox.Seccomp == nil || *c.Sandbox.Seccomp }
+
+// SandboxRequired reports whether VMMs may only start fully confined
+// ([sandbox] require).
+func (c *Config) SandboxRequired() bool { return c.Sandbox.Require == nil || *c.Sandbox.Require }
 
 // CgroupsEnabled reports whether VMMs get their own cgroups.
 func (c *Config) CgroupsEnabled() bool { return c.Sandbox.Cgroups == nil || *c.Sandbox.Cgroups }

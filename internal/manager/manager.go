@@ -143,7 +143,11 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, err
 	}
 	s.sweepPool(ctx)
-	s.pool = newWarmPool(s, cfg.PoolSpares())
+	spares := cfg.PoolSpares()
+	if s.sandbox.refused != nil {
+		spares = 0 // no VMM may start
+	}
+	s.pool = newWarmPool(s, spares)
 	s.warmUp(ctx)
 	return s, nil
 }
@@ -153,13 +157,28 @@ func (m *Manager) selectBackend(ctx context.Context, override vmm.Backend) error
 	if override != nil {
 		m.backend = override
 	} else {
-		fc := firecracker.New(firecracker.Config{Binary: m.cfg.FirecrackerBinary, Logger: m.log})
+		// Without its jailer, Firecracker would run as root without a
+		// chroot: only when [sandbox] require is off.
+		jailer := firecracker.JailerAuto
+		if !m.cfg.SandboxRequired() {
+			jailer = firecracker.JailerIfPresent
+		}
+		fc := firecracker.New(firecracker.Config{Binary: m.cfg.FirecrackerBinary, JailerMode: jailer, Logger: m.log})
 		switch m.cfg.VMM {
 		case "firecracker":
-			if err := fc.Check(ctx); err != nil {
+			err := fc.Check(ctx)
+			switch {
+			case errors.Is(err, firecracker.ErrNoJailer):
+				// The server starts (VMs can be listed and destroyed);
+				// no VMM does.
+				m.sandbox.refused = errdefs.WithHint(err, "install Firecracker's jailer next to it, or set [sandbox] require = false to run it without")
+				m.log.Error("sandbox: refusing to start VMMs", "err", err)
+				m.backend = refuseVMMs(fc, m.sandbox.refused)
+			case err != nil:
 				return errdefs.WithHint(err, "install Firecracker v1.16.1+ with KVM, or set vmm = \"qemu\"")
+			default:
+				m.backend = fc
 			}
-			m.backend = fc
 		case "auto":
 			// Firecracker when it is installed and KVM works; QEMU otherwise.
 			if _, err := os.Stat(m.cfg.FirecrackerBinary); err == nil && kvm.Usable {
@@ -172,6 +191,9 @@ func (m *Manager) selectBackend(ctx context.Context, override vmm.Backend) error
 		}
 		if m.backend == nil {
 			m.backend = qemu.New(m.qemuOptions(ctx))
+			if m.sandbox.refused != nil {
+				m.backend = refuseVMMs(m.backend, m.sandbox.refused)
+			}
 		}
 	}
 	want := vmm.Accel(m.cfg.Accel)

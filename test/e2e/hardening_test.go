@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"database/sql"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,9 @@ import (
 	"testing"
 
 	_ "modernc.org/sqlite"
+
+	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/testutil"
 )
 
 // TestAuditLogEscaped (issue 18, finding 7): a target made of newlines,
@@ -125,5 +129,72 @@ func TestExecEnvFileAndCallerEnv(t *testing.T) {
 	os.WriteFile(bad, []byte("OK=1\nNOT A KEY\n"), 0o600)
 	if r := e.CLI("", "exec", "envs", "--env-file", bad, "--", "true"); r.Code != 2 || !strings.Contains(r.Stderr, "line 2") {
 		t.Errorf("a bad env file: exit %d, %s", r.Code, r.Stderr)
+	}
+}
+
+// restartWith restarts the server with extra as the config's extra TOML.
+func (e *Env) restartWith(t *testing.T, extra string) {
+	t.Helper()
+	e.Stop()
+	if err := os.WriteFile(e.Config, []byte(configTOML(filepath.Join(e.Dir, "data"), e.Socket, testutil.TinyImage(t), extra)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+}
+
+// TestSandboxFailsClosed (issue 18, finding 6): when the confinement the
+// config asks for cannot be had, the server starts but refuses to start
+// VMMs, saying why and which setting allows it; VMs already running can
+// still be listed, used and destroyed. [sandbox] require = false restores
+// the old behaviour (VMMs run as root).
+func TestSandboxFailsClosed(t *testing.T) {
+	e := NewEnv(t)
+	before := e.Create("before")
+	if u := vmmUID(t, before.PID); u < 2_000_000_000 {
+		t.Fatalf("control: the first VMM runs as %d, not a sandbox uid", u)
+	}
+
+	// A shared VMM user that does not exist.
+	e.restartWith(t, "[sandbox]\nuser = \"noid-no-such-user\"")
+	_, err := e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "after"})
+	if err == nil {
+		after, _ := e.Client.GetVM(ctx(t), "after")
+		t.Fatalf("a VM was created although its VMM cannot be confined; its VMM runs as uid %d", vmmUID(t, after.PID))
+	}
+	var ce *client.Error
+	if !errors.Is(err, client.ErrUnavailable) || !strings.Contains(err.Error(), "noid-no-such-user") || !errors.As(err, &ce) || !strings.Contains(ce.Hint, "require = false") {
+		t.Errorf("create without confinement: %v (%+v), want unavailable naming the user, with a hint naming the setting", err, ce)
+	}
+	if vms, err := e.Client.ListVMs(ctx(t)); err != nil || len(vms) != 1 || vms[0].Name != "before" || vms[0].State != "running" {
+		t.Errorf("list while VMMs are refused: %v %v", vms, err)
+	}
+	if out := e.MustExec("before", "echo", "still here"); out != "still here\n" {
+		t.Errorf("exec in the running VM: %q", out)
+	}
+	if _, err := e.Client.DestroyVM(ctx(t), "before"); err != nil {
+		t.Errorf("destroy while VMMs are refused: %v", err)
+	}
+
+	// The opt-out.
+	e.restartWith(t, "[sandbox]\nuser = \"noid-no-such-user\"\nrequire = false")
+	v := e.Create("unconfined")
+	if u := vmmUID(t, v.PID); u != 0 {
+		t.Errorf("with require = false the VMM runs as %d, want root", u)
+	}
+	e.MustCLI("destroy", "unconfined")
+
+	// Per-VM uids that cannot be leased: the lease directory is a file.
+	e.Stop()
+	uids := filepath.Join(e.Dir, "data", "sandbox", "uids")
+	if err := os.RemoveAll(uids); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(uids, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.restartWith(t, "")
+	_, err = e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "nouids"})
+	if err == nil || !strings.Contains(err.Error(), "per-VM uids") {
+		t.Errorf("create without per-VM uids: %v", err)
 	}
 }
