@@ -68,6 +68,31 @@ type Config struct {
 	Storage Storage `toml:"storage"`
 	// Pool configures the warm pool of VMMs prepared for golden snapshots.
 	Pool Pool `toml:"pool"`
+	// Limits bounds what one VM or user can make the server hold.
+	Limits Limits `toml:"limits"`
+}
+
+// Limits is the [limits] section: bounds on what one VM or one user can
+// make the server hold, beyond the [quota] of VMs, CPUs, memory and disk.
+type Limits struct {
+	// SerialLogSize bounds each VM's console log (and its VMM's own log)
+	// on disk, as a size; the newest part is kept. Default "4M".
+	SerialLogSize string `toml:"serial_log_size"`
+}
+
+// DefaultSerialLogSize is [limits] serial_log_size's default, in bytes.
+const DefaultSerialLogSize = 4 << 20
+
+// SerialLogBytes is [limits] serial_log_size in bytes.
+func (c *Config) SerialLogBytes() int64 {
+	if c.Limits.SerialLogSize == "" {
+		return DefaultSerialLogSize
+	}
+	n, err := ParseSize(c.Limits.SerialLogSize)
+	if err != nil {
+		return DefaultSerialLogSize
+	}
+	return n
 }
 
 // Pool is the [pool] section.
@@ -376,6 +401,15 @@ func (c *Config) Validate() error {
 	if c.DefaultDiskSize != "" {
 		if _, err := ParseSize(c.DefaultDiskSize); err != nil {
 			return bad("default_disk_size: %v", err)
+		}
+	}
+	if c.Limits.SerialLogSize != "" {
+		n, err := ParseSize(c.Limits.SerialLogSize)
+		if err != nil {
+			return bad("limits.serial_log_size: %v", err)
+		}
+		if n < 64<<10 || n > 1<<30 {
+			return bad("limits.serial_log_size must be between 64K and 1G, got %s", c.Limits.SerialLogSize)
 		}
 	}
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {

@@ -67,6 +67,8 @@ type Manager struct {
 
 	closed    chan struct{}
 	closeOnce sync.Once
+	// bg counts the manager's background loops, which end when closed is.
+	bg sync.WaitGroup
 
 	net  *network.Manager
 	dns  *network.DNSServer
@@ -149,6 +151,8 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	s.pool = newWarmPool(s, spares)
 	s.warmUp(ctx)
+	s.bg.Add(1)
+	go s.trimLogsLoop()
 	return s, nil
 }
 
@@ -258,6 +262,7 @@ func (m *Manager) VMMVersion(ctx context.Context) string {
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
 		close(m.closed)
+		m.bg.Wait()
 		m.mu.Lock()
 		rts := make([]*vmRT, 0, len(m.vms))
 		for _, rt := range m.vms {

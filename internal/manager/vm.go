@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -440,31 +439,11 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // serialTail returns the end of the VM's serial log for error messages.
 func (m *Manager) serialTail(v *store.VM) string {
-	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), 1500)
+	b, err := readLogTail(filepath.Join(m.vmDir(v), "serial.log"), 1500)
 	if err != nil || len(b) == 0 {
 		return ""
 	}
 	return "\n--- last lines of the serial console ---\n" + strings.TrimSpace(string(b))
-}
-
-func readTail(path string, n int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	off := fi.Size() - n
-	if off < 0 || n <= 0 {
-		off = 0
-	}
-	if _, err := f.Seek(off, io.SeekStart); err != nil {
-		return nil, err
-	}
-	return io.ReadAll(f)
 }
 
 // growDisk enlarges a raw ext4 image and its filesystem.
@@ -619,17 +598,4 @@ func (m *Manager) GetVM(ctx context.Context, u *store.User, name string) (*api.V
 		return nil, err
 	}
 	return m.apiVM(ctx, v), nil
-}
-
-// Logs returns up to tail bytes of the VM's serial console log.
-func (m *Manager) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
-	v, err := m.store.GetVM(ctx, u.ID, name)
-	if err != nil {
-		return nil, err
-	}
-	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), tail)
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	return b, err
 }

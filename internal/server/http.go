@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -352,12 +353,14 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 		tail = n
 	}
-	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
+	rd, err := s.mgr.Logs(r.Context(), userOf(r.Context()), r.PathValue("name"), tail)
 	if err != nil {
 		return err
 	}
+	defer rd.Close()
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	_, err = w.Write(b)
+	// Streamed: at most [limits] serial_log_size, never all in memory.
+	_, err = io.Copy(w, rd)
 	return err
 }
 

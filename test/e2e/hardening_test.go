@@ -3,13 +3,16 @@
 package e2e
 
 import (
+	"bytes"
 	"database/sql"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	_ "modernc.org/sqlite"
 
@@ -197,4 +200,56 @@ func TestSandboxFailsClosed(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "per-VM uids") {
 		t.Errorf("create without per-VM uids: %v", err)
 	}
+}
+
+// serialLogUse is how many bytes of the VM's serial.log hold data on disk.
+func serialLogUse(t *testing.T, e *Env, id string) int64 {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(e.Dir, "data", "users", "*", "vms", id, "serial.log"))
+	if len(m) != 1 {
+		t.Fatalf("serial.log of vm %s: %v", id, m)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(m[0], &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// TestSerialLogBounded (issue 18, finding 3): a guest that writes far more
+// than [limits] serial_log_size to its console gets its log cut to the
+// newest part, on disk and in GET /logs, and so after the server restarts
+// under the running VM.
+func TestSerialLogBounded(t *testing.T) {
+	const limit = 64 << 10
+	e := NewEnv(t, WithConfig("[limits]\nserial_log_size = \"64K\""))
+	v := e.Create("chatty")
+	flood := func(marker string) {
+		t.Helper()
+		// 1 MiB of console output, then a marker line.
+		e.MustExec("chatty", "sh", "-c", "i=0; while [ $i -lt 16 ]; do head -c 65536 /dev/zero | tr '\\0' x > /dev/ttyS0; i=$((i+1)); done; echo "+marker+" > /dev/ttyS0")
+		logs, err := e.Client.Logs(ctx(t), "chatty", 1<<40)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(logs) > limit {
+			t.Errorf("GET /logs?tail=1TiB returned %d bytes, want at most %d", len(logs), limit)
+		}
+		if !bytes.Contains(logs, []byte(marker)) {
+			t.Errorf("GET /logs lacks the newest output %q", marker)
+		}
+		// The trim runs every second: wait for it, with a deadline.
+		deadline := time.Now().Add(30 * time.Second)
+		for use := serialLogUse(t, e, v.ID); use > 2*limit; use = serialLogUse(t, e, v.ID) {
+			if time.Now().After(deadline) {
+				t.Fatalf("serial.log still holds %d bytes on disk, want at most %d", use, 2*limit)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	flood("first-flood-done")
+	// VMs outlive the server: a new one bounds the log of the adopted VM.
+	e.Kill9()
+	e.Start()
+	flood("second-flood-done")
 }
