@@ -78,7 +78,13 @@ type Limits struct {
 	// SerialLogSize bounds each VM's console log (and its VMM's own log)
 	// on disk, as a size; the newest part is kept. Default "4M".
 	SerialLogSize string `toml:"serial_log_size"`
+	// SessionsPerUser bounds the exec and console sessions one user has
+	// open at once. Default 32.
+	SessionsPerUser int `toml:"sessions_per_user"`
 }
+
+// DefaultSessionsPerUser is [limits] sessions_per_user's default.
+const DefaultSessionsPerUser = 32
 
 // DefaultSerialLogSize is [limits] serial_log_size's default, in bytes.
 const DefaultSerialLogSize = 4 << 20
@@ -294,6 +300,9 @@ func (c *Config) applyDefaults() {
 	if c.DefaultMemoryMiB == 0 {
 		c.DefaultMemoryMiB = 2048
 	}
+	if c.Limits.SessionsPerUser == 0 {
+		c.Limits.SessionsPerUser = DefaultSessionsPerUser
+	}
 	if c.Storage.ReflinkImage == "" {
 		c.Storage.ReflinkImage = filepath.Join(c.DataDir, "reflink.img")
 	}
@@ -411,6 +420,9 @@ func (c *Config) Validate() error {
 		if n < 64<<10 || n > 1<<30 {
 			return bad("limits.serial_log_size must be between 64K and 1G, got %s", c.Limits.SerialLogSize)
 		}
+	}
+	if c.Limits.SessionsPerUser < 0 || c.Limits.SessionsPerUser > 100000 {
+		return bad("limits.sessions_per_user must be 1..100000 (0: the default, %d), got %d", DefaultSessionsPerUser, c.Limits.SessionsPerUser)
 	}
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {
 		return bad("pool.spares must be 0..64, got %d", *c.Pool.Spares)

@@ -41,6 +41,7 @@ type Server struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	limiter   *authLimiter
+	sessions  *sessionLimit
 }
 
 // New returns a Server for mgr, which its caller keeps owning (and closes
@@ -50,7 +51,8 @@ func New(mgr *manager.Manager, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{cfg: mgr.Config(), log: log, mgr: mgr, store: mgr.Store(), closed: make(chan struct{}), limiter: newAuthLimiter()}
+	return &Server{cfg: mgr.Config(), log: log, mgr: mgr, store: mgr.Store(), closed: make(chan struct{}), limiter: newAuthLimiter(),
+		sessions: newSessionLimit(mgr.Config().Limits.SessionsPerUser)}
 }
 
 // Manager is the VM lifecycle the server serves.

@@ -4,19 +4,28 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
 	_ "modernc.org/sqlite"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/testutil"
 )
 
@@ -253,3 +262,118 @@ func TestSerialLogBounded(t *testing.T) {
 	e.Start()
 	flood("second-flood-done")
 }
+
+// rawExec opens an exec WebSocket on e's socket, sends req and waits for
+// the process to start.
+func rawExec(t *testing.T, e *Env, vm string, req client.ExecRequest) *websocket.Conn {
+	t.Helper()
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", e.Socket)
+	}}}
+	ws, _, err := websocket.Dial(ctx(t), "ws://noid/v1/vms/"+vm+"/exec", &websocket.DialOptions{HTTPClient: hc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws.SetReadLimit(1 << 20)
+	b, _ := json.Marshal(req)
+	if err := ws.Write(ctx(t), websocket.MessageText, b); err != nil {
+		t.Fatal(err)
+	}
+	if _, msg, err := ws.Read(ctx(t)); err != nil || !strings.Contains(string(msg), `"started"`) {
+		t.Fatalf("exec did not start: %s %v", msg, err)
+	}
+	return ws
+}
+
+// TestExecStdinBounded (issue 18, finding 10): a client that pushes stdin
+// to a process that never reads it makes the server take only a bounded
+// amount: the rest waits in the client (or, for messages over the limit,
+// the stream ends).
+func TestExecStdinBounded(t *testing.T) {
+	e := NewEnv(t)
+	e.Create("deaf")
+	for _, size := range []int{256<<10 - 1, 4<<20 - 1} {
+		ws := rawExec(t, e, "deaf", client.ExecRequest{Argv: []string{"sleep", "5"}, Stdin: true})
+		var sent atomic.Int64
+		go func() {
+			msg := make([]byte, size+1)
+			msg[0] = api.ChanStdin
+			for ws.Write(context.Background(), websocket.MessageBinary, msg) == nil {
+				sent.Add(int64(size))
+			}
+		}()
+		// Until the process exits (or the server ends the stream).
+		for {
+			_, msg, err := ws.Read(ctx(t))
+			if err != nil || strings.Contains(string(msg), `"exit"`) || strings.Contains(string(msg), `"error"`) {
+				break
+			}
+		}
+		ws.CloseNow()
+		// The server's share, the agent's flow-control window (1 MiB), the
+		// pipes and socket buffers on the way, and the message in flight.
+		t.Logf("messages of %d bytes: the server took %d bytes of stdin for a process that read none", size, sent.Load())
+		if n, bound := sent.Load(), int64(4<<20+size); n > bound {
+			t.Errorf("messages of %d bytes: the server took %.1f MiB of stdin for a process that reads none, want at most %.1f MiB",
+				size, float64(n)/(1<<20), float64(bound)/(1<<20))
+		}
+	}
+}
+
+// TestExecSessionsPerUser (issue 18, finding 10): a user may have at most
+// [limits] sessions_per_user exec and console sessions open; one more is
+// refused with 429, and a session that ends frees its place.
+func TestExecSessionsPerUser(t *testing.T) {
+	e := NewEnv(t, WithConfig("[limits]\nsessions_per_user = 2"))
+	e.Create("busy")
+	c, cancel := context.WithCancel(ctx(t))
+	defer cancel()
+	var running sync.WaitGroup
+	for i := range 2 {
+		up := make(chan struct{})
+		running.Add(1)
+		go func() {
+			defer running.Done()
+			e.Client.Exec(c, "busy", client.ExecRequest{Argv: []string{"sh", "-c", "echo up; exec sleep 600"}},
+				client.ExecIO{Stdout: writerFunc(func(p []byte) (int, error) {
+					select {
+					case <-up:
+					default:
+						close(up)
+					}
+					return len(p), nil
+				}), Stderr: io.Discard})
+		}()
+		select {
+		case <-up:
+		case <-c.Done():
+			t.Fatalf("session %d did not start", i)
+		}
+	}
+	_, err := e.Client.Exec(ctx(t), "busy", client.ExecRequest{Argv: []string{"true"}}, client.ExecIO{Stdout: io.Discard, Stderr: io.Discard})
+	if !errors.Is(err, client.ErrRateLimited) || !strings.Contains(err.Error(), "2 exec and console sessions open") {
+		t.Fatalf("a third session: %v, want rate limited naming the two open", err)
+	}
+	if r := e.CLI("", "console", "busy"); r.Code == 0 || !strings.Contains(r.Stderr, "sessions_per_user") {
+		t.Errorf("a console as the third session: exit %d, %s", r.Code, r.Stderr)
+	}
+	cancel()
+	running.Wait()
+	// The sessions end on the server once their processes got SIGHUP.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := e.Client.Exec(ctx(t), "busy", client.ExecRequest{Argv: []string{"true"}}, client.ExecIO{Stdout: io.Discard, Stderr: io.Discard})
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, client.ErrRateLimited) || time.Now().After(deadline) {
+			t.Fatalf("after the sessions ended: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
