@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2"
@@ -25,6 +26,10 @@ type Config struct {
 	// Socket is the local unix socket. Default /run/noid/noid.sock when
 	// running as root, else <data_dir>/noid.sock.
 	Socket string `toml:"socket"`
+	// SocketGroup is the group that may use the unix socket besides root
+	// (mode 0660, like Docker's docker group); `noid-server add-user
+	// --local USER` creates it and adds USER. Default "noid".
+	SocketGroup string `toml:"socket_group"`
 	// Listen is an optional TCP address ("127.0.0.1:7070"); empty means off.
 	Listen string `toml:"listen"`
 	// TLSCert and TLSKey enable HTTPS on Listen when both are set.
@@ -136,6 +141,39 @@ type Storage struct {
 	ReflinkImageSize string `toml:"reflink_image_size"`
 	// ReflinkImage is the image file. Default <data_dir>/reflink.img.
 	ReflinkImage string `toml:"reflink_image"`
+	// MinFree is the free space kept in reserve on the filesystems of the
+	// storage root and the database: below it, creates, clones,
+	// checkpoints and golden promotions are refused. A size ("2G") or a
+	// percentage of the filesystem ("5%"); "0" turns it off. Default
+	// DefaultMinFree.
+	MinFree string `toml:"min_free"`
+}
+
+// DefaultMinFree is [storage] min_free's default.
+const DefaultMinFree = "5%"
+
+// MinFree returns [storage] min_free as either bytes or a percentage of
+// the filesystem (exactly one is non-zero, or neither when it is off).
+func (c *Config) MinFree() (bytes int64, percent float64) {
+	v := c.Storage.MinFree
+	if v == "" {
+		v = DefaultMinFree
+	}
+	bytes, percent, _ = parseMinFree(v)
+	return bytes, percent
+}
+
+// parseMinFree parses a size or a percentage (0 < p < 100).
+func parseMinFree(v string) (int64, float64, error) {
+	if p, ok := strings.CutSuffix(strings.TrimSpace(v), "%"); ok {
+		f, err := strconv.ParseFloat(strings.TrimSpace(p), 64)
+		if err != nil || f < 0 || f >= 100 {
+			return 0, 0, fmt.Errorf("invalid percentage %q (use e.g. 5%%)", v)
+		}
+		return 0, f, nil
+	}
+	n, err := ParseSize(v)
+	return n, 0, err
 }
 
 // StorageDir is where users/ and golden/ live: data_dir, or the reflink
@@ -177,15 +215,64 @@ type Network struct {
 	DNSConcurrency int `toml:"dns_concurrency"`
 }
 
-// Quota is the [quota] section; zero means unlimited.
+// Quota is the [quota] section: per-user limits for users without limits
+// of their own. A missing key means its finite default (QuotaLimits); 0
+// means unlimited.
 type Quota struct {
 	// HostMemoryOvercommit is how many times the host's available memory
 	// one new VM may ask for (guest RAM is allocated lazily). Default 1.5.
 	HostMemoryOvercommit float64 `toml:"host_memory_overcommit"`
-	MaxVMs               int     `toml:"max_vms"`
-	MaxVCPUs             int     `toml:"max_vcpus"`
-	MaxMemoryMiB         int     `toml:"max_memory_mib"`
-	MaxCheckpointBytes   int64   `toml:"max_checkpoint_bytes"`
+	// MaxVMs, MaxVCPUs and MaxMemoryMiB bound a user's VMs and their total
+	// vCPUs and memory. Defaults DefaultMaxVMs, DefaultMaxVCPUs,
+	// DefaultMaxMemoryMiB.
+	MaxVMs       *int `toml:"max_vms"`
+	MaxVCPUs     *int `toml:"max_vcpus"`
+	MaxMemoryMiB *int `toml:"max_memory_mib"`
+	// MaxCheckpointBytes bounds the total size of a user's checkpoints.
+	// Default DefaultMaxCheckpointBytes.
+	MaxCheckpointBytes *int64 `toml:"max_checkpoint_bytes"`
+	// MaxDiskSize bounds the root disk of one VM, as a size ("0":
+	// unlimited). Default DefaultMaxDiskSize.
+	MaxDiskSize string `toml:"max_disk_size"`
+}
+
+// The [quota] defaults: finite, so that one local user or token cannot
+// take a shared host's memory or disk (see SECURITY.md).
+const (
+	DefaultMaxVMs             = 20
+	DefaultMaxVCPUs           = 32
+	DefaultMaxMemoryMiB       = 32 << 10
+	DefaultMaxCheckpointBytes = 64 << 30
+	DefaultMaxDiskSize        = "32G"
+)
+
+// QuotaLimits are the [quota] limits with their defaults applied; 0 means
+// unlimited.
+type QuotaLimits struct {
+	MaxVMs, MaxVCPUs, MaxMemoryMiB   int
+	MaxCheckpointBytes, MaxDiskBytes int64
+}
+
+// QuotaLimits returns the [quota] limits that apply to a user without
+// limits of their own.
+func (c *Config) QuotaLimits() QuotaLimits {
+	or := func(p *int, def int) int {
+		if p == nil {
+			return def
+		}
+		return *p
+	}
+	q := QuotaLimits{MaxVMs: or(c.Quota.MaxVMs, DefaultMaxVMs), MaxVCPUs: or(c.Quota.MaxVCPUs, DefaultMaxVCPUs),
+		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB), MaxCheckpointBytes: DefaultMaxCheckpointBytes}
+	if c.Quota.MaxCheckpointBytes != nil {
+		q.MaxCheckpointBytes = *c.Quota.MaxCheckpointBytes
+	}
+	disk := c.Quota.MaxDiskSize
+	if disk == "" {
+		disk = DefaultMaxDiskSize
+	}
+	q.MaxDiskBytes, _ = ParseSize(disk)
+	return q
 }
 
 // Sandbox is the [sandbox] section. See SECURITY.md.
@@ -278,6 +365,9 @@ func (c *Config) applyDefaults() {
 		} else {
 			c.Socket = filepath.Join(c.DataDir, "noid.sock")
 		}
+	}
+	if c.SocketGroup == "" {
+		c.SocketGroup = "noid"
 	}
 	if c.Image == "" {
 		c.Image = "auto"
@@ -398,6 +488,9 @@ func (c *Config) Validate() error {
 	default:
 		return bad("log_level must be debug, info, warn or error, got %q", c.LogLevel)
 	}
+	if strings.ContainsAny(c.SocketGroup, " \t\n:/,") || len(c.SocketGroup) > 32 || strings.HasPrefix(c.SocketGroup, "-") {
+		return bad("socket_group must be a group name, got %q", c.SocketGroup)
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return bad("tls_cert and tls_key must be set together")
 	}
@@ -426,6 +519,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {
 		return bad("pool.spares must be 0..64, got %d", *c.Pool.Spares)
+	}
+	if c.Storage.MinFree != "" {
+		if _, _, err := parseMinFree(c.Storage.MinFree); err != nil {
+			return bad("storage.min_free: %v", err)
+		}
 	}
 	if c.Storage.ReflinkImageSize != "" {
 		n, err := ParseSize(c.Storage.ReflinkImageSize)
@@ -473,7 +571,12 @@ func (c *Config) Validate() error {
 	if c.Quota.HostMemoryOvercommit < 0 || c.Quota.HostMemoryOvercommit > 100 {
 		return bad("quota.host_memory_overcommit must be between 0 and 100")
 	}
-	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
+	if c.Quota.MaxDiskSize != "" {
+		if _, err := ParseSize(c.Quota.MaxDiskSize); err != nil {
+			return bad("quota.max_disk_size: %v", err)
+		}
+	}
+	if q := c.QuotaLimits(); q.MaxVMs < 0 || q.MaxVCPUs < 0 || q.MaxMemoryMiB < 0 || q.MaxCheckpointBytes < 0 {
 		return bad("quota values must not be negative")
 	}
 	if err := c.validateSandbox(); err != nil {

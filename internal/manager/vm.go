@@ -256,6 +256,10 @@ func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*creat
 		if n < 64<<20 || n > 16<<40 {
 			return nil, fmt.Errorf("%w: disk size must be between 64M and 16T, got %s", errdefs.ErrInvalidArgument, disk)
 		}
+		if max := m.cfg.QuotaLimits().MaxDiskBytes; max > 0 && n > max {
+			return nil, errdefs.WithHint(fmt.Errorf("%w: a VM's disk may be at most %s, asked for %s", errdefs.ErrQuotaExceeded, humanBytes(max), disk),
+				"ask for a smaller --disk-size, or ask the admin to raise [quota] max_disk_size")
+		}
 		p.diskBytes = n
 	}
 	switch p.network {
@@ -271,11 +275,14 @@ func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*creat
 	return p, nil
 }
 
-// insertVM records v, a new VM in state creating, with the user's quota
-// checked and (with networking) its address allocated in the same
-// transaction, then reaches crash point point. It returns v's runtime with
+// insertVM records v, a new VM in state creating, after checking the
+// free space reserve, with the user's quota checked and (with networking)
+// its address allocated in the same transaction, then reaches crash point point. It returns v's runtime with
 // its logger set and its op lock held: the caller unlocks it.
 func (m *Manager) insertVM(ctx context.Context, u *store.User, v *store.VM, point string) (*vmRT, error) {
+	if err := m.checkFreeSpace("creating vm " + v.Name); err != nil {
+		return nil, err
+	}
 	opts := store.CreateOpts{CheckQuota: m.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
 	m.prepareNetwork(v, &opts)
 	if err := m.store.CreateVM(ctx, v, opts); err != nil {
@@ -295,14 +302,15 @@ func (m *Manager) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(s
 		}
 		return int64(def)
 	}
+	q := m.cfg.QuotaLimits()
 	return func(use store.Usage) error {
-		if n := lim(u.MaxVMs, m.cfg.Quota.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
+		if n := lim(u.MaxVMs, q.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
 			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, n, use.VMs)
 		}
-		if n := lim(u.MaxVCPUs, m.cfg.Quota.MaxVCPUs); n > 0 && int64(use.VCPUs+addVCPUs) > n {
+		if n := lim(u.MaxVCPUs, q.MaxVCPUs); n > 0 && int64(use.VCPUs+addVCPUs) > n {
 			return fmt.Errorf("%w: user %s may use at most %d vCPUs in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.VCPUs, addVCPUs)
 		}
-		if n := lim(u.MaxMemoryMiB, m.cfg.Quota.MaxMemoryMiB); n > 0 && int64(use.MemoryMiB+addMem) > n {
+		if n := lim(u.MaxMemoryMiB, q.MaxMemoryMiB); n > 0 && int64(use.MemoryMiB+addMem) > n {
 			return fmt.Errorf("%w: user %s may use at most %d MiB of memory in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.MemoryMiB, addMem)
 		}
 		return nil

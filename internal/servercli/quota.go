@@ -150,9 +150,10 @@ func printQuota(e *env, cfg *config.Config, q api.Quota) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", name, s, from)
 	}
-	row("max_vms", q.MaxVMs, int64(cfg.Quota.MaxVMs))
-	row("max_vcpus", q.MaxVCPUs, int64(cfg.Quota.MaxVCPUs))
-	row("max_memory_mib", q.MaxMemoryMiB, int64(cfg.Quota.MaxMemoryMiB))
-	row("max_checkpoint_bytes", q.MaxCheckpointBytes, cfg.Quota.MaxCheckpointBytes)
+	def := cfg.QuotaLimits()
+	row("max_vms", q.MaxVMs, int64(def.MaxVMs))
+	row("max_vcpus", q.MaxVCPUs, int64(def.MaxVCPUs))
+	row("max_memory_mib", q.MaxMemoryMiB, int64(def.MaxMemoryMiB))
+	row("max_checkpoint_bytes", q.MaxCheckpointBytes, def.MaxCheckpointBytes)
 	return tw.Flush()
 }

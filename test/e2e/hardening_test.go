@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -377,3 +378,122 @@ func TestExecSessionsPerUser(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestSocketOpenToItsGroup (issue 18, finding 4): the unix socket is open
+// to root and socket_group only, and `noid-server add-user --local` lets a
+// local account in, with the server running or not; remove-user lets it
+// out again at once, even for a login that still carries the group.
+func TestSocketOpenToItsGroup(t *testing.T) {
+	e := NewEnv(t, WithSocketGroup(t))
+	// Let other uids reach the socket (the test's dir is 0700).
+	if err := os.Chmod(e.Dir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	socketIs := func(gid uint32) {
+		t.Helper()
+		var st syscall.Stat_t
+		if err := syscall.Stat(e.Socket, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode&0o777 != 0o660 || st.Uid != 0 || st.Gid != gid {
+			t.Errorf("socket mode %o owner %d:%d, want 0660 0:%d", st.Mode&0o777, st.Uid, st.Gid, gid)
+		}
+	}
+	socketIs(0) // the group does not exist yet: root only
+	if out, err := e.curlAs(t, 65534, nil, "/v1/whoami"); err == nil {
+		t.Fatalf("a local account connected without being let in: %s", out)
+	}
+	if r := e.ServerCLI("add-user", "--local", "nobody"); r.Code != 0 || !strings.Contains(r.Stdout, "member of group "+e.SocketGroup) {
+		t.Fatalf("add-user --local nobody: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	gid := socketGID(t, e)
+	socketIs(gid)
+	if out, err := e.curlAs(t, 65534, loginGroups(t, "nobody"), "/v1/whoami"); err != nil || !strings.Contains(out, `"user": "nobody"`) {
+		t.Errorf("whoami as nobody after add-user --local: %v %s", err, out)
+	}
+	if r := e.ServerCLI("list-users"); !regexp.MustCompile(`nobody\s+unix uid 65534`).MatchString(r.Stdout) {
+		t.Errorf("list-users does not show the local user:\n%s", r.Stdout)
+	}
+	// remove-user: out of the group, and refused at once although this
+	// login still carries the group.
+	if r := e.ServerCLI("remove-user", "nobody"); r.Code != 0 {
+		t.Fatalf("remove-user nobody: %d %s", r.Code, r.Stderr)
+	}
+	if out, _ := e.curlAs(t, 65534, []uint32{gid}, "/v1/whoami"); !strings.Contains(out, "unauthenticated") || !strings.Contains(out, "not in group") {
+		t.Errorf("whoami as nobody after remove-user: %s", out)
+	}
+	// Without a server: the next one gives the socket to the group.
+	e.Stop()
+	if r := e.ServerCLI("add-user", "--local", "nobody"); r.Code != 0 {
+		t.Fatalf("add-user --local nobody without a server: %d %s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	e.Start()
+	socketIs(gid)
+	if out, err := e.curlAs(t, 65534, loginGroups(t, "nobody"), "/v1/whoami"); err != nil || !strings.Contains(out, `"user": "nobody"`) {
+		t.Errorf("whoami as nobody after an offline add-user --local: %v %s", err, out)
+	}
+	// Root is the admin as before.
+	if who, err := e.Client.WhoAmI(ctx(t)); err != nil || !who.Admin {
+		t.Errorf("root on the socket: %+v %v", who, err)
+	}
+}
+
+// TestDefaultQuotas (issue 18, finding 4): a user without limits of their
+// own gets finite ones, and a VM's disk is bounded.
+func TestDefaultQuotas(t *testing.T) {
+	e := NewEnv(t)
+	e.addUser(t, "tenant")
+	out := e.serverCmd(t, "set-quota", "tenant")
+	for _, want := range []string{`max_vms\s+20\s+config`, `max_vcpus\s+32\s+config`, `max_memory_mib\s+32768\s+config`, `max_checkpoint_bytes\s+68719476736\s+config`} {
+		if !regexp.MustCompile(want).MatchString(out) {
+			t.Errorf("the default quota lacks %s:\n%s", want, out)
+		}
+	}
+	_, err := e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "huge", DiskSize: "64G"})
+	if !errors.Is(err, client.ErrQuotaExceeded) || !strings.Contains(err.Error(), "at most 32G") {
+		t.Errorf("a 64G disk: %v, want quota exceeded naming 32G", err)
+	}
+	if vms, _ := e.Client.ListVMs(ctx(t)); len(vms) != 0 {
+		t.Errorf("a refused create left %d VMs", len(vms))
+	}
+}
+
+// TestMinFreeReserve (issue 18, finding 4): below [storage] min_free (5%
+// of the filesystem by default) of available space where VMs live, creates
+// and checkpoints are refused, saying so; freeing space lets them work.
+func TestMinFreeReserve(t *testing.T) {
+	// VMs on a 1G loop-mounted XFS image, which the test can fill.
+	e := NewEnv(t, WithConfig("[storage]\nreflink_image_size = \"1G\""))
+	e.Create("a")
+	var st syscall.Statfs_t
+	mnt := filepath.Join(e.Dir, "data", "reflink")
+	if err := syscall.Statfs(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	avail, total := int64(st.Bavail)*st.Bsize, int64(st.Blocks)*st.Bsize
+	filler := filepath.Join(mnt, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Fallocate(int(f.Fd()), 0, 0, avail-total/50); err != nil { // 2% left
+		t.Fatal(err)
+	}
+	f.Close()
+	_, err = e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "b"})
+	if !errors.Is(err, client.ErrResourceExhausted) || !strings.Contains(err.Error(), "min_free") {
+		t.Errorf("create with 2%% free: %v, want resource exhausted naming min_free", err)
+	}
+	_, err = e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "c1"})
+	if !errors.Is(err, client.ErrResourceExhausted) || !strings.Contains(err.Error(), "min_free") {
+		t.Errorf("checkpoint with 2%% free: %v, want resource exhausted naming min_free", err)
+	}
+	if vms, _ := e.Client.ListVMs(ctx(t)); len(vms) != 1 {
+		t.Errorf("%d VMs after a refused create, want 1", len(vms))
+	}
+	os.Remove(filler)
+	if _, err := e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "c1"}); err != nil {
+		t.Errorf("checkpoint after freeing space: %v", err)
+	}
+	e.Create("b")
+}
