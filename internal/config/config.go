@@ -337,7 +337,7 @@ func (c *Config) SandboxRequired() bool { return c.Sandbox.Require == nil || *c.
 func (c *Config) CgroupsEnabled() bool { return c.Sandbox.Cgroups == nil || *c.Sandbox.Cgroups }
 
 // SystemSocket is the default socket of a noid-server running as root; it is
-// outside root's home so that every local user can reach it.
+// outside root's home so that the members of socket_group can reach it.
 const SystemSocket = "/run/noid/noid.sock"
 
 // DefaultDataDir is ~/.noid for the current user.
