@@ -492,6 +492,16 @@ func TestMinFreeReserve(t *testing.T) {
 		t.Errorf("%d VMs after a refused create, want 1", len(vms))
 	}
 	os.Remove(filler)
+	// XFS frees an unlinked file's blocks in the background: wait for
+	// them, with a deadline.
+	syscall.Sync()
+	deadline := time.Now().Add(time.Minute)
+	for syscall.Statfs(mnt, &st); int64(st.Bavail)*st.Bsize < total/10; syscall.Statfs(mnt, &st) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the filler's space did not come back: %d bytes available", int64(st.Bavail)*st.Bsize)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if _, err := e.Client.Checkpoint(ctx(t), "a", client.CheckpointRequest{Name: "c1"}); err != nil {
 		t.Errorf("checkpoint after freeing space: %v", err)
 	}
