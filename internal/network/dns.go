@@ -259,10 +259,14 @@ func (s *DNSServer) serveUDP(pc net.PacketConn) {
 	for {
 		n, from, err := pc.ReadFrom(buf)
 		if err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
 				continue
 			}
-			return // closed
+			if !errors.Is(err, net.ErrClosed) {
+				s.log.Warn("dns: stopped serving udp", "addr", pc.LocalAddr().String(), "err", err)
+			}
+			return
 		}
 		ua, ok := from.(*net.UDPAddr)
 		if !ok || n < 12 || buf[2]&0x80 != 0 { // too short for a header, or a response
