@@ -253,25 +253,40 @@ type QuotaLimits struct {
 	MaxCheckpointBytes, MaxDiskBytes int64
 }
 
-// QuotaLimits returns the [quota] limits that apply to a user without
-// limits of their own.
-func (c *Config) QuotaLimits() QuotaLimits {
+// QuotaLimits returns the [quota] limits that apply to a user who is not
+// an admin and has no limits of their own.
+func (c *Config) QuotaLimits() QuotaLimits { return c.QuotaLimitsFor(false) }
+
+// QuotaLimitsFor returns the [quota] limits that apply to a user without
+// limits of their own. A key set in the config applies to every user; a
+// missing one means its finite default for users who are not admins, and
+// no limit for admins (root on the socket, --admin tokens), so that the
+// operator's own work is not held to the tenants' defaults.
+func (c *Config) QuotaLimitsFor(admin bool) QuotaLimits {
 	or := func(p *int, def int) int {
-		if p == nil {
-			return def
+		switch {
+		case p != nil:
+			return *p
+		case admin:
+			return 0
 		}
-		return *p
+		return def
 	}
 	q := QuotaLimits{MaxVMs: or(c.Quota.MaxVMs, DefaultMaxVMs), MaxVCPUs: or(c.Quota.MaxVCPUs, DefaultMaxVCPUs),
-		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB), MaxCheckpointBytes: DefaultMaxCheckpointBytes}
-	if c.Quota.MaxCheckpointBytes != nil {
+		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB)}
+	switch {
+	case c.Quota.MaxCheckpointBytes != nil:
 		q.MaxCheckpointBytes = *c.Quota.MaxCheckpointBytes
+	case !admin:
+		q.MaxCheckpointBytes = DefaultMaxCheckpointBytes
 	}
 	disk := c.Quota.MaxDiskSize
-	if disk == "" {
+	if disk == "" && !admin {
 		disk = DefaultMaxDiskSize
 	}
-	q.MaxDiskBytes, _ = ParseSize(disk)
+	if disk != "" {
+		q.MaxDiskBytes, _ = ParseSize(disk)
+	}
 	return q
 }
 

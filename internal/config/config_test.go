@@ -79,6 +79,9 @@ func TestSharedHostDefaults(t *testing.T) {
 	if got := c.QuotaLimits(); got != want {
 		t.Errorf("default quota %+v, want %+v", got, want)
 	}
+	if got := c.QuotaLimitsFor(true); got != (QuotaLimits{}) {
+		t.Errorf("admins' default quota %+v, want none", got)
+	}
 	if b, p := c.MinFree(); b != 0 || p != 5 {
 		t.Errorf("default min_free %d bytes %v%%, want 5%%", b, p)
 	}
@@ -94,5 +97,9 @@ func TestSharedHostDefaults(t *testing.T) {
 	}
 	if b, p := c.MinFree(); b != 10<<30 || p != 0 {
 		t.Errorf("min_free 10G: %d bytes %v%%", b, p)
+	}
+	c, _ = Parse([]byte("[quota]\nmax_vms = 3\n"))
+	if q := c.QuotaLimitsFor(true); q.MaxVMs != 3 || q.MaxVCPUs != 0 {
+		t.Errorf("admins with max_vms = 3 set: %+v, want 3 VMs and nothing else", q)
 	}
 }

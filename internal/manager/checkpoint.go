@@ -119,7 +119,7 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes, _ = storage.DirSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := m.cfg.QuotaLimits().MaxCheckpointBytes
+	lim := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxCheckpointBytes
 	if u.MaxCheckpointBytes != nil {
 		lim = *u.MaxCheckpointBytes
 	}

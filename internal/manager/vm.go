@@ -256,7 +256,7 @@ func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*creat
 		if n < 64<<20 || n > 16<<40 {
 			return nil, fmt.Errorf("%w: disk size must be between 64M and 16T, got %s", errdefs.ErrInvalidArgument, disk)
 		}
-		if max := m.cfg.QuotaLimits().MaxDiskBytes; max > 0 && n > max {
+		if max := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxDiskBytes; max > 0 && n > max {
 			return nil, errdefs.WithHint(fmt.Errorf("%w: a VM's disk may be at most %s, asked for %s", errdefs.ErrQuotaExceeded, humanBytes(max), disk),
 				"ask for a smaller --disk-size, or ask the admin to raise [quota] max_disk_size")
 		}
@@ -302,7 +302,7 @@ func (m *Manager) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(s
 		}
 		return int64(def)
 	}
-	q := m.cfg.QuotaLimits()
+	q := m.cfg.QuotaLimitsFor(u.IsAdmin)
 	return func(use store.Usage) error {
 		if n := lim(u.MaxVMs, q.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
 			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, n, use.VMs)

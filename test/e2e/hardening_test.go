@@ -449,11 +449,19 @@ func TestDefaultQuotas(t *testing.T) {
 			t.Errorf("the default quota lacks %s:\n%s", want, out)
 		}
 	}
-	_, err := e.Client.CreateVM(ctx(t), client.CreateVMRequest{Name: "huge", DiskSize: "64G"})
+	// The built-in defaults do not bind the admin (root here).
+	if out := e.serverCmd(t, "set-quota", "root"); !regexp.MustCompile(`max_vms\s+unlimited\s+config`).MatchString(out) {
+		t.Errorf("root's default quota:\n%s", out)
+	}
+	tenant, err := client.New("unix://"+e.Socket, e.addUser(t, "tenant2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = tenant.CreateVM(ctx(t), client.CreateVMRequest{Name: "huge", DiskSize: "64G"})
 	if !errors.Is(err, client.ErrQuotaExceeded) || !strings.Contains(err.Error(), "at most 32G") {
 		t.Errorf("a 64G disk: %v, want quota exceeded naming 32G", err)
 	}
-	if vms, _ := e.Client.ListVMs(ctx(t)); len(vms) != 0 {
+	if vms, _ := tenant.ListVMs(ctx(t)); len(vms) != 0 {
 		t.Errorf("a refused create left %d VMs", len(vms))
 	}
 }
