@@ -471,10 +471,17 @@ func TestDefaultQuotas(t *testing.T) {
 // and checkpoints are refused, saying so; freeing space lets them work.
 func TestMinFreeReserve(t *testing.T) {
 	// VMs on a 1G loop-mounted XFS image, which the test can fill.
+	var mnt string
+	t.Cleanup(func() { // after the Env's (cleanups run last first)
+		if mnt != "" {
+			exec.Command("umount", mnt).Run()
+			os.RemoveAll(filepath.Dir(filepath.Dir(mnt)))
+		}
+	})
 	e := NewEnv(t, WithConfig("[storage]\nreflink_image_size = \"1G\""))
+	mnt = filepath.Join(e.Dir, "data", "reflink")
 	e.Create("a")
 	var st syscall.Statfs_t
-	mnt := filepath.Join(e.Dir, "data", "reflink")
 	if err := syscall.Statfs(mnt, &st); err != nil {
 		t.Fatal(err)
 	}
