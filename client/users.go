@@ -30,6 +30,13 @@ func (c *Client) CreateUser(ctx context.Context, name string, admin bool) (*User
 	return &ut, c.do(ctx, "POST", "/v1/users", api.CreateUserRequest{Name: name, Admin: admin}, &ut)
 }
 
+// AddLocalUser lets the local unix account unixUser use the server's unix
+// socket (it joins the socket's group) and returns its user (admin only).
+func (c *Client) AddLocalUser(ctx context.Context, unixUser string) (*User, error) {
+	var u User
+	return &u, c.do(ctx, "POST", "/v1/users/local", api.AddLocalUserRequest{UnixUser: unixUser}, &u)
+}
+
 // RotateToken replaces a user's token and returns the new one; the old one
 // stops working at once (admin only).
 func (c *Client) RotateToken(ctx context.Context, name string) (*UserToken, error) {

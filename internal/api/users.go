@@ -48,6 +48,12 @@ type CreateUserRequest struct {
 	Admin bool   `json:"admin,omitempty"`
 }
 
+// AddLocalUserRequest is the body of POST /v1/users/local: the local
+// unix account to let use the unix socket.
+type AddLocalUserRequest struct {
+	UnixUser string `json:"unix_user"`
+}
+
 // UserToken is a user with the token just issued to it by POST /v1/users
 // or POST /v1/users/{user}/token. The server keeps only the token's hash:
 // this is the only time it is shown.

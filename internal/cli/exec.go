@@ -16,7 +16,7 @@ import (
 )
 
 func newExecCmd(e *env) *cobra.Command {
-	var envs []string
+	var envs, envFiles []string
 	var cwd string
 	var tty bool
 	var timeout time.Duration
@@ -38,10 +38,18 @@ What comes before -- is the VM, what comes after it is the command:
   noid exec              opens a console in the active VM
 Without --, the first argument is the VM and the rest is the command
 (noid exec dev ls), so a command with flags needs --.
+
+Environment: -e KEY=VALUE sets a variable; -e KEY passes KEY's value from
+your own environment, and --env-file FILE reads KEY=VALUE and KEY lines
+from a file (# starts a comment), so secrets stay out of the command line
+that ps shows. A KEY that is not set in your environment is left out.
+-e wins over --env-file, and a later file over an earlier one.
 ` + activeHelp,
 		Example: `  noid exec dev -- uname -r
   echo hi | noid exec dev -- cat
-  noid exec dev -e API_KEY=secret -w /srv -- ./run.sh
+  noid exec dev -e DEBUG=1 -w /srv -- ./run.sh
+  API_KEY=… noid exec dev -e API_KEY -- ./deploy.sh
+  noid exec dev --env-file .env -- ./run.sh
   noid exec dev -t -- top
   noid exec dev --timeout 30s -- make test
   noid exec dev --user noid -- sh -c 'sudo apt-get update && sudo apt-get install -y git'
@@ -65,13 +73,9 @@ Without --, the first argument is the VM and the rest is the command
 			if len(argv) == 0 {
 				return runConsole(cmd.Context(), e, vm, user)
 			}
-			envMap := map[string]string{}
-			for _, kv := range envs {
-				k, v, ok := strings.Cut(kv, "=")
-				if !ok || k == "" {
-					return usagef("-e needs KEY=VALUE, got %q", kv)
-				}
-				envMap[k] = v
+			envMap, err := execEnv(envFiles, envs, os.LookupEnv)
+			if err != nil {
+				return err
 			}
 			if timeout < 0 {
 				return usagef("--timeout must not be negative")
@@ -98,12 +102,58 @@ Without --, the first argument is the VM and the rest is the command
 		},
 	}
 	f := cmd.Flags()
-	f.StringArrayVarP(&envs, "env", "e", nil, "set an environment variable KEY=VALUE (repeatable)")
+	f.StringArrayVarP(&envs, "env", "e", nil, "set an environment variable: KEY=VALUE, or KEY to pass your own value of KEY (repeatable)")
+	f.StringArrayVar(&envFiles, "env-file", nil, "read environment variables from a file of KEY=VALUE and KEY lines (repeatable)")
 	f.StringVarP(&cwd, "workdir", "w", "", "working directory in the VM")
 	f.BoolVarP(&tty, "tty", "t", false, "allocate a pseudo-terminal")
 	f.DurationVar(&timeout, "timeout", 0, "kill the command after this long (exit code 124)")
 	f.StringVarP(&user, "user", "u", "", "run as this user of the VM (name or uid; default: the server's, root)")
 	return cmd
+}
+
+// execEnv builds an exec's environment as docker run does: the --env-file
+// files in order, then the -e flags. A KEY=VALUE entry sets KEY; a bare KEY
+// takes its value from lookup (the caller's environment) and is left out
+// when that has none. In a file, blank lines and lines starting with # are
+// skipped, leading white space and a CRLF's CR are ignored and the value is
+// the rest of the line, as it is.
+func execEnv(files, flags []string, lookup func(string) (string, bool)) (map[string]string, error) {
+	env := map[string]string{}
+	set := func(kv, where string) error {
+		k, v, ok := strings.Cut(kv, "=")
+		if k == "" || strings.ContainsAny(k, " \t") {
+			return usagef("%s: %q is not KEY=VALUE or KEY", where, kv)
+		}
+		if !ok {
+			if v, ok = lookup(k); !ok {
+				return nil
+			}
+		}
+		env[k] = v
+		return nil
+	}
+	for _, name := range files {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return nil, usagef("--env-file: %v", err)
+		}
+		text := strings.TrimPrefix(string(b), "\ufeff")
+		for i, line := range strings.Split(text, "\n") {
+			line = strings.TrimLeft(strings.TrimSuffix(line, "\r"), " \t")
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			if err := set(line, fmt.Sprintf("--env-file %s line %d", name, i+1)); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, kv := range flags {
+		if err := set(kv, "-e"); err != nil {
+			return nil, err
+		}
+	}
+	return env, nil
 }
 
 // execInteractive runs req with the local terminal and signals wired up.

@@ -28,6 +28,8 @@ func hintFor(e *env, err error) string {
 		return ""
 	}
 	switch {
+	case errors.Is(err, client.ErrUnavailable) && strings.Contains(err.Error(), "cannot reach noid-server") && strings.Contains(err.Error(), "permission denied"):
+		return "the socket is open to root and its group only: ask the admin to run `noid-server add-user --local " + orDash(os.Getenv("USER")) + "`, then log in again"
 	case errors.Is(err, client.ErrUnavailable) && strings.Contains(err.Error(), "cannot reach noid-server"):
 		how := "`noid-server serve --config /etc/noid/config.toml`"
 		if fi, err := os.Stat("/run/systemd/system"); err == nil && fi.IsDir() {

@@ -9,7 +9,8 @@ func newLogsCmd(e *env) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "logs [<vm>]",
 		Short: "Print a VM's serial console (kernel) log",
-		Long:  "Print a VM's serial console (kernel) log.\n" + activeHelp,
+		Long: "Print a VM's serial console (kernel) log: its newest part, which the server keeps\n" +
+			"to at most [limits] serial_log_size (4 MiB by default).\n" + activeHelp,
 		Example: `  noid logs dev
   noid logs dev --tail 4096`,
 		Args:              rangeArgs(0, 1, "an optional VM name"),

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2"
@@ -26,6 +27,10 @@ type Config struct {
 	// Socket is the local unix socket. Default /run/noid/noid.sock when
 	// running as root, else <data_dir>/noid.sock.
 	Socket string `toml:"socket"`
+	// SocketGroup is the group that may use the unix socket besides root
+	// (mode 0660, like Docker's docker group); `noid-server add-user
+	// --local USER` creates it and adds USER. Default "noid".
+	SocketGroup string `toml:"socket_group"`
 	// Listen is an optional TCP address ("127.0.0.1:7070"); empty means off.
 	Listen string `toml:"listen"`
 	// TLSCert and TLSKey enable HTTPS on Listen when both are set.
@@ -76,6 +81,8 @@ type Config struct {
 	HTTP HTTP `toml:"http"`
 	// Exec configures noid exec and noid console.
 	Exec Exec `toml:"exec"`
+	// Limits bounds what one VM or user can make the server hold.
+	Limits Limits `toml:"limits"`
 }
 
 // Exec is the [exec] section.
@@ -84,6 +91,35 @@ type Exec struct {
 	// request names none (noid exec --user): a user name or uid of the
 	// guest's /etc/passwd. Default "" (root).
 	DefaultUser string `toml:"default_user"`
+}
+
+// Limits is the [limits] section: bounds on what one VM or one user can
+// make the server hold, beyond the [quota] of VMs, CPUs, memory and disk.
+type Limits struct {
+	// SerialLogSize bounds each VM's console log (and its VMM's own log)
+	// on disk, as a size; the newest part is kept. Default "4M".
+	SerialLogSize string `toml:"serial_log_size"`
+	// SessionsPerUser bounds the exec and console sessions one user has
+	// open at once. Default 32.
+	SessionsPerUser int `toml:"sessions_per_user"`
+}
+
+// DefaultSessionsPerUser is [limits] sessions_per_user's default.
+const DefaultSessionsPerUser = 32
+
+// DefaultSerialLogSize is [limits] serial_log_size's default, in bytes.
+const DefaultSerialLogSize = 4 << 20
+
+// SerialLogBytes is [limits] serial_log_size in bytes.
+func (c *Config) SerialLogBytes() int64 {
+	if c.Limits.SerialLogSize == "" {
+		return DefaultSerialLogSize
+	}
+	n, err := ParseSize(c.Limits.SerialLogSize)
+	if err != nil {
+		return DefaultSerialLogSize
+	}
+	return n
 }
 
 // Pool is the [pool] section.
@@ -121,6 +157,39 @@ type Storage struct {
 	ReflinkImageSize string `toml:"reflink_image_size"`
 	// ReflinkImage is the image file. Default <data_dir>/reflink.img.
 	ReflinkImage string `toml:"reflink_image"`
+	// MinFree is the free space kept in reserve on the filesystems of the
+	// storage root and the database: below it, creates, clones,
+	// checkpoints and golden promotions are refused. A size ("2G") or a
+	// percentage of the filesystem ("5%"); "0" turns it off. Default
+	// DefaultMinFree.
+	MinFree string `toml:"min_free"`
+}
+
+// DefaultMinFree is [storage] min_free's default.
+const DefaultMinFree = "5%"
+
+// MinFree returns [storage] min_free as either bytes or a percentage of
+// the filesystem (exactly one is non-zero, or neither when it is off).
+func (c *Config) MinFree() (bytes int64, percent float64) {
+	v := c.Storage.MinFree
+	if v == "" {
+		v = DefaultMinFree
+	}
+	bytes, percent, _ = parseMinFree(v)
+	return bytes, percent
+}
+
+// parseMinFree parses a size or a percentage (0 < p < 100).
+func parseMinFree(v string) (int64, float64, error) {
+	if p, ok := strings.CutSuffix(strings.TrimSpace(v), "%"); ok {
+		f, err := strconv.ParseFloat(strings.TrimSpace(p), 64)
+		if err != nil || f < 0 || f >= 100 {
+			return 0, 0, fmt.Errorf("invalid percentage %q (use e.g. 5%%)", v)
+		}
+		return 0, f, nil
+	}
+	n, err := ParseSize(v)
+	return n, 0, err
 }
 
 // StorageDir is where users/ and golden/ live: data_dir, or the reflink
@@ -150,21 +219,101 @@ type Network struct {
 	// BlockedNets are extra destination prefixes VMs may never reach, on top
 	// of link-local and cloud metadata addresses (for example your LAN).
 	BlockedNets []string `toml:"blocked_nets"`
+	// AllowedNets opens destinations inside the private ranges VMs may not
+	// reach by default (10/8, 172.16/12, 192.168/16, 100.64/10), such as
+	// a LAN package mirror. Default none.
+	AllowedNets []string `toml:"allowed_nets"`
+	// DNSRate is how many queries per second one VM may send to the DNS
+	// server (bursts of twice that). Default 100.
+	DNSRate float64 `toml:"dns_rate"`
+	// DNSConcurrency bounds the DNS queries answered at once, and the TCP
+	// connections open, over all VMs; one VM gets a quarter. Default 64.
+	DNSConcurrency int `toml:"dns_concurrency"`
 }
 
-// Quota is the [quota] section; zero means unlimited.
+// Quota is the [quota] section: per-user limits for users without limits
+// of their own. A missing key means its finite default (QuotaLimits); 0
+// means unlimited.
 type Quota struct {
 	// HostMemoryOvercommit is how many times the host's available memory
 	// one new VM may ask for (guest RAM is allocated lazily). Default 1.5.
 	HostMemoryOvercommit float64 `toml:"host_memory_overcommit"`
-	MaxVMs               int     `toml:"max_vms"`
-	MaxVCPUs             int     `toml:"max_vcpus"`
-	MaxMemoryMiB         int     `toml:"max_memory_mib"`
-	MaxCheckpointBytes   int64   `toml:"max_checkpoint_bytes"`
+	// MaxVMs, MaxVCPUs and MaxMemoryMiB bound a user's VMs and their total
+	// vCPUs and memory. Defaults DefaultMaxVMs, DefaultMaxVCPUs,
+	// DefaultMaxMemoryMiB.
+	MaxVMs       *int `toml:"max_vms"`
+	MaxVCPUs     *int `toml:"max_vcpus"`
+	MaxMemoryMiB *int `toml:"max_memory_mib"`
+	// MaxCheckpointBytes bounds the total size of a user's checkpoints.
+	// Default DefaultMaxCheckpointBytes.
+	MaxCheckpointBytes *int64 `toml:"max_checkpoint_bytes"`
+	// MaxDiskSize bounds the root disk of one VM, as a size ("0":
+	// unlimited). Default DefaultMaxDiskSize.
+	MaxDiskSize string `toml:"max_disk_size"`
+}
+
+// The [quota] defaults: finite, so that one local user or token cannot
+// take a shared host's memory or disk (see SECURITY.md).
+const (
+	DefaultMaxVMs             = 20
+	DefaultMaxVCPUs           = 32
+	DefaultMaxMemoryMiB       = 32 << 10
+	DefaultMaxCheckpointBytes = 64 << 30
+	DefaultMaxDiskSize        = "32G"
+)
+
+// QuotaLimits are the [quota] limits with their defaults applied; 0 means
+// unlimited.
+type QuotaLimits struct {
+	MaxVMs, MaxVCPUs, MaxMemoryMiB   int
+	MaxCheckpointBytes, MaxDiskBytes int64
+}
+
+// QuotaLimits returns the [quota] limits that apply to a user who is not
+// an admin and has no limits of their own.
+func (c *Config) QuotaLimits() QuotaLimits { return c.QuotaLimitsFor(false) }
+
+// QuotaLimitsFor returns the [quota] limits that apply to a user without
+// limits of their own. A key set in the config applies to every user; a
+// missing one means its finite default for users who are not admins, and
+// no limit for admins (root on the socket, --admin tokens), so that the
+// operator's own work is not held to the tenants' defaults.
+func (c *Config) QuotaLimitsFor(admin bool) QuotaLimits {
+	or := func(p *int, def int) int {
+		switch {
+		case p != nil:
+			return *p
+		case admin:
+			return 0
+		}
+		return def
+	}
+	q := QuotaLimits{MaxVMs: or(c.Quota.MaxVMs, DefaultMaxVMs), MaxVCPUs: or(c.Quota.MaxVCPUs, DefaultMaxVCPUs),
+		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB)}
+	switch {
+	case c.Quota.MaxCheckpointBytes != nil:
+		q.MaxCheckpointBytes = *c.Quota.MaxCheckpointBytes
+	case !admin:
+		q.MaxCheckpointBytes = DefaultMaxCheckpointBytes
+	}
+	disk := c.Quota.MaxDiskSize
+	if disk == "" && !admin {
+		disk = DefaultMaxDiskSize
+	}
+	if disk != "" {
+		q.MaxDiskBytes, _ = ParseSize(disk)
+	}
+	return q
 }
 
 // Sandbox is the [sandbox] section. See SECURITY.md.
 type Sandbox struct {
+	// Require refuses to start VMMs when the confinement configured here
+	// cannot be had (per-VM or shared uid, cgroups), and Firecracker
+	// without its jailer, instead of running them unconfined as root.
+	// The server still starts, so VMs can be listed and destroyed.
+	// Default true.
+	Require *bool `toml:"require"`
 	// Seccomp runs QEMU with -sandbox on. Default true.
 	Seccomp *bool `toml:"seccomp"`
 	// User is who VMM processes run as: "auto" (or empty, the default)
@@ -211,11 +360,15 @@ func (c *Config) NetworkEnabled() bool { return c.Network.Enabled == nil || *c.N
 // SeccompEnabled reports whether QEMU runs with its seccomp sandbox.
 func (c *Config) SeccompEnabled() bool { return c.Sandbox.Seccomp == nil || *c.Sandbox.Seccomp }
 
+// SandboxRequired reports whether VMMs may only start fully confined
+// ([sandbox] require).
+func (c *Config) SandboxRequired() bool { return c.Sandbox.Require == nil || *c.Sandbox.Require }
+
 // CgroupsEnabled reports whether VMMs get their own cgroups.
 func (c *Config) CgroupsEnabled() bool { return c.Sandbox.Cgroups == nil || *c.Sandbox.Cgroups }
 
 // SystemSocket is the default socket of a noid-server running as root; it is
-// outside root's home so that every local user can reach it.
+// outside root's home so that the members of socket_group can reach it.
 const SystemSocket = "/run/noid/noid.sock"
 
 // DefaultDataDir is ~/.noid for the current user.
@@ -244,6 +397,9 @@ func (c *Config) applyDefaults() {
 			c.Socket = filepath.Join(c.DataDir, "noid.sock")
 		}
 	}
+	if c.SocketGroup == "" {
+		c.SocketGroup = "noid"
+	}
 	if c.Image == "" {
 		c.Image = "auto"
 	}
@@ -268,6 +424,9 @@ func (c *Config) applyDefaults() {
 	if c.DefaultMemoryMiB == 0 {
 		c.DefaultMemoryMiB = 2048
 	}
+	if c.Limits.SessionsPerUser == 0 {
+		c.Limits.SessionsPerUser = DefaultSessionsPerUser
+	}
 	if c.Storage.ReflinkImage == "" {
 		c.Storage.ReflinkImage = filepath.Join(c.DataDir, "reflink.img")
 	}
@@ -279,6 +438,12 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Network.DNSPort == 0 {
 		c.Network.DNSPort = 53
+	}
+	if c.Network.DNSRate == 0 {
+		c.Network.DNSRate = 100
+	}
+	if c.Network.DNSConcurrency == 0 {
+		c.Network.DNSConcurrency = 64
 	}
 	if c.Sandbox.UIDBase == 0 {
 		c.Sandbox.UIDBase = DefaultUIDBase
@@ -363,6 +528,9 @@ func (c *Config) Validate() error {
 	default:
 		return bad("log_format must be text or json, got %q", c.LogFormat)
 	}
+	if strings.ContainsAny(c.SocketGroup, " \t\n:/,") || len(c.SocketGroup) > 32 || strings.HasPrefix(c.SocketGroup, "-") {
+		return bad("socket_group must be a group name, got %q", c.SocketGroup)
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return bad("tls_cert and tls_key must be set together")
 	}
@@ -382,8 +550,25 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("exec.default_user: %w", err)
 		}
 	}
+	if c.Limits.SerialLogSize != "" {
+		n, err := ParseSize(c.Limits.SerialLogSize)
+		if err != nil {
+			return bad("limits.serial_log_size: %v", err)
+		}
+		if n < 64<<10 || n > 1<<30 {
+			return bad("limits.serial_log_size must be between 64K and 1G, got %s", c.Limits.SerialLogSize)
+		}
+	}
+	if c.Limits.SessionsPerUser < 0 || c.Limits.SessionsPerUser > 100000 {
+		return bad("limits.sessions_per_user must be 1..100000 (0: the default, %d), got %d", DefaultSessionsPerUser, c.Limits.SessionsPerUser)
+	}
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {
 		return bad("pool.spares must be 0..64, got %d", *c.Pool.Spares)
+	}
+	if c.Storage.MinFree != "" {
+		if _, _, err := parseMinFree(c.Storage.MinFree); err != nil {
+			return bad("storage.min_free: %v", err)
+		}
 	}
 	if c.Storage.ReflinkImageSize != "" {
 		n, err := ParseSize(c.Storage.ReflinkImageSize)
@@ -417,10 +602,26 @@ func (c *Config) Validate() error {
 			return bad("network.blocked_nets: %q is not a prefix", b)
 		}
 	}
+	if c.Network.DNSRate < 1 || c.Network.DNSRate > 1e6 {
+		return bad("network.dns_rate must be 1..1000000 queries per second, got %v", c.Network.DNSRate)
+	}
+	if c.Network.DNSConcurrency < 1 || c.Network.DNSConcurrency > 65536 {
+		return bad("network.dns_concurrency must be 1..65536, got %d", c.Network.DNSConcurrency)
+	}
+	for _, a := range c.Network.AllowedNets {
+		if p, err := netip.ParsePrefix(a); err != nil || !p.Addr().Is4() {
+			return bad("network.allowed_nets: %q is not an IPv4 prefix", a)
+		}
+	}
 	if c.Quota.HostMemoryOvercommit < 0 || c.Quota.HostMemoryOvercommit > 100 {
 		return bad("quota.host_memory_overcommit must be between 0 and 100")
 	}
-	if c.Quota.MaxVMs < 0 || c.Quota.MaxVCPUs < 0 || c.Quota.MaxMemoryMiB < 0 || c.Quota.MaxCheckpointBytes < 0 {
+	if c.Quota.MaxDiskSize != "" {
+		if _, err := ParseSize(c.Quota.MaxDiskSize); err != nil {
+			return bad("quota.max_disk_size: %v", err)
+		}
+	}
+	if q := c.QuotaLimits(); q.MaxVMs < 0 || q.MaxVCPUs < 0 || q.MaxMemoryMiB < 0 || q.MaxCheckpointBytes < 0 {
 		return bad("quota values must not be negative")
 	}
 	if err := c.validateSandbox(); err != nil {

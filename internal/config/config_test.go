@@ -42,6 +42,17 @@ func TestParseErrors(t *testing.T) {
 		{"[storage]\nreflink_image_size = \"10M\"", "at least 1G"},
 		{`data_dir = `, "line 1"},
 		{"[exec]\ndefault_user = \"a:b\"", "exec.default_user: invalid argument: invalid user"},
+		{"[network]\nallowed_nets = [\"fd00::/8\"]", "allowed_nets"},
+		{"[network]\nallowed_nets = [\"lan\"]", "allowed_nets"},
+		{"[network]\ndns_rate = -1", "dns_rate"},
+		{"[quota]\nmax_vms = -1", "must not be negative"},
+		{"[quota]\nmax_disk_size = \"big\"", "max_disk_size"},
+		{"[storage]\nmin_free = \"120%\"", "min_free"},
+		{"[storage]\nmin_free = \"lots\"", "min_free"},
+		{`socket_group = "a b"`, "socket_group"},
+		{"[limits]\nserial_log_size = \"1K\"", "serial_log_size"},
+		{"[limits]\nsessions_per_user = -1", "sessions_per_user"},
+		{"[network]\ndns_concurrency = -5", "dns_concurrency"},
 	} {
 		_, err := Parse([]byte(tc.in))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errdefs.ErrInvalidArgument) {
@@ -61,5 +72,42 @@ func TestParseSize(t *testing.T) {
 		if n, err := ParseSize(in); err == nil {
 			t.Errorf("ParseSize(%q) = %d, want an error", in, n)
 		}
+	}
+}
+
+// TestSharedHostDefaults: the [quota] defaults are finite, a missing key
+// means its default and 0 means unlimited; min_free takes a size or a
+// percentage; the socket belongs to the noid group.
+func TestSharedHostDefaults(t *testing.T) {
+	c, err := Parse([]byte(`data_dir = "/srv/noid"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := QuotaLimits{MaxVMs: 20, MaxVCPUs: 32, MaxMemoryMiB: 32768, MaxCheckpointBytes: 64 << 30, MaxDiskBytes: 32 << 30}
+	if got := c.QuotaLimits(); got != want {
+		t.Errorf("default quota %+v, want %+v", got, want)
+	}
+	if got := c.QuotaLimitsFor(true); got != (QuotaLimits{}) {
+		t.Errorf("admins' default quota %+v, want none", got)
+	}
+	if b, p := c.MinFree(); b != 0 || p != 5 {
+		t.Errorf("default min_free %d bytes %v%%, want 5%%", b, p)
+	}
+	if c.SocketGroup != "noid" || c.Limits.SessionsPerUser != 32 || c.SerialLogBytes() != 4<<20 {
+		t.Errorf("socket_group %q, sessions_per_user %d, serial log %d", c.SocketGroup, c.Limits.SessionsPerUser, c.SerialLogBytes())
+	}
+	c, err = Parse([]byte("[quota]\nmax_vms = 0\nmax_checkpoint_bytes = 0\nmax_disk_size = \"0\"\n[storage]\nmin_free = \"10G\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := c.QuotaLimits(); q.MaxVMs != 0 || q.MaxCheckpointBytes != 0 || q.MaxDiskBytes != 0 || q.MaxVCPUs != 32 {
+		t.Errorf("explicit 0s: %+v, want unlimited VMs, checkpoints and disk, default vCPUs", q)
+	}
+	if b, p := c.MinFree(); b != 10<<30 || p != 0 {
+		t.Errorf("min_free 10G: %d bytes %v%%", b, p)
+	}
+	c, _ = Parse([]byte("[quota]\nmax_vms = 3\n"))
+	if q := c.QuotaLimitsFor(true); q.MaxVMs != 3 || q.MaxVCPUs != 0 {
+		t.Errorf("admins with max_vms = 3 set: %+v, want 3 VMs and nothing else", q)
 	}
 }

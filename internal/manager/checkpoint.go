@@ -74,6 +74,9 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if v.State != store.StateRunning {
 		return nil, errdefs.WithHint(fmt.Errorf("cannot checkpoint vm %q: it is %s: %w", vmName, v.State, errdefs.ErrNotRunning), "noid info "+vmName)
 	}
+	if err := m.checkFreeSpace("checkpoint of " + vmName); err != nil {
+		return nil, err
+	}
 	inst, err := rt.instance()
 	if err != nil {
 		return nil, fmt.Errorf("cannot checkpoint vm %q: %w", vmName, err)
@@ -120,7 +123,7 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes = m.snapshotSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := m.cfg.Quota.MaxCheckpointBytes
+	lim := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxCheckpointBytes
 	if u.MaxCheckpointBytes != nil {
 		lim = *u.MaxCheckpointBytes
 	}

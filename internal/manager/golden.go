@@ -264,6 +264,9 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 		}
 		c, vmName = cp, v.Name
 	}
+	if err := m.checkFreeSpace("promoting checkpoint " + c.Name); err != nil {
+		return nil, err
+	}
 	bf, err := m.resolveBootFiles()
 	if err != nil {
 		return nil, err

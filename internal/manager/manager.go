@@ -67,6 +67,8 @@ type Manager struct {
 
 	closed    chan struct{}
 	closeOnce sync.Once
+	// bg counts the manager's background loops, which end when closed is.
+	bg sync.WaitGroup
 
 	net  *network.Manager
 	dns  *network.DNSServer
@@ -91,15 +93,17 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		log = slog.Default()
 	}
 	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "run")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("creating %s: %w", d, err)
+		if err := privateDir(d, log); err != nil {
+			return nil, err
 		}
 	}
 	if err := setupStorage(ctx, cfg, log); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.StorageDir(), "users"), 0o700); err != nil {
-		return nil, fmt.Errorf("creating storage dir: %w", err)
+	for _, d := range []string{cfg.StorageDir(), filepath.Join(cfg.StorageDir(), "users")} {
+		if err := privateDir(d, log); err != nil {
+			return nil, err
+		}
 	}
 	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "noid.db"))
 	if err != nil {
@@ -141,8 +145,14 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, err
 	}
 	s.sweepPool(ctx)
-	s.pool = newWarmPool(s, cfg.PoolSpares())
+	spares := cfg.PoolSpares()
+	if s.sandbox.refused != nil {
+		spares = 0 // no VMM may start
+	}
+	s.pool = newWarmPool(s, spares)
 	s.warmUp(ctx)
+	s.bg.Add(1)
+	go s.trimLogsLoop()
 	return s, nil
 }
 
@@ -151,13 +161,28 @@ func (m *Manager) selectBackend(ctx context.Context, override vmm.Backend) error
 	if override != nil {
 		m.backend = override
 	} else {
-		fc := firecracker.New(firecracker.Config{Binary: m.cfg.FirecrackerBinary, Logger: m.log})
+		// Without its jailer, Firecracker would run as root without a
+		// chroot: only when [sandbox] require is off.
+		jailer := firecracker.JailerAuto
+		if !m.cfg.SandboxRequired() {
+			jailer = firecracker.JailerIfPresent
+		}
+		fc := firecracker.New(firecracker.Config{Binary: m.cfg.FirecrackerBinary, JailerMode: jailer, Logger: m.log})
 		switch m.cfg.VMM {
 		case "firecracker":
-			if err := fc.Check(ctx); err != nil {
+			err := fc.Check(ctx)
+			switch {
+			case errors.Is(err, firecracker.ErrNoJailer):
+				// The server starts (VMs can be listed and destroyed);
+				// no VMM does.
+				m.sandbox.refused = errdefs.WithHint(err, "install Firecracker's jailer next to it, or set [sandbox] require = false to run it without")
+				m.log.Error("sandbox: refusing to start VMMs", "err", err)
+				m.backend = refuseVMMs(fc, m.sandbox.refused)
+			case err != nil:
 				return errdefs.WithHint(err, "install Firecracker v1.16.1+ with KVM, or set vmm = \"qemu\"")
+			default:
+				m.backend = fc
 			}
-			m.backend = fc
 		case "auto":
 			// Firecracker when it is installed and KVM works; QEMU otherwise.
 			if _, err := os.Stat(m.cfg.FirecrackerBinary); err == nil && kvm.Usable {
@@ -170,6 +195,9 @@ func (m *Manager) selectBackend(ctx context.Context, override vmm.Backend) error
 		}
 		if m.backend == nil {
 			m.backend = qemu.New(m.qemuOptions(ctx))
+			if m.sandbox.refused != nil {
+				m.backend = refuseVMMs(m.backend, m.sandbox.refused)
+			}
 		}
 	}
 	want := vmm.Accel(m.cfg.Accel)
@@ -234,6 +262,7 @@ func (m *Manager) VMMVersion(ctx context.Context) string {
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
 		close(m.closed)
+		m.bg.Wait()
 		m.mu.Lock()
 		rts := make([]*vmRT, 0, len(m.vms))
 		for _, rt := range m.vms {
@@ -259,6 +288,27 @@ func (m *Manager) closeNetwork() {
 	if m.net != nil {
 		m.net.Close()
 	}
+}
+
+// privateDir creates dir with mode 0700, or gives an existing dir that
+// mode when group or others have any access to it (a data dir made by hand,
+// or by an older noid), saying so in the log: the database, the images and
+// every VM's files live below it.
+func privateDir(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("checking %s: %w", dir, err)
+	}
+	if mode := fi.Mode().Perm(); mode&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("making %s private (mode 0700): %w", dir, err)
+		}
+		log.Warn("made a data directory private: it was open to group or others", "dir", dir, "old_mode", fmt.Sprintf("%04o", mode), "mode", "0700")
+	}
+	return nil
 }
 
 // storageRootFile records which storage root the VMs were created under.

@@ -30,6 +30,13 @@ func (m *Manager) netConfig() (network.Config, error) {
 		}
 		nc.BlockedNets = append(nc.BlockedNets, bp)
 	}
+	for _, a := range m.cfg.Network.AllowedNets {
+		ap, err := netip.ParsePrefix(a)
+		if err != nil {
+			return network.Config{}, fmt.Errorf("%w: network.allowed_nets: %v", errdefs.ErrInvalidArgument, err)
+		}
+		nc.AllowedNets = append(nc.AllowedNets, ap)
+	}
 	return nc.WithDefaults(), nil
 }
 
@@ -74,7 +81,8 @@ func (m *Manager) setupNetwork(ctx context.Context) error {
 	if err := nm.Reconcile(ctx, want); err != nil {
 		m.log.Warn("reconciling VM networks", "err", err)
 	}
-	dns, err := nm.StartDNS(ctx, network.ResolverFunc(m.lookupVM), network.DNSOptions{Domain: "noid"})
+	dns, err := nm.StartDNS(ctx, network.ResolverFunc(m.lookupVM), network.DNSOptions{Domain: "noid",
+		Rate: m.cfg.Network.DNSRate, Concurrency: m.cfg.Network.DNSConcurrency})
 	if err != nil {
 		nm.Close()
 		return fmt.Errorf("starting the VM DNS server: %w", err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -734,9 +735,10 @@ func (m *Manager) finishSpareMove(v *store.VM) {
 	}
 }
 
-// appendFileTo appends the file at src, if any, to the file at dst.
+// appendFileTo appends the log at src, if any, to the file at dst, from
+// its first data on (past a hole that trimming punched, see logs.go).
 func appendFileTo(src, dst string) error {
-	in, err := os.Open(src)
+	in, err := openLogTail(src, 0, math.MaxInt64)
 	if os.IsNotExist(err) {
 		return nil
 	} else if err != nil {

@@ -7,9 +7,11 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -25,13 +27,27 @@ type sandboxState struct {
 	perVM bool
 	// cgroupParent is the parent of VMM cgroups ("" when cgroups are off).
 	cgroupParent string
+	// refused, when set, is why no VMM may start: confinement that
+	// [sandbox] asks for is impossible here and [sandbox] require is on.
+	refused error
 }
 
 // qemuOptions builds the QEMU backend's options from the config: the uid
 // pool and the cgroup manager, each only where the host allows it (root,
 // a data dir that supports chown, mounted memory and pids controllers).
-// What cannot be had is logged, and the server runs without it.
+// What cannot be had is logged; with [sandbox] require (the default) it is
+// also recorded in m.sandbox.refused, and no VMM may start (see
+// refusingBackend), else VMMs run without it.
 func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
+	var missing []string
+	defer func() {
+		if len(missing) > 0 && m.cfg.SandboxRequired() {
+			m.sandbox.refused = errdefs.WithHint(fmt.Errorf("%w: VMMs cannot be confined as [sandbox] asks: %s; no VMM is started",
+				errdefs.ErrUnavailable, strings.Join(missing, "; ")),
+				"fix that (see the server log), or set [sandbox] require = false to run VMMs without it")
+			m.log.Error("sandbox: refusing to start VMMs; VMs already running are kept, and can be listed and destroyed", "err", m.sandbox.refused)
+		}
+	}()
 	opts := qemu.Options{Binary: m.cfg.QEMUBinary, Logger: m.log}
 	sb := m.cfg.Sandbox
 	if sb.MemoryOverhead != "" {
@@ -48,7 +64,8 @@ func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
 	case "auto":
 		pool, err := m.openUIDPool()
 		if err != nil {
-			m.log.Warn("sandbox: VMMs run as root: per-VM uids are not possible here", "err", err)
+			missing = append(missing, fmt.Sprintf("per-VM uids are not possible here: %v", err))
+			m.log.Warn("sandbox: per-VM uids are not possible here", "err", err, "require", m.cfg.SandboxRequired())
 			break
 		}
 		opts.UIDs = pool
@@ -58,7 +75,8 @@ func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
 	default:
 		uid, gid, err := lookupUser(u)
 		if err != nil {
-			m.log.Warn("sandbox: VMMs run as root: [sandbox] user not found", "user", u, "err", err)
+			missing = append(missing, fmt.Sprintf("[sandbox] user %q: %v", u, err))
+			m.log.Warn("sandbox: [sandbox] user not found", "user", u, "err", err, "require", m.cfg.SandboxRequired())
 			break
 		}
 		m.sandbox.uid, m.sandbox.gid = uid, gid
@@ -71,7 +89,8 @@ func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
 			cg, err = sandbox.NewManager(l, sb.CgroupParent)
 		}
 		if err != nil {
-			m.log.Warn("sandbox: VMMs run without cgroups of their own", "err", err)
+			missing = append(missing, fmt.Sprintf("cgroups are not possible here: %v", err))
+			m.log.Warn("sandbox: VMMs cannot get cgroups of their own", "err", err, "require", m.cfg.SandboxRequired())
 		} else {
 			if n, err := cg.Prune(ctx, time.Minute); n > 0 || err != nil {
 				m.log.Info("sandbox: removed cgroups of VMMs that are gone", "count", n, "err", err)
@@ -149,4 +168,39 @@ func (m *Manager) sandboxSpec(v *store.VM) *vmm.Sandbox {
 		return nil
 	}
 	return sb
+}
+
+// refusingBackend is the backend while m.sandbox.refused is set: it adopts
+// and drives the VMMs that already run (so they can be listed, used and
+// destroyed) and refuses to start any: Check, and so every create, fails
+// with the reason, and so do Boot and Restore.
+type refusingBackend struct {
+	vmm.Backend
+	err error
+}
+
+// Check returns why no VMM may start.
+func (b refusingBackend) Check(context.Context) error { return b.err }
+
+// Boot refuses.
+func (b refusingBackend) Boot(context.Context, vmm.Spec) (vmm.Instance, error) { return nil, b.err }
+
+// Restore refuses.
+func (b refusingBackend) Restore(context.Context, vmm.Spec, string, vmm.Copier) (vmm.Instance, vmm.Timings, error) {
+	return nil, vmm.Timings{}, b.err
+}
+
+// refusingPreparer is a refusingBackend for a backend that can prepare
+// VMMs: a rewind then fails while preparing, before it stops the VM.
+type refusingPreparer struct{ refusingBackend }
+
+// Prepare refuses.
+func (b refusingPreparer) Prepare(context.Context, vmm.Spec) (vmm.Prepared, error) { return nil, b.err }
+
+// refuseVMMs wraps b so that it starts no VMM, failing with err.
+func refuseVMMs(b vmm.Backend, err error) vmm.Backend {
+	if _, ok := b.(vmm.Preparer); ok {
+		return refusingPreparer{refusingBackend{b, err}}
+	}
+	return refusingBackend{b, err}
 }

@@ -4,10 +4,15 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/user"
+	"strconv"
+
+	"github.com/noid-vm/noid/internal/unixgroup"
 )
 
 // RemoveUser destroys every VM of the user (with their checkpoints), removes
-// the user's storage and deletes the user, revoking their token.
+// the user's storage and deletes the user, revoking their token; a local
+// user also leaves the unix socket's group.
 func (m *Manager) RemoveUser(ctx context.Context, name string) (int, error) {
 	u, err := m.store.UserByName(ctx, name)
 	if err != nil {
@@ -30,6 +35,15 @@ func (m *Manager) RemoveUser(ctx context.Context, name string) (int, error) {
 	}
 	if err := m.store.DeleteUser(ctx, u.ID); err != nil {
 		return 0, err
+	}
+	// A local user also leaves the socket's group, so that the socket
+	// does not map it to a new user at its next request.
+	if u.UnixUID > 0 {
+		if pw, err := user.LookupId(strconv.FormatInt(u.UnixUID, 10)); err == nil {
+			if err := unixgroup.RemoveMember(ctx, pw.Username, m.cfg.SocketGroup); err != nil {
+				m.log.Warn("removed user keeps the socket group", "user", name, "group", m.cfg.SocketGroup, "err", err)
+			}
+		}
 	}
 	m.log.Info("user removed", "user", name, "vms_destroyed", len(vms))
 	return len(vms), nil

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -257,6 +256,10 @@ func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*creat
 		if n < 64<<20 || n > 16<<40 {
 			return nil, fmt.Errorf("%w: disk size must be between 64M and 16T, got %s", errdefs.ErrInvalidArgument, disk)
 		}
+		if max := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxDiskBytes; max > 0 && n > max {
+			return nil, errdefs.WithHint(fmt.Errorf("%w: a VM's disk may be at most %s, asked for %s", errdefs.ErrQuotaExceeded, humanBytes(max), disk),
+				"ask for a smaller --disk-size, or ask the admin to raise [quota] max_disk_size")
+		}
 		p.diskBytes = n
 	}
 	switch p.network {
@@ -272,11 +275,14 @@ func (m *Manager) validateCreate(u *store.User, req api.CreateVMRequest) (*creat
 	return p, nil
 }
 
-// insertVM records v, a new VM in state creating, with the user's quota
-// checked and (with networking) its address allocated in the same
-// transaction, then reaches crash point point. It returns v's runtime with
+// insertVM records v, a new VM in state creating, after checking the
+// free space reserve, with the user's quota checked and (with networking)
+// its address allocated in the same transaction, then reaches crash point point. It returns v's runtime with
 // its logger set and its op lock held: the caller unlocks it.
 func (m *Manager) insertVM(ctx context.Context, u *store.User, v *store.VM, point string) (*vmRT, error) {
+	if err := m.checkFreeSpace("creating vm " + v.Name); err != nil {
+		return nil, err
+	}
 	opts := store.CreateOpts{CheckQuota: m.checkQuota(u, 1, v.VCPUs, v.MemoryMiB)}
 	m.prepareNetwork(v, &opts)
 	if err := m.store.CreateVM(ctx, v, opts); err != nil {
@@ -296,14 +302,15 @@ func (m *Manager) checkQuota(u *store.User, addVMs, addVCPUs, addMem int) func(s
 		}
 		return int64(def)
 	}
+	q := m.cfg.QuotaLimitsFor(u.IsAdmin)
 	return func(use store.Usage) error {
-		if n := lim(u.MaxVMs, m.cfg.Quota.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
+		if n := lim(u.MaxVMs, q.MaxVMs); n > 0 && int64(use.VMs+addVMs) > n {
 			return fmt.Errorf("%w: user %s may have at most %d VMs (has %d)", errdefs.ErrQuotaExceeded, u.Name, n, use.VMs)
 		}
-		if n := lim(u.MaxVCPUs, m.cfg.Quota.MaxVCPUs); n > 0 && int64(use.VCPUs+addVCPUs) > n {
+		if n := lim(u.MaxVCPUs, q.MaxVCPUs); n > 0 && int64(use.VCPUs+addVCPUs) > n {
 			return fmt.Errorf("%w: user %s may use at most %d vCPUs in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.VCPUs, addVCPUs)
 		}
-		if n := lim(u.MaxMemoryMiB, m.cfg.Quota.MaxMemoryMiB); n > 0 && int64(use.MemoryMiB+addMem) > n {
+		if n := lim(u.MaxMemoryMiB, q.MaxMemoryMiB); n > 0 && int64(use.MemoryMiB+addMem) > n {
 			return fmt.Errorf("%w: user %s may use at most %d MiB of memory in total (uses %d, asked for %d more)", errdefs.ErrQuotaExceeded, u.Name, n, use.MemoryMiB, addMem)
 		}
 		return nil
@@ -453,31 +460,11 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // serialTail returns the end of the VM's serial log for error messages.
 func (m *Manager) serialTail(v *store.VM) string {
-	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), 1500)
+	b, err := readLogTail(filepath.Join(m.vmDir(v), "serial.log"), 1500)
 	if err != nil || len(b) == 0 {
 		return ""
 	}
 	return "\n--- last lines of the serial console ---\n" + strings.TrimSpace(string(b))
-}
-
-func readTail(path string, n int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	off := fi.Size() - n
-	if off < 0 || n <= 0 {
-		off = 0
-	}
-	if _, err := f.Seek(off, io.SeekStart); err != nil {
-		return nil, err
-	}
-	return io.ReadAll(f)
 }
 
 // growDisk enlarges a raw ext4 image and its filesystem.
@@ -645,22 +632,4 @@ func (m *Manager) GetVM(ctx context.Context, u *store.User, name string) (*api.V
 		return nil, err
 	}
 	return m.apiVM(ctx, v), nil
-}
-
-// Logs returns up to tail bytes of the VM's serial console log (see Owner
-// for name).
-func (m *Manager) Logs(ctx context.Context, u *store.User, name string, tail int64) ([]byte, error) {
-	u, name, err := m.Owner(ctx, u, name)
-	if err != nil {
-		return nil, err
-	}
-	v, err := m.store.GetVM(ctx, u.ID, name)
-	if err != nil {
-		return nil, err
-	}
-	b, err := readTail(filepath.Join(m.vmDir(v), "serial.log"), tail)
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	return b, err
 }

@@ -46,6 +46,20 @@ var DefaultBlockedNets = []netip.Prefix{
 	netip.MustParsePrefix("168.63.129.16/32"),
 }
 
+// DefaultPrivateNets are the private ranges VMs may not reach unless
+// Config.AllowedNets opens part of them: RFC 1918 (10/8, 172.16/12,
+// 192.168/16, where LANs and internal services live) and RFC 6598 (100.64/10,
+// carrier-grade NAT and the tailnets of VPNs). The pool's own range is not
+// affected: VM-to-VM traffic never leaves the bridge and has its own rules,
+// and the gateway (DNS and GatewayTCPPorts) is the host itself. Link-local
+// is in DefaultBlockedNets, which AllowedNets cannot open.
+var DefaultPrivateNets = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+}
+
 // Config is the host-side network configuration of noid-server.
 //
 // The zero value of every field means its default; call WithDefaults to
@@ -68,6 +82,11 @@ type Config struct {
 	// BlockedNets are extra destinations VMs may not reach, on top of
 	// DefaultBlockedNets.
 	BlockedNets []netip.Prefix
+	// AllowedNets are destinations inside DefaultPrivateNets that VMs may
+	// reach (a LAN package mirror, or a whole range). Default none: every
+	// private range is closed. They cannot open DefaultBlockedNets or
+	// BlockedNets, which are checked first.
+	AllowedNets []netip.Prefix
 	// GatewayTCPPorts are extra TCP ports of the gateway address that VMs
 	// may connect to, for host services meant for VMs (a package cache, a
 	// test server). Default none: VMs reach only DNS on the host.
@@ -135,6 +154,11 @@ func (c Config) validateStatic() error {
 			return bad("pool %s overlaps blocked range %s", p, b)
 		}
 	}
+	for _, a := range c.AllowedNets {
+		if !a.IsValid() || !a.Addr().Is4() {
+			return bad("allowed net %s is not an IPv4 prefix", a)
+		}
+	}
 	return nil
 }
 
@@ -164,6 +188,17 @@ func (c Config) blockedNets() []netip.Prefix {
 	for _, b := range c.BlockedNets {
 		if b.IsValid() && b.Addr().Is4() {
 			out = append(out, b.Masked())
+		}
+	}
+	return out
+}
+
+// allowedNets are the AllowedNets, masked.
+func (c Config) allowedNets() []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range c.AllowedNets {
+		if a.IsValid() && a.Addr().Is4() {
+			out = append(out, a.Masked())
 		}
 	}
 	return out

@@ -50,7 +50,24 @@ type DNSOptions struct {
 	// TTL of local answers in seconds; default 0, so guests never cache an
 	// address that a restore or destroy is about to change.
 	TTL uint32
+	// Rate is how many queries per second one source address (one VM) may
+	// send, over UDP and TCP together, with bursts of twice that; more are
+	// dropped (UDP) or refused (TCP). Default DefaultDNSRate.
+	Rate float64
+	// Concurrency bounds the work of all sources together: at most this
+	// many UDP queries are answered at once (each may hold a socket to an
+	// upstream for up to Timeout per upstream) and at most this many TCP
+	// connections are open; one source gets at most a quarter of either.
+	// What does not fit is dropped (UDP) or closed (TCP). Default
+	// DefaultDNSConcurrency.
+	Concurrency int
 }
+
+// Defaults of DNSOptions.Rate and DNSOptions.Concurrency.
+const (
+	DefaultDNSRate        = 100
+	DefaultDNSConcurrency = 64
+)
 
 // DNSServer answers "<vm>.<Domain>" A queries through a Resolver, scoped
 // to the asking VM's owner, returns NXDOMAIN for unknown names of that
@@ -67,8 +84,14 @@ type DNSServer struct {
 	ctx    context.Context // cancelled by Close
 	cancel context.CancelFunc
 
+	// limits admits queries and TCP connections per source; busy bounds
+	// the UDP queries being answered.
+	limits *sourceLimiter
+	busy   chan struct{}
+
 	mu      sync.Mutex
 	servers []*dns.Server
+	pcs     []net.PacketConn
 	wg      sync.WaitGroup
 	closed  bool
 	self    []string
@@ -101,6 +124,15 @@ func NewDNSServer(r Resolver, opts DNSOptions, logger *slog.Logger) (*DNSServer,
 	if s.timeout <= 0 {
 		s.timeout = 2 * time.Second
 	}
+	rate, conc := opts.Rate, opts.Concurrency
+	if rate <= 0 {
+		rate = DefaultDNSRate
+	}
+	if conc <= 0 {
+		conc = DefaultDNSConcurrency
+	}
+	s.limits = newSourceLimiter(rate, conc)
+	s.busy = make(chan struct{}, conc)
 	var d net.Dialer
 	s.dial = d.DialContext
 	s.upstreams = opts.Upstreams
@@ -157,10 +189,15 @@ func (s *DNSServer) Serve(pc net.PacketConn, ln net.Listener) error {
 		started = append(started, ch)
 	}
 	if pc != nil {
-		start(&dns.Server{PacketConn: pc, Net: "udp"})
+		s.pcs = append(s.pcs, pc)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.serveUDP(pc)
+		}()
 	}
 	if ln != nil {
-		start(&dns.Server{Listener: ln, Net: "tcp"})
+		start(&dns.Server{Listener: &limitListener{Listener: ln, limits: s.limits}, Net: "tcp"})
 	}
 	var errs []error
 	for _, ch := range started {
@@ -180,12 +217,15 @@ func (s *DNSServer) Close() error {
 		return nil
 	}
 	s.closed = true
-	servers := s.servers
+	servers, pcs := s.servers, s.pcs
 	s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var errs []error
 	s.cancel()
+	for _, pc := range pcs {
+		pc.Close()
+	}
 	for _, srv := range servers {
 		if err := srv.ShutdownContext(ctx); err != nil && !strings.Contains(err.Error(), "not started") {
 			errs = append(errs, err)
@@ -207,25 +247,86 @@ func askerOf(w dns.ResponseWriter) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
+// serveUDP reads queries from pc until it is closed. One goroutine reads;
+// a query its source may send (see sourceLimiter) is answered by a
+// goroutine of its own while fewer than Concurrency are busy, and dropped
+// otherwise, so a flood costs neither goroutines nor upstream sockets
+// beyond those bounds.
+func (s *DNSServer) serveUDP(pc net.PacketConn) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	buf := make([]byte, dns.MaxMsgSize)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if !errors.Is(err, net.ErrClosed) {
+				s.log.Warn("dns: stopped serving udp", "addr", pc.LocalAddr().String(), "err", err)
+			}
+			return
+		}
+		ua, ok := from.(*net.UDPAddr)
+		if !ok || n < 12 || buf[2]&0x80 != 0 { // too short for a header, or a response
+			continue
+		}
+		src := ua.AddrPort().Addr().Unmap()
+		if !s.limits.admit(src) {
+			continue
+		}
+		select {
+		case s.busy <- struct{}{}:
+		default:
+			s.limits.done(src)
+			continue
+		}
+		b := append([]byte(nil), buf[:n]...)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-s.busy }()
+			defer s.limits.done(src)
+			req := new(dns.Msg)
+			if req.Unpack(b) != nil {
+				return
+			}
+			if out, err := s.answer(src, true, req).Pack(); err == nil {
+				_, _ = pc.WriteTo(out, from)
+			}
+		}()
+	}
+}
+
+// handle answers one query of a TCP connection (the miekg/dns handler).
 func (s *DNSServer) handle(w dns.ResponseWriter, req *dns.Msg) {
 	asker, udp := askerOf(w)
-	ctx := s.ctx
+	if !s.limits.admit(asker) {
+		resp := new(dns.Msg)
+		resp.SetRcode(req, dns.RcodeRefused)
+		_ = w.WriteMsg(resp)
+		return
+	}
+	defer s.limits.done(asker)
+	_ = w.WriteMsg(s.answer(asker, udp, req))
+}
 
+// answer returns the reply to req from asker, over UDP or TCP.
+func (s *DNSServer) answer(asker netip.Addr, udp bool, req *dns.Msg) *dns.Msg {
+	ctx := s.ctx
 	if req.Opcode != dns.OpcodeQuery || len(req.Question) != 1 {
 		resp := new(dns.Msg)
 		resp.SetRcode(req, dns.RcodeNotImplemented)
 		if len(req.Question) != 1 {
 			resp.SetRcode(req, dns.RcodeFormatError)
 		}
-		_ = w.WriteMsg(resp)
-		return
+		return resp
 	}
 	q := req.Question[0]
 	name := strings.ToLower(q.Name)
 	if name == s.zone || strings.HasSuffix(name, "."+s.zone) {
-		resp := s.answerLocal(ctx, asker, req, name)
-		_ = w.WriteMsg(resp)
-		return
+		return s.answerLocal(ctx, asker, req, name)
 	}
 	resp := s.forward(ctx, req)
 	if resp == nil {
@@ -237,7 +338,7 @@ func (s *DNSServer) handle(w dns.ResponseWriter, req *dns.Msg) {
 	if udp {
 		resp.Truncate(udpSize(req))
 	}
-	_ = w.WriteMsg(resp)
+	return resp
 }
 
 func udpSize(req *dns.Msg) int {

@@ -35,7 +35,9 @@
 // VM may reach the host only on the gateway's DNS port (plus any
 // Config.GatewayTCPPorts); VM-to-VM packets routed through the gateway get
 // the same peer check as bridged ones; link-local and cloud metadata
-// addresses (DefaultBlockedNets, Config.BlockedNets) are dropped;
+// addresses (DefaultBlockedNets, Config.BlockedNets) are dropped; so are
+// the private ranges of DefaultPrivateNets (the LAN: RFC 1918 and
+// 100.64/10) except what Config.AllowedNets opens;
 // everything else is accepted and masqueraded out of any non-bridge
 // interface, with TCP MSS clamped to the route's MTU. Nothing may enter a
 // VM from outside except replies.

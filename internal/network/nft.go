@@ -25,7 +25,9 @@ import (
 //	  chain forward     MSS clamping; VM → VM routed through the gateway
 //	                    (or bridged, when br_netfilter hands bridged IPv4 to
 //	                    the IP hooks): peers only; VM → blocked ranges: drop;
-//	                    VM → elsewhere: accept; to VMs: replies only
+//	                    VM → allowed nets: accept; VM → private ranges
+//	                    (RFC 1918, 100.64/10): drop; VM → elsewhere:
+//	                    accept; to VMs: replies only
 //	  chain output      no ICMP redirects to VMs
 //	  chain postrouting masquerade of the pool out of any non-bridge interface
 //
@@ -376,6 +378,13 @@ func (m *Manager) queueRuleset(c *nftables.Conn, fresh bool) error {
 	add(inFwd, join(fromBr, toBr, one(verdictDrop)))
 	for _, b := range cfg.blockedNets() {
 		add(inFwd, join(fromBr, isIPv4(), ipIn(16, b), one(verdictDrop)))
+	}
+	// Private ranges (the LAN) are closed but for what AllowedNets opens.
+	for _, a := range cfg.allowedNets() {
+		add(inFwd, join(fromBr, isIPv4(), ipIn(16, a), one(verdictAccept)))
+	}
+	for _, p := range DefaultPrivateNets {
+		add(inFwd, join(fromBr, isIPv4(), ipIn(16, p), one(verdictDrop)))
 	}
 	add(inFwd, join(fromBr, one(verdictAccept)))
 	add(inFwd, join(toBr, established, one(verdictAccept)))

@@ -26,13 +26,33 @@ func (s *Server) hConsole(w http.ResponseWriter, r *http.Request) error {
 	return s.serveExec(w, r, true)
 }
 
+// Read limits of an exec WebSocket: the first message (the request, with
+// its argv and environment) and every later one (stdin data, controls).
+const (
+	maxExecRequest = 4 << 20
+	maxStreamMsg   = 256 << 10
+)
+
 // serveExec runs one process over a WebSocket. Errors before the upgrade are
 // ordinary HTTP errors; after it they are sent as an error message.
+//
+// What a session holds is bounded: stdin is handed from the WebSocket
+// reader to the process one message (at most maxStreamMsg) at a time, and
+// the reader stops reading while the process's input is full (the agent's
+// flow-control window), so a process that does not read its stdin holds
+// up the client instead of the server's memory. Output has the agent's
+// window. A user has at most [limits] sessions_per_user sessions open.
 func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool) error {
-	g, err := s.mgr.Guest(r.Context(), userOf(r.Context()), vmRef(r))
+	u := userOf(r.Context())
+	g, err := s.mgr.Guest(r.Context(), u, vmRef(r))
 	if err != nil {
 		return err
 	}
+	release, err := s.sessions.acquire(u)
+	if err != nil {
+		return err
+	}
+	defer release()
 	// The stream is not bounded by write_timeout: the upgrade goes to the
 	// connection's own writer, and the hijacked connection keeps the
 	// deadlines serveRoute cleared. Pings and a timeout on each write
@@ -44,7 +64,7 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 	if err != nil {
 		return nil // Accept already wrote the response.
 	}
-	ws.SetReadLimit(4 << 20)
+	ws.SetReadLimit(maxExecRequest)
 	// The WebSocket closes its connection when the context of a read or
 	// write ends, so the stream's context does not end with the request's
 	// (at a shutdown): the shutdown is told to the client first.
@@ -99,10 +119,13 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		proc.Signal(context.Background(), syscall.SIGKILL)
 		return nil
 	}
+	ws.SetReadLimit(maxStreamMsg)
 
-	// Client → process. Stdin goes through its own goroutine: a process
-	// that does not read its input must not hold up signals and resizes.
-	stdinCh := make(chan []byte, 16)
+	// Client → process. Stdin goes through its own goroutine, so signals
+	// and resizes sent before the input fills are not held up by a
+	// process that reads slowly; once the writer is blocked on the
+	// process, the reader waits for it (backpressure to the client).
+	stdinCh := make(chan []byte) // one message held by each side, no queue
 	go func() {
 		stdin := proc.Stdin()
 		defer stdin.Close()

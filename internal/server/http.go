@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/unixgroup"
 )
 
 type ctxKey int
@@ -110,6 +112,7 @@ func (s *Server) routes() []route {
 		{"DELETE", "/v1/users/{user}", true, true, s.hRemoveUser},
 		{"GET", "/v1/users", true, false, s.hListUsers},
 		{"POST", "/v1/users", true, true, s.hCreateUser},
+		{"POST", "/v1/users/local", true, true, s.hAddLocalUser},
 		{"POST", "/v1/users/{user}/token", true, true, s.hRotateToken},
 		{"PUT", "/v1/users/{user}/quota", true, true, s.hSetQuota},
 	}
@@ -227,6 +230,13 @@ func (s *Server) authenticate(r *http.Request, local bool) (*identity, error) {
 			name = "root"
 		} else if uu, err := user.LookupId(strconv.FormatInt(uid, 10)); err == nil {
 			name = uu.Username
+		}
+		// The socket's mode lets only root and socket_group in; the
+		// account database decides too, so that removing an account from
+		// the group (remove-user) takes effect before its next login.
+		if uid != 0 && !unixgroup.IsMember(name, s.cfg.SocketGroup) {
+			return nil, errdefs.WithHint(fmt.Errorf("%w: local user %s (uid %d) is not in group %s, which may use this socket", errdefs.ErrUnauthenticated, name, uid, s.cfg.SocketGroup),
+				"ask the admin to run `noid-server add-user --local "+name+"`, then log in again")
 		}
 		u, err := s.store.EnsureUnixUser(ctx, uid, name)
 		if err != nil {
@@ -387,12 +397,14 @@ func (s *Server) hLogs(w http.ResponseWriter, r *http.Request) error {
 		}
 		tail = n
 	}
-	b, err := s.mgr.Logs(r.Context(), userOf(r.Context()), vmRef(r), tail)
+	rd, err := s.mgr.Logs(r.Context(), userOf(r.Context()), vmRef(r), tail)
 	if err != nil {
 		return err
 	}
+	defer rd.Close()
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	_, err = w.Write(b)
+	// Streamed: at most [limits] serial_log_size, never all in memory.
+	_, err = io.Copy(w, rd)
 	return err
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/manager"
 	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/unixgroup"
 )
 
 // Version is noid-server's version, set at build time with
@@ -52,6 +53,9 @@ type Server struct {
 	metrics     *httpMetrics
 	metricsOnce sync.Once
 	promHandler http.Handler
+
+	// sessions bounds each user's open exec and console sessions.
+	sessions *sessionLimit
 }
 
 // errShuttingDown is the cause of the cancellation of the requests still
@@ -71,7 +75,7 @@ func New(mgr *manager.Manager, log *slog.Logger) *Server {
 	}
 	base, cancel := context.WithCancelCause(context.Background())
 	return &Server{cfg: mgr.Config(), log: log, mgr: mgr, store: mgr.Store(), closed: make(chan struct{}), limiter: newAuthLimiter(),
-		baseCtx: base, cancelBase: cancel, metrics: newHTTPMetrics()}
+		baseCtx: base, cancelBase: cancel, metrics: newHTTPMetrics(), sessions: newSessionLimit(mgr.Config().Limits.SessionsPerUser)}
 }
 
 // Manager is the VM lifecycle the server serves.
@@ -85,6 +89,10 @@ func (s *Server) Manager() *manager.Manager { return s.mgr }
 func (s *Server) Serve(ctx context.Context) error {
 	ul, err := listenUnix(s.cfg.Socket)
 	if err != nil {
+		return err
+	}
+	if err := s.socketAccess(); err != nil {
+		ul.Close()
 		return err
 	}
 	s.log.Info("listening", "socket", s.cfg.Socket)
@@ -160,12 +168,38 @@ func listenUnix(path string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
-	// Every local user may connect; the peer's uid decides who they are.
-	if err := os.Chmod(path, 0o666); err != nil {
+	// Only the owner until socketAccess has run (connecting needs write
+	// permission, which the usual umask already withholds from others).
+	if err := os.Chmod(path, 0o600); err != nil {
 		l.Close()
-		return nil, err
+		return nil, fmt.Errorf("setting the mode of socket %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// socketAccess gives the unix socket to root and the socket_group (mode
+// 0660), or to root alone while that group does not exist: only local
+// users in the group (`noid-server add-user --local`) can connect, and the
+// peer's uid then decides who they are.
+func (s *Server) socketAccess() error {
+	path, group := s.cfg.Socket, s.cfg.SocketGroup
+	gid, ok := unixgroup.Lookup(group)
+	switch {
+	case ok:
+		if err := os.Chown(path, -1, gid); err != nil {
+			return fmt.Errorf("giving socket %s to group %s: %w", path, group, err)
+		}
+		s.log.Info("socket open to root and a group", "socket", path, "group", group, "gid", gid)
+	case os.Geteuid() == 0:
+		if err := os.Chown(path, 0, 0); err != nil {
+			return fmt.Errorf("giving socket %s to root: %w", path, err)
+		}
+		s.log.Info("socket open to root only: socket_group does not exist (`noid-server add-user --local USER` creates it)", "socket", path, "group", group)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		return fmt.Errorf("setting the mode of socket %s: %w", path, err)
+	}
+	return nil
 }
 
 // shutdown stops accepting connections, waits up to timeout for the

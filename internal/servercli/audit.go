@@ -42,8 +42,12 @@ data dir's lock while it reads, so no server starts meanwhile.`,
 			}
 			tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "TIME\tUSER\tACTION\tTARGET\tRESULT\tREQUEST")
+			// Entries are stored escaped; escape again for rows written
+			// before that, so no row can add lines or columns or drive the
+			// terminal.
+			esc := store.EscapeText
 			for _, a := range entries {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.At.Format(time.RFC3339), a.User, a.Action, a.Target, a.Result, a.RequestID)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.At.Format(time.RFC3339), esc(a.User), esc(a.Action), esc(a.Target), esc(a.Result), esc(a.RequestID))
 			}
 			return tw.Flush()
 		},

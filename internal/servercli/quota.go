@@ -101,7 +101,7 @@ the next create, clone or checkpoint. No restart is needed.
 			if err != nil {
 				return err
 			}
-			return printQuota(e, cfg, u.Quota)
+			return printQuota(e, cfg, u)
 		},
 	}
 	for _, f := range flags {
@@ -136,7 +136,10 @@ func quotaFields(q *api.Quota) []**int64 {
 	return []**int64{&q.MaxVMs, &q.MaxVCPUs, &q.MaxMemoryMiB, &q.MaxCheckpointBytes}
 }
 
-func printQuota(e *env, cfg *config.Config, q api.Quota) error {
+// printQuota prints u's limits and where each comes from: the user's own,
+// or the config's (for admins, only what the config sets).
+func printQuota(e *env, cfg *config.Config, u *api.User) error {
+	q := u.Quota
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LIMIT\tVALUE\tFROM")
 	row := func(name string, own *int64, def int64) {
@@ -150,9 +153,10 @@ func printQuota(e *env, cfg *config.Config, q api.Quota) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", name, s, from)
 	}
-	row("max_vms", q.MaxVMs, int64(cfg.Quota.MaxVMs))
-	row("max_vcpus", q.MaxVCPUs, int64(cfg.Quota.MaxVCPUs))
-	row("max_memory_mib", q.MaxMemoryMiB, int64(cfg.Quota.MaxMemoryMiB))
-	row("max_checkpoint_bytes", q.MaxCheckpointBytes, cfg.Quota.MaxCheckpointBytes)
+	def := cfg.QuotaLimitsFor(u.Admin)
+	row("max_vms", q.MaxVMs, int64(def.MaxVMs))
+	row("max_vcpus", q.MaxVCPUs, int64(def.MaxVCPUs))
+	row("max_memory_mib", q.MaxMemoryMiB, int64(def.MaxMemoryMiB))
+	row("max_checkpoint_bytes", q.MaxCheckpointBytes, def.MaxCheckpointBytes)
 	return tw.Flush()
 }

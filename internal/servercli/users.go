@@ -33,15 +33,29 @@ func withStore(ctx context.Context, cfg *config.Config, fn func(*store.Store) er
 }
 
 func newAddUserCmd(e *env) *cobra.Command {
-	var admin bool
+	var admin, local bool
 	cmd := &cobra.Command{
-		Use:     "add-user <name>",
-		Short:   "Add an API user and print its token (shown once)",
-		Long:    "Add a token user and print its token. Only its hash is kept, so it is shown this once.\n\n" + viaServerHelp,
-		Example: `  noid-server add-user alice`,
-		Args:    cobra.ExactArgs(1),
+		Use:   "add-user <name>",
+		Short: "Add an API user and print its token (shown once), or let a local account use the socket",
+		Long: `Add a token user and print its token. Only its hash is kept, so it is shown this once.
+
+With --local, <name> is a local unix account instead: it joins socket_group (the
+group the unix socket is open to besides root; created if missing), so that it
+can use the socket after its next login, and gets a user of its own, named
+after the account. remove-user takes it out of the group again.
+
+` + viaServerHelp,
+		Example: `  noid-server add-user alice
+  noid-server add-user --local bob`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
+			if local {
+				if admin {
+					return &usageError{fmt.Errorf("--admin and --local do not go together: root is the only local admin")}
+				}
+				return e.addLocalUser(cmd.Context(), name)
+			}
 			if err := api.ValidateUserName(name); err != nil {
 				return err
 			}
@@ -58,7 +72,37 @@ func newAddUserCmd(e *env) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVar(&admin, "admin", false, "make the user an admin")
+	cmd.Flags().BoolVar(&local, "local", false, "let the local unix account <name> use the unix socket (instead of a token user)")
 	return cmd
+}
+
+// addLocalUser lets the local account name use the unix socket, through
+// the server or (holding the data dir's lock) on the database.
+func (e *env) addLocalUser(ctx context.Context, name string) error {
+	cfg, err := e.config()
+	if err != nil {
+		return err
+	}
+	var u *api.User
+	err = e.withDataDir(ctx, cfg, "add-user", func(ctx context.Context, c *client.Client) error {
+		u, err = c.AddLocalUser(ctx, name)
+		return err
+	}, func(ctx context.Context) error {
+		return withStore(ctx, cfg, func(st *store.Store) error {
+			su, err := server.AddLocalUser(ctx, st, cfg.SocketGroup, name)
+			if err == nil {
+				au := server.UserInfo(su)
+				u = &au
+			}
+			return err
+		})
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "%s (uid %d) may use %s as a member of group %s, from its next login (or `newgrp %s`); its noid user is %s\n",
+		name, *u.UnixUID, cfg.Socket, cfg.SocketGroup, cfg.SocketGroup, u.Name)
+	return nil
 }
 
 // listUsers returns every user, from the server or (holding the lock) the

@@ -166,12 +166,15 @@ type AuditEntry struct {
 }
 
 // Audit appends an entry to the audit log. It must never be given secrets.
+// Its fields can come from the caller (the target is a decoded path value,
+// the request id a header), so each is stored escaped (escapeStored): no
+// newline, tab or terminal escape sequence reaches the log.
 func (s *Store) Audit(ctx context.Context, e AuditEntry) error {
 	if e.At.IsZero() {
 		e.At = time.Now().UTC()
 	}
 	_, err := s.db.ExecContext(ctx, `INSERT INTO audit(at, user_name, action, target, result, request_id) VALUES (?,?,?,?,?,?)`,
-		fmtTime(e.At), e.User, e.Action, e.Target, e.Result, e.RequestID)
+		fmtTime(e.At), escapeStored(e.User), escapeStored(e.Action), escapeStored(e.Target), escapeStored(e.Result), escapeStored(e.RequestID))
 	return err
 }
 

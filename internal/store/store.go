@@ -42,6 +42,9 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("creating database dir: %w", err)
 	}
+	if err := privateFiles(path); err != nil {
+		return nil, err
+	}
 	dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)&_txlock=immediate"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
@@ -54,10 +57,6 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("migrating database %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("securing database %s: %w", path, err)
 	}
 	rd, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)")
 	if err != nil {
@@ -90,6 +89,24 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		conns = append(conns, c)
 	}
 	return s, nil
+}
+
+// privateFiles creates the database file with mode 0600 if it is missing
+// and gives it, and the -wal and -shm files an older noid left, mode 0600.
+// SQLite creates the -wal and -shm files with the mode of the database
+// file, so they are 0600 too from then on.
+func privateFiles(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating database %s: %w", path, err)
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("securing database file %s: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // Close closes the database.

@@ -328,3 +328,48 @@ func TestReadPoolOpenAtStart(t *testing.T) {
 		t.Errorf("open files: %d before the reads, %d after", before, after)
 	}
 }
+
+// TestFileModes (issue 18, finding 11): the database and its -wal and
+// -shm files are 0600, for a new database and for one whose files an
+// older noid left readable.
+func TestFileModes(t *testing.T) {
+	check := func(path string) {
+		t.Helper()
+		for _, p := range []string{path, path + "-wal", path + "-shm"} {
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m := fi.Mode().Perm(); m != 0o600 {
+				t.Errorf("%s has mode %04o, want 0600", filepath.Base(p), m)
+			}
+		}
+	}
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "noid.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(path)
+	s.Close()
+	// An existing database with readable files; keep the -wal and -shm
+	// around (as a crashed server does) by not closing the first store.
+	path = filepath.Join(t.TempDir(), "noid.db")
+	s1, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s1.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if err := os.Chmod(p, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s2, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	check(path)
+}

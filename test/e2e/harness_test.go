@@ -9,13 +9,17 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -45,7 +49,9 @@ type Env struct {
 	extraCf string
 	// ServerEnv is added to the server's environment on the next Start.
 	ServerEnv []string
-	netNS     netns.NsHandle // when open, the server (and its VMMs) run in it
+	// SocketGroup is the server's socket_group when the test chose one.
+	SocketGroup string
+	netNS       netns.NsHandle // when open, the server (and its VMMs) run in it
 }
 
 // Option adjusts the server config.
@@ -53,6 +59,17 @@ type Option func(*Env)
 
 // WithConfig appends raw TOML to the config.
 func WithConfig(toml string) Option { return func(e *Env) { e.extraCf += toml + "\n" } }
+
+// WithSocketGroup gives the server a socket_group of its own (created by
+// `noid-server add-user --local`, deleted with the test), so that tests
+// that let other local users in leave the host's groups as they were.
+func WithSocketGroup(t *testing.T) Option {
+	b := make([]byte, 4)
+	rand.Read(b)
+	g := "noid-e2e-" + hex.EncodeToString(b)
+	t.Cleanup(func() { exec.Command("groupdel", g).Run() })
+	return func(e *Env) { e.extraCf = "socket_group = " + strconv.Quote(g) + "\n" + e.extraCf; e.SocketGroup = g }
+}
 
 // WithNetNS runs noid-server, and so every VMM it starts, inside the
 // network namespace ns instead of the host's. The caller owns ns and keeps
@@ -373,4 +390,46 @@ func (e *Env) WaitCloneSpare(within time.Duration) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// curlAs sends GET path to the server's socket with curl, run as uid (gid
+// = uid) with the supplementary groups given, and returns curl's output.
+func (e *Env) curlAs(t *testing.T, uid uint32, groups []uint32, path string) (string, error) {
+	t.Helper()
+	cmd := exec.Command("curl", "-s", "--unix-socket", e.Socket, "http://noid"+path)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: groups}}
+	out, err := cmd.Output()
+	return string(out), err
+}
+
+// loginGroups are the supplementary groups a login of the account name
+// gets from the account database, as a session started after an
+// add-user --local has them.
+func loginGroups(t *testing.T, name string) []uint32 {
+	t.Helper()
+	u, err := user.Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := u.GroupIds()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []uint32
+	for _, id := range ids {
+		n, _ := strconv.ParseUint(id, 10, 32)
+		out = append(out, uint32(n))
+	}
+	return out
+}
+
+// socketGID is the gid of the server's socket_group, which must exist.
+func socketGID(t *testing.T, e *Env) uint32 {
+	t.Helper()
+	g, err := user.LookupGroup(e.SocketGroup)
+	if err != nil {
+		t.Fatalf("socket group %q: %v", e.SocketGroup, err)
+	}
+	n, _ := strconv.ParseUint(g.Gid, 10, 32)
+	return uint32(n)
 }

@@ -83,7 +83,7 @@ func (e *Env) vmDisk(t *testing.T, id string) string {
 // uid, seccomp, its cgroup with the memory and pids limits, no access to
 // another VM's disk, and the cgroup gone after destroy.
 func TestSandbox(t *testing.T) {
-	e := NewEnv(t)
+	e := NewEnv(t, WithSocketGroup(t))
 	if !strings.Contains(e.Log(), "each VMM runs as a uid of its own") || !strings.Contains(e.Log(), "each VMM gets a cgroup") {
 		t.Fatalf("the server did not turn the sandbox on:\n%s", e.Log())
 	}
@@ -162,21 +162,21 @@ func TestSandbox(t *testing.T) {
 		if err := os.Chmod(e.Dir, 0o711); err != nil {
 			t.Fatal(err)
 		}
-		whoami := func(uid uint32) string {
-			cmd := exec.Command("curl", "-s", "--unix-socket", e.Socket, "http://noid/v1/whoami")
-			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
-			out, err := cmd.Output()
-			if err != nil {
-				t.Fatalf("curl as %d: %v", uid, err)
-			}
-			return string(out)
+		// The socket is root's and its group's: a VMM uid cannot connect.
+		if out, err := e.curlAs(t, ua, nil, "/v1/whoami"); err == nil {
+			t.Errorf("the vmm uid %d connected to the socket: %s", ua, out)
 		}
-		if out := whoami(ua); !strings.Contains(out, "unauthenticated") || !strings.Contains(out, "sandbox") {
-			t.Errorf("whoami as the vmm uid %d: %s", ua, out)
+		// Control: an ordinary local account that the admin let in (it
+		// joins the socket's group, which its next login carries).
+		if r := e.ServerCLI("add-user", "--local", "nobody"); r.Code != 0 {
+			t.Fatalf("add-user --local nobody: %d %s%s", r.Code, r.Stdout, r.Stderr)
 		}
-		// Control: an ordinary local uid is let in (as a user of its own).
-		if out := whoami(65534); !strings.Contains(out, `"user"`) || strings.Contains(out, "unauthenticated") {
-			t.Errorf("whoami as uid 65534: %s", out)
+		if out, err := e.curlAs(t, 65534, loginGroups(t, "nobody"), "/v1/whoami"); err != nil || !strings.Contains(out, `"user"`) || strings.Contains(out, "unauthenticated") {
+			t.Errorf("whoami as nobody after add-user --local: %v %s", err, out)
+		}
+		// A VMM uid given the socket's group (by mistake) is still refused.
+		if out, _ := e.curlAs(t, ua, []uint32{socketGID(t, e)}, "/v1/whoami"); !strings.Contains(out, "unauthenticated") || !strings.Contains(out, "sandbox") {
+			t.Errorf("whoami as the vmm uid %d in the socket's group: %s", ua, out)
 		}
 	})
 

@@ -64,7 +64,7 @@ func TestUserAdminAPI(t *testing.T) {
 		t.Errorf("set-quota: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 	r = e.ServerCLI("set-quota", "alice", "--max-vms", "default")
-	if r.Code != 0 || !regexp.MustCompile(`max_vms\s+unlimited\s+config`).MatchString(r.Stdout) {
+	if r.Code != 0 || !regexp.MustCompile(`max_vms\s+20\s+config`).MatchString(r.Stdout) { // the default [quota] max_vms
 		t.Errorf("set-quota back to the default: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 	us, err := e.Client.ListUsers(c)

@@ -53,13 +53,25 @@ type JailerMode int
 
 // The jailer modes.
 const (
-	// JailerAuto uses the jailer when its binary exists.
+	// JailerAuto uses the jailer when its binary exists. Without one it
+	// runs Firecracker directly only when the server is not root: as root,
+	// Check and every VMM start fail with ErrNoJailer, because Firecracker
+	// would run as root without a chroot.
 	JailerAuto JailerMode = iota
 	// JailerAlways requires the jailer; Check fails without it.
 	JailerAlways
 	// JailerNever runs Firecracker directly.
 	JailerNever
+	// JailerIfPresent uses the jailer when its binary exists and runs
+	// Firecracker directly otherwise, as root too (JailerAuto before it
+	// failed closed).
+	JailerIfPresent
 )
+
+// ErrNoJailer is wrapped by the errors of Check and of VMM starts under
+// JailerAuto when the server runs as root and there is no jailer. It wraps
+// errdefs.ErrUnavailable.
+var ErrNoJailer = fmt.Errorf("firecracker would run as root without its jailer: %w", errdefs.ErrUnavailable)
 
 // Config configures the Firecracker backend. The zero value works: it uses
 // DefaultBinary, the jailer next to it if present, diff snapshots, and the
@@ -242,8 +254,9 @@ const (
 )
 
 // Check verifies that Firecracker can run here: the binary exists and is a
-// supported version, the jailer exists when required, and KVM is usable
-// (the device opens and a VM can be created). Its error is one line that
+// supported version, the jailer exists when required, KVM is usable (the
+// device opens and a VM can be created), and, under JailerAuto as root,
+// there is a jailer (else ErrNoJailer). Its error is one line that
 // says what is missing, and wraps errdefs.ErrUnavailable.
 func (b *Backend) Check(ctx context.Context) error {
 	unavailable := func(format string, args ...any) error {
@@ -272,7 +285,7 @@ func (b *Backend) Check(ctx context.Context) error {
 	if err := checkKVM(b.cfg.KVMDevice); err != nil {
 		return unavailable("%v", err)
 	}
-	return nil
+	return b.unjailedRoot(!b.useJailer())
 }
 
 // checkKVM opens the KVM device and creates (and drops) a VM.
@@ -316,6 +329,16 @@ func (b *Backend) useJailer() bool {
 	default:
 		return b.haveJailer()
 	}
+}
+
+// unjailedRoot refuses, under JailerAuto, to start a Firecracker that is
+// not jailed while the server runs as root.
+func (b *Backend) unjailedRoot(unjailed bool) error {
+	if !unjailed || b.cfg.JailerMode != JailerAuto || os.Geteuid() != 0 {
+		return nil
+	}
+	return fmt.Errorf("%w (no jailer at %s, so it would get no chroot and no uid of its own): install the jailer next to firecracker, "+
+		"or let Firecracker run without it", ErrNoJailer, b.cfg.Jailer)
 }
 
 // bootArgs is the kernel command line for spec.

@@ -1,6 +1,7 @@
 // Package firecracker is noid's Firecracker backend: a vmm.Backend that runs
 // each VM in its own Firecracker process (under the jailer when it is
-// installed) and drives it through Firecracker's HTTP API on a unix socket,
+// installed; as root, not at all without it unless the JailerMode says so)
+// and drives it through Firecracker's HTTP API on a unix socket,
 // with a small hand-written client (Client) and the vsock host-side
 // handshake (DialVsock) for the guest agent.
 //

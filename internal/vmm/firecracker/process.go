@@ -49,6 +49,9 @@ func (b *Backend) command(spec vmm.Spec, l layout) *exec.Cmd {
 // start launches the VMM process for spec, detached from the server (own
 // session, stdio on files) so that it outlives it, and waits for its API.
 func (b *Backend) start(ctx context.Context, spec vmm.Spec, l layout) (*instance, error) {
+	if err := b.unjailedRoot(!l.Jailed); err != nil {
+		return nil, err
+	}
 	serial := spec.SerialLog
 	if serial == "" {
 		serial = os.DevNull
