@@ -117,7 +117,11 @@ func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t
 		if err != nil {
 			return t, err
 		}
-		set, err = i.qmp.AddFD(ctx, f, set, filepath.Base(newTopPath))
+		opaque := filepath.Base(newTopPath)
+		if flag == os.O_RDWR {
+			opaque = writableOpaque
+		}
+		set, err = i.qmp.AddFD(ctx, f, set, opaque)
 		f.Close()
 		if err != nil {
 			return t, fmt.Errorf("passing the new disk top to qemu: %w", err)
@@ -245,6 +249,17 @@ func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t
 		return t, fmt.Errorf("reading the migration stream: %w", r.err)
 	}
 	t.Copy = time.Since(start) - t.Pause
+	// The old top is frozen: QEMU keeps only read-only fds of it, and it
+	// goes back to root (a confined VMM's uid owned it while it was the
+	// top). It is shared with the checkpoint from here on.
+	if err := i.removeWritableFDs(ctx, set); err != nil {
+		return t, fmt.Errorf("closing qemu's writable fd of the frozen disk layer: %w", err)
+	}
+	if old := c[len(c)-1]; os.Geteuid() == 0 {
+		if err := os.Chown(old, 0, 0); err != nil {
+			return t, fmt.Errorf("giving the frozen disk layer %s to root: %w", old, err)
+		}
+	}
 	// The disk as it was in the pause: the chain, its old top frozen.
 	for _, l := range c {
 		name := filepath.Base(l)
@@ -265,6 +280,39 @@ func (i *Instance) Checkpoint(ctx context.Context, dir string, cp vmm.Copier) (t
 	}
 	t.Total = time.Since(start)
 	return t, nil
+}
+
+// removeWritableFDs removes from QEMU's fd sets every read-write fd of a
+// disk layer (opaque writableOpaque) except those in the set keep, the
+// current top's. QEMU closes a removed fd at once while the VM runs (the
+// block layer already reopened the frozen layer read-only, from the set's
+// read-only fd), so a compromised VMM cannot write a layer that
+// checkpoints and clones share.
+func (i *Instance) removeWritableFDs(ctx context.Context, keep int) error {
+	var sets []struct {
+		ID  int `json:"fdset-id"`
+		FDs []struct {
+			FD     int    `json:"fd"`
+			Opaque string `json:"opaque"`
+		} `json:"fds"`
+	}
+	if err := i.qmp.Execute(ctx, "query-fdsets", nil, &sets); err != nil {
+		return err
+	}
+	for _, s := range sets {
+		if s.ID == keep {
+			continue
+		}
+		for _, fd := range s.FDs {
+			if fd.Opaque != writableOpaque {
+				continue
+			}
+			if err := i.qmp.Execute(ctx, "remove-fd", map[string]any{"fdset-id": s.ID, "fd": fd.FD}, nil); err != nil {
+				return fmt.Errorf("removing fd %d of fd set %d: %w", fd.FD, s.ID, err)
+			}
+		}
+	}
+	return nil
 }
 
 // contAfterMigration resumes the vCPUs once a migration has completed.

@@ -180,7 +180,17 @@ type argOpts struct {
 }
 
 // fdSet is an inherited fd in an fd set.
-type fdSet struct{ fd, set int }
+type fdSet struct {
+	fd, set int
+	// writable marks the read-write fd of a disk top (opaque
+	// writableOpaque), which a checkpoint removes once the top is frozen.
+	writable bool
+}
+
+// writableOpaque is the opaque string of the read-write fd of a disk top in
+// its fd set: the fd that removeWritableFDs takes away from QEMU once a
+// checkpoint has frozen that top.
+const writableOpaque = "noid-rw"
 
 // rootNode is the node name of the disk's writable top when QEMU starts;
 // a checkpoint puts a new top over it, named topNodePrefix plus a number.
@@ -272,7 +282,11 @@ func args(spec vmm.Spec, f VMFiles, incoming bool, o argOpts) []string {
 		"-append", cmdline,
 	}
 	for _, s := range o.fdSets {
-		a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", s.fd, s.set))
+		opt := fmt.Sprintf("fd=%d,set=%d", s.fd, s.set)
+		if s.writable {
+			opt += ",opaque=" + writableOpaque
+		}
+		a = append(a, "-add-fd", opt)
 	}
 	a = append(a, blockdevs(f.Disks)...)
 	a = append(a,

@@ -230,7 +230,7 @@ func (c *confinement) passFiles(spec vmm.Spec) error {
 				return err
 			}
 			add(f)
-			c.fdSets = append(c.fdSets, fdSet{fd: firstExtraFD + len(c.files) - 1, set: set})
+			c.fdSets = append(c.fdSets, fdSet{fd: firstExtraFD + len(c.files) - 1, set: set, writable: true})
 		}
 		if err := readOnly(); err != nil {
 			return err

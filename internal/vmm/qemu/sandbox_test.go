@@ -311,6 +311,67 @@ func TestConfinement(t *testing.T) {
 		t.Logf("threads: %s", procStatus(t, a.Pid())["Threads"])
 	})
 
+	t.Run("frozen layers", func(t *testing.T) {
+		// Two checkpoints freeze the first top and then the second: QEMU
+		// keeps a writable fd of the current top only, and the frozen
+		// layers go back to root, so the VMM's uid can write none of
+		// what checkpoints and clones share.
+		cp := &storage.Copier{}
+		for n := range 2 {
+			snap := filepath.Join(root, fmt.Sprintf("cp%d", n))
+			if err := os.Mkdir(snap, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			_, err := a.Checkpoint(ctx, snap, cp)
+			cancel()
+			if err != nil {
+				t.Fatalf("checkpoint %d: %v", n, err)
+			}
+		}
+		c, err := chain(specA.Dir)
+		if err != nil || len(c) != 4 {
+			t.Fatalf("a's disk chain after two checkpoints: %v %v", c, err)
+		}
+		top := c[len(c)-1]
+		writable := map[string]int{}
+		fds, _ := os.ReadDir("/proc/" + strconv.Itoa(a.Pid()) + "/fd")
+		for _, fd := range fds {
+			dst, _ := os.Readlink("/proc/" + strconv.Itoa(a.Pid()) + "/fd/" + fd.Name())
+			info, err := os.ReadFile("/proc/" + strconv.Itoa(a.Pid()) + "/fdinfo/" + fd.Name())
+			if err != nil {
+				continue
+			}
+			var flags int64
+			for _, line := range strings.Split(string(info), "\n") {
+				if v, ok := strings.CutPrefix(line, "flags:"); ok {
+					flags, _ = strconv.ParseInt(strings.TrimSpace(v), 8, 64)
+				}
+			}
+			if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+				writable[dst]++
+			}
+		}
+		if writable[top] == 0 {
+			t.Errorf("qemu holds no writable fd of its top %s: %v", top, writable)
+		}
+		for _, l := range c[:len(c)-1] {
+			if writable[l] > 0 {
+				t.Errorf("qemu holds %d writable fds of the frozen layer %s", writable[l], l)
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(l, &st); err != nil {
+				t.Fatal(err)
+			}
+			if st.Uid != 0 || st.Gid != 0 {
+				t.Errorf("frozen layer %s owned by %d:%d, want root", l, st.Uid, st.Gid)
+			}
+		}
+		if out := agentRun(t, a, "sh", "-c", "echo after > /root/y && sync && cat /root/y"); out != "after\n" {
+			t.Errorf("exec in a after the checkpoints: %q", out)
+		}
+	})
+
 	t.Run("command line", func(t *testing.T) {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(a.Pid()) + "/cmdline")
 		if err != nil {
