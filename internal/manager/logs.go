@@ -162,8 +162,12 @@ func readLogTail(path string, n int64) ([]byte, error) {
 
 // Logs returns a reader of up to tail bytes of the newest part of the VM's
 // serial console log; tail 0 means all of it, which is never more than
-// [limits] serial_log_size. The caller closes it.
+// [limits] serial_log_size. The caller closes it. See Owner for name.
 func (m *Manager) Logs(ctx context.Context, u *store.User, name string, tail int64) (io.ReadCloser, error) {
+	u, name, err := m.Owner(ctx, u, name)
+	if err != nil {
+		return nil, err
+	}
 	v, err := m.store.GetVM(ctx, u.ID, name)
 	if err != nil {
 		return nil, err

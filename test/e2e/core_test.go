@@ -325,7 +325,7 @@ func TestCoreBadInput(t *testing.T) {
 		{[]string{"exec", "nope", "--", "true"}, 1, "not found"},
 		{[]string{"destroy", "nope"}, 1, "not found"},
 		{[]string{"exec"}, 2, "needs a VM name"},
-		{[]string{"exec", "ok", "-e", "NOEQUALS", "--", "true"}, 2, "KEY=VALUE"},
+		{[]string{"exec", "ok", "-e", "=nokey", "--", "true"}, 2, "KEY=VALUE"},
 	}
 	for _, c := range cases {
 		r := e.CLI("", c.args...)
