@@ -19,6 +19,7 @@ import (
 	agentclient "github.com/noid-vm/noid/internal/agent/client"
 	"github.com/noid-vm/noid/internal/agent/proto"
 	"github.com/noid-vm/noid/internal/vmm"
+	"github.com/noid-vm/noid/internal/vmm/qemu"
 )
 
 // bootSpec describes one QEMU microvm boot of an image under TCG.
@@ -52,8 +53,9 @@ func bootQEMU(t testing.TB, s bootSpec) bootResult {
 	dir := t.TempDir()
 	serial := filepath.Join(dir, "serial.log")
 	sock := filepath.Join(dir, "agent.sock")
+	fw := qemu.DetectFirmware(context.Background(), "qemu-system-x86_64")
 	args := []string{
-		"-M", "microvm,x-option-roms=off,rtc=on,acpi=on",
+		"-M", "microvm," + fw.MachineOpts() + "rtc=on,acpi=on",
 		"-accel", "tcg", "-cpu", "max", "-m", "256",
 		"-nodefaults", "-no-user-config", "-nographic",
 		"-serial", "file:" + serial,
@@ -65,6 +67,7 @@ func bootQEMU(t testing.TB, s bootSpec) bootResult {
 		"-device", "virtserialport,chardev=agent,name=noid.agent",
 		"-device", "virtio-rng-device",
 	}
+	args = append(args, fw.Args()...)
 	args = append(args, s.Extra...)
 	if s.Timeout == 0 {
 		s.Timeout = 90 * time.Second

@@ -61,6 +61,8 @@ type Backend struct {
 	opts Options
 
 	verOnce sync.Once
+	fwOnce  sync.Once
+	fw      Firmware
 	ver     string
 	verErr  error
 }
@@ -135,7 +137,7 @@ func processName(spec vmm.Spec) string { return "noid-" + spec.ID }
 // sockets the server creates and passes as fds 3 and 4, so they exist
 // before QEMU starts and nobody polls for them.
 func Args(spec vmm.Spec, f VMFiles, incoming bool) []string {
-	return args(spec, f, incoming, argOpts{tapFD: -1})
+	return args(spec, f, incoming, argOpts{tapFD: -1, firmware: qbootFirmware})
 }
 
 // VMFiles are the files QEMU opens for one VM: its disk chain and its RAM
@@ -177,6 +179,8 @@ type argOpts struct {
 	// tbSizeMiB, when set, bounds the TCG translation cache (QEMU 7.2
 	// reserves 1 GiB by default), so that it fits the cgroup's overhead.
 	tbSizeMiB int
+	// firmware is what boots the kernel (see Firmware).
+	firmware Firmware
 }
 
 // fdSet is an inherited fd in an fd set.
@@ -270,7 +274,7 @@ func args(spec vmm.Spec, f VMFiles, incoming bool, o argOpts) []string {
 	}
 	a := []string{
 		"-name", processName(spec) + ",debug-threads=off",
-		"-M", "microvm,x-option-roms=off,rtc=on,acpi=on,pit=on,pic=on,isa-serial=on,memory-backend=" + ramBlockName,
+		"-M", "microvm," + o.firmware.MachineOpts() + "rtc=on,acpi=on,pit=on,pic=on,isa-serial=on,memory-backend=" + ramBlockName,
 		"-m", mem,
 		"-smp", strconv.Itoa(spec.VCPUs),
 		"-object", ram,
@@ -281,6 +285,7 @@ func args(spec vmm.Spec, f VMFiles, incoming bool, o argOpts) []string {
 		"-initrd", spec.Initrd,
 		"-append", cmdline,
 	}
+	a = append(a, o.firmware.Args()...)
 	for _, s := range o.fdSets {
 		opt := fmt.Sprintf("fd=%d,set=%d", s.fd, s.set)
 		if s.writable {
@@ -420,7 +425,9 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 	}
 	defer conf.close()
 	logStart, _ := logF.Seek(0, io.SeekEnd)
-	cmd := exec.Command(bin, args(conf.args, conf.vmFiles, incoming, conf.argOpts(spec))...)
+	o := conf.argOpts(spec)
+	o.firmware = b.firmware(ctx)
+	cmd := exec.Command(bin, args(conf.args, conf.vmFiles, incoming, o)...)
 	cmd.Stdin = nil
 	cmd.Stdout = logF
 	cmd.Stderr = logF
