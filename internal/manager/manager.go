@@ -57,7 +57,8 @@ type Manager struct {
 	backend vmm.Backend
 	accel   vmm.Accel
 	copier  *storage.Copier
-	storage storage.Mode
+	// storage is what [storage] mode resolved to.
+	storage storage.Decision
 	// verifier checks snapshot files against their recorded checksums.
 	verifier storage.Verifier
 	metrics  *metrics
@@ -124,17 +125,17 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	if opts.WrapBackend != nil {
 		s.backend = opts.WrapBackend(s.backend)
 	}
-	s.copier = &storage.Copier{}
-	mode, err := storage.Probe(filepath.Join(cfg.StorageDir(), "users"))
+	dec, err := storage.Decide(cfg.StorageDir(), cfg.Storage.Mode, storageImage(cfg))
 	if err != nil {
-		log.Warn("cannot probe storage for reflink support", "err", err)
+		if cfg.Storage.Mode == storage.SettingReflink {
+			st.Close()
+			return nil, err
+		}
+		log.Warn("storage: cannot probe for reflink support; making sparse copies", "dir", cfg.StorageDir(), "err", err)
 	}
-	s.storage = mode
-	if mode == storage.ModeReflink {
-		log.Info("storage: reflink (FICLONE) copies", "dir", cfg.StorageDir())
-	} else {
-		log.Info("storage: sparse copies; this filesystem has no reflink (set [storage] reflink_image_size to use a loop-mounted XFS)", "dir", cfg.StorageDir())
-	}
+	log.Info("storage: "+dec.String(), "mode", dec.Setting, "resolved", dec.Resolved(), "dir", cfg.StorageDir())
+	s.copier = &storage.Copier{NoReflink: dec.NoReflink()}
+	s.storage = dec
 	if err := s.setupNetwork(ctx); err != nil {
 		st.Close()
 		return nil, err
@@ -228,7 +229,18 @@ func (m *Manager) Store() *store.Store { return m.store }
 func (m *Manager) Accel() vmm.Accel { return m.accel }
 
 // StorageMode tells whether copies use reflink or sparse copying.
-func (m *Manager) StorageMode() storage.Mode { return m.storage }
+func (m *Manager) StorageMode() storage.Mode { return m.storage.Mode }
+
+// StorageDecision is what [storage] mode resolved to at start-up, and why.
+func (m *Manager) StorageDecision() storage.Decision { return m.storage }
+
+// storageImage is the loop image the storage root is on, or "".
+func storageImage(cfg *config.Config) string {
+	if cfg.Storage.ReflinkImageSize != "" {
+		return cfg.Storage.ReflinkImage
+	}
+	return ""
+}
 
 // userDir is where a user's VMs and checkpoints live.
 func (m *Manager) userDir(uid int64) string {
