@@ -150,6 +150,14 @@ func (c *Config) PoolSpares() int {
 
 // Storage is the [storage] section.
 type Storage struct {
+	// Mode is how files are copied in the storage root: "auto" (reflinks
+	// where its filesystem has them, sparse copies otherwise), "copy"
+	// (sparse copies, FICLONE never tried) or "reflink" (the filesystem
+	// must have reflinks, or the server does not start). Default "auto".
+	// The hot paths (checkpoints, rewinds, clones) copy no data either
+	// way; copies are made only for a base image's first use and, with
+	// QEMU before 8.2, for memory files.
+	Mode string `toml:"mode"`
 	// ReflinkImageSize, when set (e.g. "100G"), makes noid-server create and
 	// mount a sparse loop-backed XFS image (reflink=1) at <data_dir>/reflink
 	// and keep VMs, checkpoints and golden snapshots on it, so copies are
@@ -164,6 +172,18 @@ type Storage struct {
 	// DefaultMinFree.
 	MinFree string `toml:"min_free"`
 }
+
+// The values of [storage] mode.
+const (
+	// StorageModeAuto makes reflinks where the storage root's filesystem
+	// has them and sparse copies elsewhere (the default).
+	StorageModeAuto = "auto"
+	// StorageModeCopy always makes sparse copies and never tries FICLONE.
+	StorageModeCopy = "copy"
+	// StorageModeReflink requires reflinks: the server refuses to start
+	// where the storage root's filesystem has none.
+	StorageModeReflink = "reflink"
+)
 
 // DefaultMinFree is [storage] min_free's default.
 const DefaultMinFree = "5%"
@@ -430,6 +450,9 @@ func (c *Config) applyDefaults() {
 	if c.Storage.ReflinkImage == "" {
 		c.Storage.ReflinkImage = filepath.Join(c.DataDir, "reflink.img")
 	}
+	if c.Storage.Mode == "" {
+		c.Storage.Mode = StorageModeAuto
+	}
 	if c.Network.Bridge == "" {
 		c.Network.Bridge = "noid0"
 	}
@@ -569,6 +592,14 @@ func (c *Config) Validate() error {
 		if _, _, err := parseMinFree(c.Storage.MinFree); err != nil {
 			return bad("storage.min_free: %v", err)
 		}
+	}
+	switch c.Storage.Mode {
+	case StorageModeAuto, StorageModeCopy, StorageModeReflink:
+	default:
+		return bad("storage.mode must be auto, copy or reflink, got %q", c.Storage.Mode)
+	}
+	if c.Storage.Mode == StorageModeCopy && c.Storage.ReflinkImageSize != "" {
+		return bad("storage.mode = \"copy\" never makes reflinks, so storage.reflink_image_size has no use: unset one of them")
 	}
 	if c.Storage.ReflinkImageSize != "" {
 		n, err := ParseSize(c.Storage.ReflinkImageSize)

@@ -20,6 +20,18 @@ func TestDefaults(t *testing.T) {
 	if c.StorageDir() != "/srv/noid" {
 		t.Fatalf("storage dir %q", c.StorageDir())
 	}
+	if c.Storage.Mode != "auto" {
+		t.Fatalf("[storage] mode defaults to %q, want auto", c.Storage.Mode)
+	}
+	for _, mode := range []string{"auto", "copy", "reflink"} {
+		c, err := Parse([]byte("[storage]\nmode = \"" + mode + "\""))
+		if err != nil || c.Storage.Mode != mode {
+			t.Fatalf("[storage] mode = %q: %+v, %v", mode, c.Storage, err)
+		}
+	}
+	if c, err := Parse([]byte("[storage]\nmode = \"reflink\"\nreflink_image_size = \"10G\"")); err != nil || c.StorageDir() != c.DataDir+"/reflink" {
+		t.Fatalf("mode reflink with a reflink image: %v", err)
+	}
 	if c.Exec.DefaultUser != "" {
 		t.Fatalf("exec.default_user defaults to %q, want root's empty", c.Exec.DefaultUser)
 	}
@@ -49,6 +61,9 @@ func TestParseErrors(t *testing.T) {
 		{"[quota]\nmax_disk_size = \"big\"", "max_disk_size"},
 		{"[storage]\nmin_free = \"120%\"", "min_free"},
 		{"[storage]\nmin_free = \"lots\"", "min_free"},
+		{"[storage]\nmode = \"x\"", `storage.mode must be auto, copy or reflink, got "x"`},
+		{"[storage]\nmode = \"Reflink\"", `storage.mode must be auto, copy or reflink, got "Reflink"`},
+		{"[storage]\nmode = \"copy\"\nreflink_image_size = \"10G\"", "reflink_image_size has no use"},
 		{`socket_group = "a b"`, "socket_group"},
 		{"[limits]\nserial_log_size = \"1K\"", "serial_log_size"},
 		{"[limits]\nsessions_per_user = -1", "sessions_per_user"},

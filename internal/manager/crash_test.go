@@ -39,7 +39,7 @@ const (
 
 // childOp is one operation a child runs.
 type childOp struct {
-	Op         string `json:"op"` // create, checkpoint, clone, rewind, destroy, promote, spare-clone
+	Op         string `json:"op"` // open, open-spare, create, checkpoint, clone, rewind, destroy, promote, spare-clone
 	VM         string `json:"vm,omitempty"`
 	Checkpoint string `json:"checkpoint,omitempty"`
 	Name       string `json:"name,omitempty"`
@@ -83,6 +83,19 @@ func runChild(op string) int {
 	}
 	fmt.Fprintln(os.Stderr, "child: op starting")
 	switch o.Op {
+	case "open":
+		// Starting the manager was the operation.
+	case "open-spare":
+		// Wait for a golden's warm spare, then for the test's SIGKILL,
+		// which leaves the spare running as a crash would.
+		for err == nil {
+			var met *Metrics
+			if met, err = m.Metrics(ctx); err == nil && len(met.GoldenSpares) > 0 && met.GoldenSpares[0].Count > 0 {
+				fmt.Fprintln(os.Stderr, "child: spare ready")
+				select {}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	case "create":
 		_, err = m.CreateVM(ctx, u, api.CreateVMRequest{Name: o.Name})
 	case "checkpoint":
@@ -141,6 +154,15 @@ func (e *env) child(op childOp, cfgPath string, extraEnv ...string) (*exec.Cmd, 
 // manager, which recovers. fired records the point.
 func (e *env) crashAt(point string, op childOp, cfgPath string, fired map[string]bool, extraEnv ...string) {
 	e.t.Helper()
+	e.crashChild(point, op, cfgPath, extraEnv...)
+	fired[point] = true
+	e.open()
+}
+
+// crashChild closes the env's manager, runs op in a child armed to kill
+// itself at point, and checks that the point fired.
+func (e *env) crashChild(point string, op childOp, cfgPath string, extraEnv ...string) {
+	e.t.Helper()
 	e.close()
 	cmd, out := e.child(op, cfgPath, append(extraEnv, "NOID_CRASHPOINT="+point)...)
 	done := make(chan error, 1)
@@ -156,8 +178,6 @@ func (e *env) crashAt(point string, op childOp, cfgPath string, fired map[string
 	if !ws.Signaled() || ws.Signal() != syscall.SIGKILL || !strings.Contains(out.String(), "noid crashpoint: "+point+"\n") {
 		e.t.Fatalf("crash point %s did not fire (%v):\n%s", point, cmd.ProcessState, lastLines(out.String(), 40))
 	}
-	fired[point] = true
-	e.open()
 }
 
 // checkConsistent verifies what must hold after any crash and restart:
@@ -396,8 +416,11 @@ func TestCrashPoints(t *testing.T) {
 		t.Errorf("golden after a crash mid-promotion: %+v", gs)
 	}
 
+	// Points that need more than this test's data dir are reached by
+	// tests of their own.
+	elsewhere := map[string]string{"storage.move-after-rename": "TestStorageSwitch"}
 	for _, p := range points {
-		if !fired[p] {
+		if !fired[p] && elsewhere[p] == "" {
 			t.Errorf("crash point %s is in the code but no test reached it", p)
 		}
 	}

@@ -57,7 +57,8 @@ type Manager struct {
 	backend vmm.Backend
 	accel   vmm.Accel
 	copier  *storage.Copier
-	storage storage.Mode
+	// storage is what [storage] mode resolved to.
+	storage storage.Decision
 	// verifier checks snapshot files against their recorded checksums.
 	verifier storage.Verifier
 	metrics  *metrics
@@ -81,8 +82,10 @@ type Manager struct {
 	sandbox sandboxState
 }
 
-// New opens the store, selects the backend, sets up storage and the
-// network, and re-adopts the VMs an earlier server left running.
+// New opens the store, sets up storage (moving golden snapshots over when
+// the storage root changed, see storageroot.go), selects the backend,
+// sets up the network, and re-adopts the VMs an earlier server left
+// running.
 func New(ctx context.Context, opts Options) (*Manager, error) {
 	cfg := opts.Config
 	if cfg == nil {
@@ -97,18 +100,35 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 			return nil, err
 		}
 	}
-	if err := setupStorage(ctx, cfg, log); err != nil {
-		return nil, err
-	}
-	for _, d := range []string{cfg.StorageDir(), filepath.Join(cfg.StorageDir(), "users")} {
-		if err := privateDir(d, log); err != nil {
-			return nil, err
-		}
-	}
 	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "noid.db"))
 	if err != nil {
 		return nil, err
 	}
+	// Refuse a moved storage root before mounting anything for it.
+	sw, err := planStorageSwitch(ctx, cfg, st)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if err := mountStorage(ctx, cfg, log); err != nil {
+		st.Close()
+		return nil, err
+	}
+	for _, d := range []string{cfg.StorageDir(), filepath.Join(cfg.StorageDir(), "users")} {
+		if err := privateDir(d, log); err != nil {
+			st.Close()
+			return nil, err
+		}
+	}
+	dec, err := storage.Decide(cfg.StorageDir(), cfg.Storage.Mode, configRoot(cfg).Image)
+	if err != nil {
+		if cfg.Storage.Mode == storage.SettingReflink {
+			st.Close()
+			return nil, err
+		}
+		log.Warn("storage: cannot probe for reflink support; making sparse copies", "dir", cfg.StorageDir(), "err", err)
+	}
+	log.Info("storage: "+dec.String(), "mode", dec.Setting, "resolved", dec.Resolved(), "dir", cfg.StorageDir())
 	s := &Manager{
 		cfg:     cfg,
 		log:     log,
@@ -116,6 +136,8 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		vms:     map[string]*vmRT{},
 		closed:  make(chan struct{}),
 		metrics: newMetrics(),
+		copier:  &storage.Copier{NoReflink: dec.NoReflink()},
+		storage: dec,
 	}
 	if err := s.selectBackend(ctx, opts.Backend); err != nil {
 		st.Close()
@@ -124,18 +146,13 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	if opts.WrapBackend != nil {
 		s.backend = opts.WrapBackend(s.backend)
 	}
-	s.copier = &storage.Copier{}
-	mode, err := storage.Probe(filepath.Join(cfg.StorageDir(), "users"))
-	if err != nil {
-		log.Warn("cannot probe storage for reflink support", "err", err)
-	}
-	s.storage = mode
-	if mode == storage.ModeReflink {
-		log.Info("storage: reflink (FICLONE) copies", "dir", cfg.StorageDir())
-	} else {
-		log.Info("storage: sparse copies; this filesystem has no reflink (set [storage] reflink_image_size to use a loop-mounted XFS)", "dir", cfg.StorageDir())
-	}
 	if err := s.setupNetwork(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	// Spares' TAPs of an earlier root are released through the network.
+	if err := s.finishStorageSwitch(ctx, sw); err != nil {
+		s.closeNetwork()
 		st.Close()
 		return nil, err
 	}
@@ -228,7 +245,10 @@ func (m *Manager) Store() *store.Store { return m.store }
 func (m *Manager) Accel() vmm.Accel { return m.accel }
 
 // StorageMode tells whether copies use reflink or sparse copying.
-func (m *Manager) StorageMode() storage.Mode { return m.storage }
+func (m *Manager) StorageMode() storage.Mode { return m.storage.Mode }
+
+// StorageDecision is what [storage] mode resolved to at start-up, and why.
+func (m *Manager) StorageDecision() storage.Decision { return m.storage }
 
 // userDir is where a user's VMs and checkpoints live.
 func (m *Manager) userDir(uid int64) string {
@@ -309,31 +329,6 @@ func privateDir(dir string, log *slog.Logger) error {
 		log.Warn("made a data directory private: it was open to group or others", "dir", dir, "old_mode", fmt.Sprintf("%04o", mode), "mode", "0700")
 	}
 	return nil
-}
-
-// storageRootFile records which storage root the VMs were created under.
-const storageRootFile = "storage-root"
-
-// setupStorage mounts the reflink image when configured, and refuses to
-// start when the storage root changed under existing VMs.
-func setupStorage(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	if cfg.Storage.ReflinkImageSize != "" {
-		size, _ := config.ParseSize(cfg.Storage.ReflinkImageSize)
-		mnt := cfg.StorageDir()
-		if err := storage.SetupReflinkLoop(ctx, cfg.Storage.ReflinkImage, mnt, size); err != nil {
-			return fmt.Errorf("setting up reflink storage %s on %s: %w", cfg.Storage.ReflinkImage, mnt, err)
-		}
-		log.Info("reflink storage mounted", "image", cfg.Storage.ReflinkImage, "mount", mnt, "size", cfg.Storage.ReflinkImageSize)
-	}
-	rec := filepath.Join(cfg.DataDir, storageRootFile)
-	prev, err := os.ReadFile(rec)
-	if err == nil && strings.TrimSpace(string(prev)) != cfg.StorageDir() {
-		if ents, _ := os.ReadDir(filepath.Join(strings.TrimSpace(string(prev)), "users")); len(ents) > 0 {
-			return fmt.Errorf("%w: the storage root changed from %s to %s but VMs still live in the old one; destroy them first or revert [storage]",
-				errdefs.ErrInvalidArgument, strings.TrimSpace(string(prev)), cfg.StorageDir())
-		}
-	}
-	return os.WriteFile(rec, []byte(cfg.StorageDir()+"\n"), 0o600)
 }
 
 // hostLimits are the ranges accepted for vcpus and memory.

@@ -760,8 +760,12 @@ func appendFileTo(src, dst string) error {
 // (found by the process name that carries the spare's random id, so a
 // reused pid is never hit, and a VMM whose pid file was never written is
 // found too), their TAPs, uid leases and files removed.
-func (m *Manager) sweepPool(ctx context.Context) {
-	ents, err := os.ReadDir(m.poolDir())
+func (m *Manager) sweepPool(ctx context.Context) { m.sweepPoolDir(ctx, m.poolDir()) }
+
+// sweepPoolDir kills the spares whose directories are in dir, a pool
+// directory (this storage root's, or an earlier one's), and removes them.
+func (m *Manager) sweepPoolDir(ctx context.Context, dir string) {
+	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) == 0 {
 		return
 	}
@@ -787,7 +791,7 @@ func (m *Manager) sweepPool(ctx context.Context) {
 		}
 	}
 	for id := range ids {
-		m.releaseSpareResources(ctx, id, filepath.Join(m.poolDir(), id))
+		m.releaseSpareResources(ctx, id, filepath.Join(dir, id))
 	}
 }
 

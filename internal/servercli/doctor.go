@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/image"
 	"github.com/noid-vm/noid/internal/lockfile"
 	"github.com/noid-vm/noid/internal/sandbox"
@@ -298,6 +299,8 @@ func humanBytes(n int64) string {
 	return fmt.Sprintf("%d bytes", n)
 }
 
+// storage reports what [storage] mode resolves to, as `noid-server
+// storage` and the server's start-up do.
 func (d *doctor) storage() []finding {
 	if d.cfg.Storage.ReflinkImageSize != "" {
 		if _, err := os.Stat(d.cfg.Storage.ReflinkImage); err != nil {
@@ -306,21 +309,15 @@ func (d *doctor) storage() []finding {
 					fix: "apt-get install xfsprogs"}}
 			}
 		}
-		return []finding{ok("storage", "reflink copies on the XFS image %s (%s)", d.cfg.Storage.ReflinkImage, d.cfg.Storage.ReflinkImageSize)}
 	}
-	dir := d.cfg.StorageDir()
-	if _, err := os.Stat(dir); err != nil {
-		return []finding{ok("storage", "%s does not exist yet; its filesystem decides between reflink and sparse copies", dir)}
+	dec, err := decideStorage(d.cfg)
+	switch {
+	case err != nil && d.cfg.Storage.Mode == storage.SettingReflink:
+		return []finding{{check: "storage", status: statusFail, msg: err.Error(), fix: errdefs.HintOf(err)}}
+	case err != nil:
+		return []finding{{check: "storage", status: statusWarn, msg: fmt.Sprintf("%v; the server makes sparse copies", err)}}
 	}
-	mode, err := storage.Probe(dir)
-	if err != nil {
-		return []finding{{check: "storage", status: statusWarn, msg: fmt.Sprintf("cannot probe %s: %v", dir, err)}}
-	}
-	if mode == storage.ModeReflink {
-		return []finding{ok("storage", "reflink copies in %s", dir)}
-	}
-	return []finding{{check: "storage", status: statusOK, msg: "sparse copies in " + dir + " (no reflink on this filesystem): checkpoints and clones copy data",
-		fix: `for reflink copies put data_dir on XFS or btrfs, or set [storage] reflink_image_size = "100G"`}}
+	return []finding{ok("storage", "mode %s resolves to %s: %s", dec.Setting, dec.Resolved(), dec)}
 }
 
 func (d *doctor) loop() []finding {

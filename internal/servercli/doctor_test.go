@@ -178,8 +178,67 @@ func TestDoctorLoopAndStorage(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs := d.storage()
-	if statusOf(t, fs) != statusOK || !(strings.Contains(fs[0].msg, "reflink copies") || strings.Contains(fs[0].msg, "sparse copies")) {
+	if statusOf(t, fs) != statusOK || !(strings.Contains(fs[0].msg, "copies are reflinks") || strings.Contains(fs[0].msg, "copies are sparse copies")) {
 		t.Errorf("probing %s: %+v", d.cfg.DataDir, fs)
+	}
+}
+
+// TestStorageReportAgreesWithDoctor runs `noid-server storage` (no server
+// runs, so it probes under the data dir's lock) for each [storage] mode on
+// the test's temporary directory, which has no reflinks here (ext4), and
+// checks that it prints the setting, what it resolved to and why, that
+// it fails where the server would refuse to start, and that doctor's
+// storage finding says the same.
+func TestStorageReportAgreesWithDoctor(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC {
+		t.Skipf("the temporary directory %s is not on ext4 (%v)", dir, err)
+	}
+	for _, tc := range []struct {
+		toml, mode, resolved, why string
+		fails                     bool
+	}{
+		{"", "auto", "copy", "ext4 has no reflinks; checkpoints, rewinds and clones do not copy data", false},
+		{"[storage]\nmode = \"copy\"\n", "copy", "copy", `[storage] mode = "copy" (and ext4 has no reflinks)`, false},
+		{"[storage]\nmode = \"reflink\"\n", "reflink", "none: noid-server refuses to start", "has no reflinks", true},
+		{"[storage]\nreflink_image_size = \"2G\"\n", "auto", "reflink-image", "[storage] reflink_image_size keeps storage on the loop-mounted XFS image " + filepath.Join(dir, "data", "reflink.img"), false},
+	} {
+		path := filepath.Join(dir, "config.toml")
+		if err := os.WriteFile(path, []byte("data_dir = \""+filepath.Join(dir, "data")+"\"\n"+tc.toml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		root := newRoot(&env{stdout: &out, stderr: &out})
+		root.SetArgs([]string{"storage", "--config", path})
+		err := root.Execute()
+		if (err != nil) != tc.fails {
+			t.Errorf("%q: storage exited with %v, want failure %v\n%s", tc.toml, err, tc.fails, out.String())
+		}
+		lines := map[string]string{}
+		for _, l := range strings.Split(out.String(), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok {
+				lines[k] = strings.TrimSpace(v)
+			}
+		}
+		if lines["mode"] != tc.mode || lines["resolved"] != tc.resolved || !strings.Contains(lines["why"], tc.why) {
+			t.Errorf("%q: storage printed mode %q, resolved %q, why %q; want %q, %q, %q\n%s", tc.toml, lines["mode"], lines["resolved"], lines["why"], tc.mode, tc.resolved, tc.why, out.String())
+		}
+		cfg, err := config.Load(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := newDoctor(cfg).storage()
+		switch {
+		case len(f) != 1:
+			t.Errorf("%q: doctor: %+v", tc.toml, f)
+		case tc.fails:
+			if f[0].status != statusFail || !strings.Contains(f[0].msg, tc.why) || f[0].fix == "" {
+				t.Errorf("%q: doctor does not fail as storage does: %+v", tc.toml, f[0])
+			}
+		case f[0].status != statusOK || !strings.Contains(f[0].msg, "resolves to "+tc.resolved+": ") || !strings.Contains(f[0].msg, lines["why"]):
+			t.Errorf("%q: doctor says %+v, storage said resolved %q, why %q", tc.toml, f[0], lines["resolved"], lines["why"])
+		}
 	}
 }
 

@@ -15,8 +15,10 @@
 // copy_file_range(2), and leaves holes as holes, so a 512 MiB RAM file with
 // 100 MiB touched costs 100 MiB of I/O and 100 MiB of disk.
 //
-// [Probe] reports which of the two a directory gets, and the server logs the
-// answer at start-up.
+// [Probe] reports which of the two a directory gets. [Decide] resolves the
+// [storage] mode setting (auto, copy or reflink) with it into a [Decision]:
+// how copies are made in the storage root and why, which the server logs
+// at start-up and `noid-server storage` prints.
 //
 // # Reflink storage on ext4 hosts
 //

@@ -151,3 +151,33 @@ func AllocatedSize(path string) (int64, error) {
 	}
 	return st.Blocks * 512, nil
 }
+
+// WriteFileAtomic replaces the file at path with data, durably: it writes
+// a temporary file next to it with mode perm, fsyncs it, renames it over
+// path and fsyncs the directory. A crash leaves the old file or the new
+// one, never a mix.
+func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writing %s: %w", path, classify(path, err))
+	}
+	return FsyncDir(filepath.Dir(path))
+}

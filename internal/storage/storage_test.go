@@ -491,6 +491,51 @@ func TestDirSizeAndSync(t *testing.T) {
 	}
 }
 
+// TestWriteFileAtomic: the file is replaced whole with the given mode,
+// no temporary file stays, and a full filesystem is said to be one and
+// leaves the old content.
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "record")
+	for _, content := range []string{"first\n", "second, longer\n"} {
+		if err := WriteFileAtomic(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(p)
+		fi, _ := os.Stat(p)
+		if err != nil || string(b) != content || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("after writing %q: %q %v, mode %v", content, b, err, fi.Mode())
+		}
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("temporary files left: %v", ents)
+	}
+	if err := WriteFileAtomic(filepath.Join(dir, "missing", "x"), nil, 0o600); err == nil {
+		t.Fatal("writing into a missing directory succeeded")
+	}
+	mnt := mountExt4(t, 8*MiB)
+	full := filepath.Join(mnt, "record")
+	if err := WriteFileAtomic(full, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	filler, err := os.Create(filepath.Join(mnt, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for err == nil {
+		_, err = filler.Write(make([]byte, 1<<20))
+	}
+	filler.Sync()
+	filler.Close()
+	err = WriteFileAtomic(full, make([]byte, 4*MiB), 0o600)
+	if !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("writing on a full filesystem: %v", err)
+	}
+	if b, _ := os.ReadFile(full); string(b) != "old" {
+		t.Fatalf("a failed write changed the file: %q", b)
+	}
+}
+
 func TestProbeErrors(t *testing.T) {
 	if _, err := Probe(filepath.Join(t.TempDir(), "missing")); err == nil {
 		t.Fatal("Probe of a missing directory succeeded")

@@ -28,10 +28,10 @@ func TestReflinkStorage(t *testing.T) {
 	e := NewEnv(t, WithConfig("[storage]\nreflink_image_size = \"2G\""))
 	mnt = filepath.Join(e.Dir, "data", "reflink")
 	log := e.Log()
-	if !strings.Contains(log, "reflink storage mounted") || !strings.Contains(log, "storage: reflink (FICLONE) copies") {
+	if !strings.Contains(log, "reflink storage mounted") || !strings.Contains(log, "storage: copies are reflinks: [storage] reflink_image_size keeps storage on the loop-mounted XFS image") {
 		t.Fatalf("the server did not report reflink storage:\n%s", log)
 	}
-	if out := e.serverCmd(t, "storage"); !strings.Contains(out, "copies:       reflink") {
+	if out := e.serverCmd(t, "storage"); !strings.Contains(out, "mode:         auto\nresolved:     reflink-image\nwhy:          [storage] reflink_image_size") {
 		t.Errorf("noid-server storage: %s", out)
 	}
 	e.Create("r")

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -139,7 +140,7 @@ func writeState(spec vmm.Spec, l layout) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(spec.Dir, stateFile), data, 0o600)
+	return storage.WriteFileAtomic(filepath.Join(spec.Dir, stateFile), data, 0o600)
 }
 
 // readState reads the layout written by writeState.
@@ -264,29 +265,6 @@ func replaceHardlink(target, link string) error {
 		return err
 	}
 	return nil
-}
-
-// writeFileAtomic writes data to path through a temporary file and rename.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp-" + randHex()
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
 }
 
 // copyPlain copies a small file (kernel, initramfs).

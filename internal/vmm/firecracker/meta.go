@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -22,7 +23,7 @@ func writeMeta(dir string, m vmm.SnapshotMeta) error {
 	if err != nil {
 		return fmt.Errorf("encoding %s: %w", vmm.SnapMeta, err)
 	}
-	if err := writeFileAtomic(filepath.Join(dir, vmm.SnapMeta), append(data, '\n'), 0o644); err != nil {
+	if err := storage.WriteFileAtomic(filepath.Join(dir, vmm.SnapMeta), append(data, '\n'), 0o644); err != nil {
 		return fmt.Errorf("writing %s: %w", vmm.SnapMeta, err)
 	}
 	return nil
