@@ -72,6 +72,7 @@ type Bench struct {
 	art     *Artifacts
 	out     io.Writer
 	host    *HostInfo
+	code    *CodeInfo
 
 	mu       sync.Mutex
 	figs     []*Figure
@@ -133,6 +134,9 @@ Flags:
 
 // Main runs noid-bench with args and returns the exit code.
 func Main(args []string) int {
+	if len(args) > 0 && args[0] == "report" {
+		return reportMain(args[1:], os.Stdout, os.Stderr)
+	}
 	o := &Options{logw: os.Stderr}
 	load := len(args) > 0 && args[0] == "load"
 	if load {
@@ -227,6 +231,13 @@ func Main(args []string) int {
 	b := &Bench{opts: o, out: out, cmdline: strings.TrimSpace("noid-bench " + strings.Join(os.Args[1:], " "))}
 	defer b.runCleanups()
 	b.host = hostInfo(o.Accel)
+	root, err := repoRoot(o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "noid-bench:", err)
+		return 2
+	}
+	o.Repo = root
+	b.code = gitInfo(root)
 	b.printHeader(load)
 	art, err := buildArtifacts(ctx, o)
 	if err != nil {
@@ -297,8 +308,12 @@ func contains(l []string, s string) bool {
 
 // JSONReport is what --json writes.
 type JSONReport struct {
-	Command  string         `json:"command"`
+	Command string `json:"command"`
+	// Code is the commit noid-bench built noid from, and whether the tree
+	// was modified.
+	Code     *CodeInfo      `json:"code,omitempty"`
 	Host     *HostInfo      `json:"host"`
+	Finished time.Time      `json:"finished"`
 	Sections []*SectionInfo `json:"sections"`
 	Figures  []*Figure      `json:"figures"`
 	Errors   []string       `json:"errors,omitempty"`
@@ -306,7 +321,7 @@ type JSONReport struct {
 }
 
 func (b *Bench) writeJSON() error {
-	r := JSONReport{Command: b.cmdline, Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: b.load}
+	r := JSONReport{Command: b.cmdline, Code: b.code, Host: b.host, Finished: time.Now(), Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: b.load}
 	buf, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err

@@ -40,14 +40,9 @@ func findRepoRoot(dir string) (string, error) {
 // Image outputs are keyed by their inputs, so an unchanged agent reuses the
 // cached image.
 func buildArtifacts(ctx context.Context, o *Options) (*Artifacts, error) {
-	root := o.Repo
-	if root == "" {
-		wd, _ := os.Getwd()
-		r, err := findRepoRoot(wd)
-		if err != nil {
-			return nil, err
-		}
-		root = r
+	root, err := repoRoot(o)
+	if err != nil {
+		return nil, err
 	}
 	bin := filepath.Join(o.Cache, "bin")
 	if err := os.MkdirAll(bin, 0o755); err != nil {
@@ -83,6 +78,15 @@ func buildArtifacts(ctx context.Context, o *Options) (*Artifacts, error) {
 	a.Image = img
 	o.logf("tiny image ready in %.1fs (%s)", time.Since(start).Seconds(), img.Dir)
 	return a, nil
+}
+
+// repoRoot is --repo, or the noid source tree above the current directory.
+func repoRoot(o *Options) (string, error) {
+	if o.Repo != "" {
+		return o.Repo, nil
+	}
+	wd, _ := os.Getwd()
+	return findRepoRoot(wd)
 }
 
 // cachedKernelDeb returns a linux-image .deb already downloaded into this
