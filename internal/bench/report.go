@@ -75,13 +75,30 @@ func fmtNum(v float64) string {
 
 func val(v float64) *float64 { return &v }
 
-// add records a figure and prints it.
+// add records a figure. It is printed when the next one is added or the
+// section ends, so that a target set on the returned figure
+// (b.add(f).below(…)) is printed with it.
 func (b *Bench) add(f *Figure) *Figure {
 	b.mu.Lock()
 	b.figs = append(b.figs, f)
+	prev := b.pending
+	b.pending = f
 	b.mu.Unlock()
-	b.printFigure(f)
+	if prev != nil {
+		b.printFigure(prev)
+	}
 	return f
+}
+
+// flushFigures prints the figure add holds back.
+func (b *Bench) flushFigures() {
+	b.mu.Lock()
+	prev := b.pending
+	b.pending = nil
+	b.mu.Unlock()
+	if prev != nil {
+		b.printFigure(prev)
+	}
 }
 
 func (b *Bench) printFigure(f *Figure) {
@@ -147,6 +164,7 @@ func (b *Bench) printHeader(load bool) {
 }
 
 func (b *Bench) printSummary() {
+	b.flushFigures()
 	var met, missed []string
 	for _, f := range b.figs {
 		n := f.Name
