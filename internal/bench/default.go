@@ -331,8 +331,14 @@ func (b *Bench) rewriteWindow(ctx context.Context, s *Server, st, vm, kind strin
 // in use and written; miB < 0 touches as much as the guest has available,
 // less a margin, up to maxTouchMiB. It returns the MiB touched.
 func touchGuestRAM(ctx context.Context, c *client.Client, vm string, miB int) (int, error) {
+	return touchRAM(func(argv ...string) (string, error) { return execOK(ctx, c, vm, argv...) }, vm, miB)
+}
+
+// touchRAM is touchGuestRAM through run, which runs a command in the
+// guest and returns its output.
+func touchRAM(run func(argv ...string) (string, error), vm string, miB int) (int, error) {
 	if miB < 0 {
-		out, err := execOK(ctx, c, vm, "sh", "-c", "grep MemAvailable /proc/meminfo")
+		out, err := run("sh", "-c", "grep MemAvailable /proc/meminfo")
 		if err != nil {
 			return 0, err
 		}
@@ -346,7 +352,7 @@ func touchGuestRAM(ctx context.Context, c *client.Client, vm string, miB int) (i
 		}
 		miB = min(maxTouchMiB, kib/1024-192)
 	}
-	if _, err := execOK(ctx, c, vm, "sh", "-c", touchCmd(miB)); err != nil {
+	if _, err := run("sh", "-c", touchCmd(miB)); err != nil {
 		return 0, fmt.Errorf("touching %d MiB in %s: %w", miB, vm, err)
 	}
 	return miB, nil

@@ -376,7 +376,7 @@ func renderTable(w io.Writer, figs []*Figure) {
 		}
 		fmt.Fprintf(w, "| %s |\n", strings.Join(row, " | "))
 		if hasParts {
-			pr := append([]string{"  ↳ server p50, ms"}, partsRow...)
+			pr := append([]string{"  ↳ parts, p50 ms"}, partsRow...)
 			if hasTarget {
 				pr = append(pr, "")
 			}

@@ -59,7 +59,7 @@ func TestRenderReport(t *testing.T) {
 		"| Figure | default | reflink | Target |",
 		"| checkpoint pause, idle (ms) | 9.50 (12.0, 7.00; n=5) · met | 41.0 (50.0, 20.0; n=5) · **missed** | ≤ 30.0 ms |",
 		"| rewind → first exec (ms) | 350 (400, 300; n=10) |  |  |",
-		"|   ↳ server p50, ms | total 270 · load 12.0 · agent 250 |  |  |",
+		"|   ↳ parts, p50 ms | total 270 · load 12.0 · agent 250 |  |  |",
 		"| pause ratio 2 GiB touched / idle (x) |  | 1.20 |  |",
 		"| Figure | p50 (p90, min; n) |",
 		`| savevm pause \| idle (ms) | 1500 (n=1) |`,

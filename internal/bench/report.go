@@ -122,7 +122,7 @@ func (b *Bench) printFigure(f *Figure) {
 		for _, k := range partOrder(f.Parts) {
 			ps = append(ps, fmt.Sprintf("%s %s", k, fmtNum(f.Parts[k].P50)))
 		}
-		fmt.Fprintf(b.out, "  %-52s     server p50 (ms): %s\n", "", strings.Join(ps, " · "))
+		fmt.Fprintf(b.out, "  %-52s     parts p50 (ms): %s\n", "", strings.Join(ps, " · "))
 	}
 	if f.Note != "" {
 		fmt.Fprintf(b.out, "  %-52s     note: %s\n", "", f.Note)
