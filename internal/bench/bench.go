@@ -64,6 +64,9 @@ type Options struct {
 	RewriteSeconds     int
 	PeerRuns           int
 	NoPeers            bool
+	// SyncBetweenCheckpoints flushes the host's page cache between the
+	// default section's checkpoints.
+	SyncBetweenCheckpoints bool
 
 	Load LoadOptions
 
@@ -193,6 +196,7 @@ func Main(args []string) int {
 	fs.IntVar(&o.RewriteSeconds, "rewrite-seconds", 60, "default section: how long a guest rewrites 200 MiB of its RAM while host disk writes are counted (0: skip)")
 	fs.IntVar(&o.PeerRuns, "peer-runs", 5, "default section: runs of each of QEMU's own ways (savevm/loadvm, migrate to a file)")
 	fs.BoolVar(&o.NoPeers, "no-peers", false, "default section: skip QEMU's own ways and the comparison")
+	fs.BoolVar(&o.SyncBetweenCheckpoints, "sync-between-checkpoints", true, "default section: flush the host's page cache (sync) between checkpoints, so that a pause does not wait behind the write-back of the previous checkpoint's spare")
 	o.Load.flags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
