@@ -56,6 +56,9 @@ type Options struct {
 	Accel       string
 	Verbose     bool
 	PoolSpares  int
+	// QEMU is the qemu-system-x86_64 binary (qemu_binary of every server,
+	// and the peers'); "" finds it in $PATH.
+	QEMU string
 
 	// The default section (issue 12).
 	DefaultStorages    []string
@@ -190,6 +193,7 @@ func Main(args []string) int {
 	fs.StringVar(&o.Accel, "accel", "auto", "auto, kvm or tcg")
 	fs.BoolVar(&o.Verbose, "v", false, "log every run")
 	fs.IntVar(&o.PoolSpares, "pool-spares", -1, "set [pool] spares on every server (-1: the server's default)")
+	fs.StringVar(&o.QEMU, "qemu", "", "qemu-system-x86_64 binary for every server (qemu_binary) and for QEMU's own ways; qemu-img is taken from its directory when there is one (default: $PATH)")
 	defStorages := fs.String("default-storage", "default,reflink", "storage kinds of the default section: default (the server's default config on --tmp), copy (the same with plain copies asked for explicitly: identical on ext4 today), reflink (loop-mounted XFS)")
 	fs.IntVar(&o.DefaultRuns, "default-runs", 5, "default section: checkpoints per touch level")
 	fs.IntVar(&o.DefaultRestoreRuns, "default-restore-runs", 10, "default section: rewinds and clones per series")
@@ -230,6 +234,9 @@ func Main(args []string) int {
 	}
 	for _, s := range strings.Split(*defStorages, ",") {
 		s = strings.TrimSpace(s)
+		if s == "" {
+			continue // none: only QEMU's own ways
+		}
 		if !contains(defaultStorageKinds, s) {
 			fmt.Fprintf(os.Stderr, "noid-bench: unknown default-section storage %q (%s)\n", s, strings.Join(defaultStorageKinds, ", "))
 			return 2
@@ -269,7 +276,15 @@ func Main(args []string) int {
 	}
 	b := &Bench{opts: o, out: out, cmdline: strings.TrimSpace("noid-bench " + strings.Join(os.Args[1:], " "))}
 	defer b.runCleanups()
-	b.host = hostInfo(o.Accel)
+	if o.QEMU != "" {
+		abs, err := filepath.Abs(o.QEMU)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "noid-bench:", err)
+			return 2
+		}
+		o.QEMU = abs
+	}
+	b.host = hostInfo(o.Accel, o.qemuBinary())
 	root, err := repoRoot(o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "noid-bench:", err)
@@ -327,6 +342,29 @@ func (b *Bench) runSections(ctx context.Context) error {
 		b.runCleanups()
 	}
 	return nil
+}
+
+// qemuBinary is --qemu, or qemu-system-x86_64 from $PATH.
+func (o *Options) qemuBinary() string {
+	if o.QEMU != "" {
+		return o.QEMU
+	}
+	return "qemu-system-x86_64"
+}
+
+// qemuImg is the qemu-img next to --qemu, or the one in $PATH.
+func (o *Options) qemuImg() string {
+	if o.QEMU != "" {
+		if p := filepath.Join(filepath.Dir(o.QEMU), "qemu-img"); fileExists(p) {
+			return p
+		}
+	}
+	return "qemu-img"
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 func envOr(k, def string) string {

@@ -295,8 +295,12 @@ func renderProvenance(w io.Writer, name string, r *JSONReport) {
 	}
 	fmt.Fprintf(w, "| Code | %s |\n", code)
 	if h := r.Host; h != nil {
+		qemu := mdEscape(h.QEMU)
+		if h.QEMUPath != "" {
+			qemu += " (`" + h.QEMUPath + "`)"
+		}
 		fmt.Fprintf(w, "| Host | %s, %d cores, %d MiB; kernel %s; %s, accel %s; %s; tmp on %s |\n",
-			mdEscape(h.CPU), h.Cores, h.MemMiB, h.Kernel, mdEscape(h.QEMU), h.Accel, h.Go, h.TmpFS)
+			mdEscape(h.CPU), h.Cores, h.MemMiB, h.Kernel, qemu, h.Accel, h.Go, h.TmpFS)
 		fmt.Fprintf(w, "| Load at start | %.2f %.2f %.2f; other QEMU processes: %d |\n", h.Load[0], h.Load[1], h.Load[2], h.OtherQEMU)
 	}
 	for _, s := range r.Sections {

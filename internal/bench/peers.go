@@ -71,11 +71,12 @@ type peerEnv struct {
 func (b *Bench) runPeers(ctx context.Context) (*peerFigures, error) {
 	end := b.section("peers", "QEMU's own ways on the same guest (Debian, 1 vCPU, 2048 MiB, no NIC): savevm/loadvm, migrate to a file + -incoming; on "+b.host.TmpFS)
 	defer end()
-	bin, err := exec.LookPath("qemu-system-x86_64")
+	bin, err := exec.LookPath(b.opts.qemuBinary())
 	if err != nil {
 		return nil, err
 	}
-	if _, err := exec.LookPath("qemu-img"); err != nil {
+	qemuImg, err := exec.LookPath(b.opts.qemuImg())
+	if err != nil {
 		return nil, fmt.Errorf("qemu-img (apt-get install qemu-utils) is needed for the qcow2 copies of the peers: %w", err)
 	}
 	dir, err := os.MkdirTemp(b.opts.TempDir, "noid-bench-peers-")
@@ -103,7 +104,7 @@ func (b *Bench) runPeers(ctx context.Context) (*peerFigures, error) {
 	for _, v := range vms {
 		v.disk = filepath.Join(dir, v.name+".qcow2")
 		t0 := time.Now()
-		if out, err := exec.CommandContext(octx, "qemu-img", "convert", "-O", "qcow2", b.art.Debian.Rootfs, v.disk).CombinedOutput(); err != nil {
+		if out, err := exec.CommandContext(octx, qemuImg, "convert", "-O", "qcow2", b.art.Debian.Rootfs, v.disk).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("qemu-img convert: %v: %s", err, out)
 		}
 		b.logf("peers: qcow2 copy of the rootfs for %s in %.1fs", v.name, time.Since(t0).Seconds())
@@ -114,7 +115,7 @@ func (b *Bench) runPeers(ctx context.Context) (*peerFigures, error) {
 		}
 		v.vm = vm
 		if err := vm.connect(octx, 3*time.Minute); err != nil {
-			return nil, fmt.Errorf("peer %s: %w", v.name, err)
+			return nil, fmt.Errorf("peer %s: %w\n%s", v.name, err, pe.logTail(v.name))
 		}
 		if _, err := vm.exec(octx, "true"); err != nil {
 			return nil, err
@@ -235,7 +236,7 @@ func (b *Bench) runPeers(ctx context.Context) (*peerFigures, error) {
 	for i := -b.opts.Warmup; i < b.opts.PeerRuns; i++ {
 		name := fmt.Sprintf("clone%d", i+b.opts.Warmup)
 		overlay := filepath.Join(dir, name+".qcow2")
-		if out, err := exec.CommandContext(octx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", idle.disk, overlay).CombinedOutput(); err != nil {
+		if out, err := exec.CommandContext(octx, qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", idle.disk, overlay).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("qemu-img create: %v: %s", err, out)
 		}
 		t0 := time.Now()
@@ -355,6 +356,20 @@ func (pe *peerEnv) start(ctx context.Context, name string, disks []qemu.DiskFile
 	}
 	vm.qmp = q
 	return vm, time.Since(t0), nil
+}
+
+// logTail returns the end of a peer's serial console and QEMU log.
+func (pe *peerEnv) logTail(name string) string {
+	var out []string
+	for _, f := range []string{name + ".serial", name + ".log"} {
+		b, _ := os.ReadFile(filepath.Join(pe.dir, f))
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) > 15 {
+			lines = lines[len(lines)-15:]
+		}
+		out = append(out, "--- "+f+":", strings.Join(lines, "\n"))
+	}
+	return strings.Join(out, "\n")
 }
 
 // listenUnixFile creates a listening unix socket at path and returns it as

@@ -159,7 +159,7 @@ func (b *Bench) printHeader(load bool) {
 	fmt.Fprintf(b.out, "command: %s\n", b.cmdline)
 	fmt.Fprintf(b.out, "code: %s (%s)\n", b.code, b.opts.Repo)
 	fmt.Fprintf(b.out, "host: %s, %d cores, %d MiB RAM, kernel %s\n", h.CPU, h.Cores, h.MemMiB, h.Kernel)
-	fmt.Fprintf(b.out, "vmm:  %s, accel %s; go %s; tmp %s (%s)\n", h.QEMU, h.Accel, h.Go, b.opts.TempDir, h.TmpFS)
+	fmt.Fprintf(b.out, "vmm:  %s (%s), accel %s; go %s; tmp %s (%s)\n", h.QEMU, h.QEMUPath, h.Accel, h.Go, b.opts.TempDir, h.TmpFS)
 	fmt.Fprintf(b.out, "load average %.2f %.2f %.2f; other QEMU processes: %d\n", h.Load[0], h.Load[1], h.Load[2], h.OtherQEMU)
 }
 

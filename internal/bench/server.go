@@ -118,6 +118,9 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 	if !so.Defaults {
 		cfg += fmt.Sprintf("default_memory_mib = %d\n", so.MemoryMiB)
 	}
+	if b.opts.QEMU != "" {
+		cfg += fmt.Sprintf("qemu_binary = %q\n", b.opts.QEMU)
+	}
 	cfg += so.Extra + "\n"
 	if b.opts.PoolSpares >= 0 {
 		cfg += fmt.Sprintf("[pool]\nspares = %d\n", b.opts.PoolSpares)
