@@ -39,12 +39,15 @@ type reportOpts struct {
 	sections map[string]bool
 	// noProvenance leaves out the table saying where the figures come from.
 	noProvenance bool
+	// match keeps only figures whose name contains one of these (all when
+	// empty).
+	match []string
 }
 
 const reportUsage = `noid-bench report prints the figures of noid-bench --json files as Markdown tables.
 
 Usage:
-  noid-bench report [--sections a,b] [--no-provenance] RESULT.json...
+  noid-bench report [--sections a,b] [--match text,…] [--no-provenance] RESULT.json...
   noid-bench report --update BENCHMARKS.md
 
 --update regenerates every block of the file between
@@ -104,10 +107,16 @@ func reportMain(args []string, stdout, stderr io.Writer) int {
 func parseReportArgs(fs *flag.FlagSet, args []string) (reportOpts, []string, error) {
 	sections := fs.String("sections", "", "only figures of these sections (comma-separated; default all)")
 	noProv := fs.Bool("no-provenance", false, "leave out the table of command, commit, host and load")
+	match := fs.String("match", "", "only figures whose name contains one of these strings (comma-separated)")
 	if err := fs.Parse(args); err != nil {
 		return reportOpts{}, nil, err
 	}
 	o := reportOpts{noProvenance: *noProv}
+	for _, m := range strings.Split(*match, ",") {
+		if m = strings.TrimSpace(m); m != "" {
+			o.match = append(o.match, m)
+		}
+	}
 	if *sections != "" {
 		o.sections = map[string]bool{}
 		for _, s := range strings.Split(*sections, ",") {
@@ -176,7 +185,7 @@ func regenerateBlocks(md, dir string) (string, int, error) {
 	n := 0
 	rest := md
 	for {
-		i := strings.Index(rest, markerOpen)
+		i := markerLine(rest, markerOpen)
 		if i < 0 {
 			out.WriteString(rest)
 			return out.String(), n, nil
@@ -189,11 +198,11 @@ func regenerateBlocks(md, dir string) (string, int, error) {
 		open := rest[i : i+end+3]
 		args := strings.Fields(strings.TrimSuffix(strings.TrimPrefix(open, markerOpen), "-->"))
 		after := rest[i+end+3:]
-		j := strings.Index(after, markerClose)
+		j := markerLine(after, markerClose)
 		if j < 0 {
 			return "", 0, fmt.Errorf("line %d: no %s after the marker", line, markerClose)
 		}
-		if k := strings.Index(after[:j], markerOpen); k >= 0 {
+		if k := markerLine(after[:j], markerOpen); k >= 0 {
 			return "", 0, fmt.Errorf("line %d: a marker opens again before %s", line, markerClose)
 		}
 		fs := flag.NewFlagSet("marker", flag.ContinueOnError)
@@ -247,6 +256,9 @@ func renderReport(w io.Writer, name string, r *JSONReport, o reportOpts) {
 	bySection := map[string][]*Figure{}
 	for _, f := range r.Figures {
 		if o.sections != nil && !o.sections[f.Section] {
+			continue
+		}
+		if len(o.match) > 0 && !matchesAny(f.Name, o.match) {
 			continue
 		}
 		if _, ok := bySection[f.Section]; !ok {
@@ -441,4 +453,32 @@ func partsText(p map[string]*Stats) string {
 func mdEscape(s string) string {
 	s = strings.ReplaceAll(s, "|", `\|`)
 	return strings.ReplaceAll(s, "\n", " ")
+}
+
+func matchesAny(s string, subs []string) bool {
+	for _, m := range subs {
+		if strings.Contains(s, m) {
+			return true
+		}
+	}
+	return false
+}
+
+// markerLine is the index in s of the first marker that starts a line
+// (after indentation), or -1: a marker quoted in the middle of a sentence
+// is text.
+func markerLine(s, marker string) int {
+	off := 0
+	for {
+		i := strings.Index(s[off:], marker)
+		if i < 0 {
+			return -1
+		}
+		i += off
+		ls := strings.LastIndexByte(s[:i], '\n') + 1
+		if strings.TrimLeft(s[ls:i], " \t") == "" {
+			return i
+		}
+		off = i + len(marker)
+	}
 }
