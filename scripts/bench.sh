@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): builds noid-bench and runs it as root from the repo.
-#   scripts/bench.sh                      core, checkpoint, golden, network
-#   scripts/bench.sh --only core -v       one section, logging every run
+#   scripts/bench.sh                      default, core, checkpoint, golden, network
+#   scripts/bench.sh --only default -v    one section, logging every run
 #   scripts/bench.sh load                 issue 6: 50 clients for 2 minutes
 #   scripts/bench.sh --json out.json      also write the figures as JSON
-# noid-bench builds noid-server, noid-agent and the tiny image into
+#   scripts/bench.sh report --update BENCHMARKS.md   regenerate its tables from bench/results/ (no root)
+# noid-bench builds noid-server, noid-agent and the images into
 # $NOID_BENCH_CACHE (default /var/tmp/noid-bench-cache), starts its own
 # servers on temporary data dirs and removes everything it started.
-# Results and the exact commands that produced them are in BENCHMARKS.md.
+# Results, their JSON (bench/results/) and the exact commands are in BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
-if [ "$(id -u)" != 0 ]; then
+if [ "${1:-}" != report ] && [ "$(id -u)" != 0 ]; then
 	echo "bench.sh: run as root (VMs, loop mounts, network namespaces)" >&2
 	exit 2
 fi

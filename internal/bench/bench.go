@@ -9,8 +9,11 @@
 // noisy shared host affects both alike. The host's load average is printed
 // with every section.
 //
-// Sections: core (issue 2), checkpoint (issue 3), golden (issue 4), network
-// (issue 5). `noid-bench load` is the concurrent load run of issue 6.
+// Sections: default (issue 12: the default Debian image and config, and
+// QEMU's own ways on the same guest), core (issue 2), checkpoint (issue 3),
+// golden (issue 4), network (issue 5), the last four on the tiny image.
+// `noid-bench load` is the concurrent load run of issue 6, and
+// `noid-bench report` renders --json files as the tables of BENCHMARKS.md.
 package bench
 
 import (
@@ -53,6 +56,20 @@ type Options struct {
 	Accel       string
 	Verbose     bool
 	PoolSpares  int
+	// QEMU is the qemu-system-x86_64 binary (qemu_binary of every server,
+	// and the peers'); "" finds it in $PATH.
+	QEMU string
+
+	// The default section (issue 12).
+	DefaultStorages    []string
+	DefaultRuns        int
+	DefaultRestoreRuns int
+	RewriteSeconds     int
+	PeerRuns           int
+	NoPeers            bool
+	// SyncBetweenCheckpoints flushes the host's page cache between the
+	// default section's checkpoints.
+	SyncBetweenCheckpoints bool
 
 	Load LoadOptions
 
@@ -72,6 +89,7 @@ type Bench struct {
 	art     *Artifacts
 	out     io.Writer
 	host    *HostInfo
+	code    *CodeInfo
 
 	mu       sync.Mutex
 	figs     []*Figure
@@ -79,6 +97,8 @@ type Bench struct {
 	cleanups []cleanup
 	errs     []string
 	load     *LoadReport
+	// pending is the last figure added, not printed yet (see add).
+	pending *Figure
 }
 
 type cleanup struct {
@@ -115,24 +135,35 @@ func (b *Bench) failf(format string, a ...any) {
 	b.logf("ERROR: %s", msg)
 }
 
-var allSections = []string{"core", "checkpoint", "golden", "network"}
+var allSections = []string{"default", "core", "checkpoint", "golden", "network"}
 
 const usage = `noid-bench measures noid on this host (run as root, from the noid source tree).
 
 Usage:
-  noid-bench [flags]          core, checkpoint, golden and network sections
+  noid-bench [flags]          default, core, checkpoint, golden and network sections
   noid-bench load [flags]     50 concurrent clients for 2 minutes (issue 6)
+  noid-bench report FILE.json...       the figures of --json files as Markdown tables
+  noid-bench report --update FILE.md   regenerate the marked tables of FILE.md
 
-It builds noid-server, noid-agent and the tiny image into --cache, starts its
-own noid-servers on temporary data dirs (the network section inside a network
-namespace it creates), and removes every VM, server, loop mount and namespace
-it started, also on Ctrl-C.
+It builds noid-server, noid-agent, the tiny image and (for the default
+section) the default Debian image into --cache, starts its own noid-servers on
+temporary data dirs (the network and default sections inside network
+namespaces it creates), and removes every VM, server, QEMU, loop mount and
+namespace it started, also on Ctrl-C.
+
+The default section (issue 12) uses the default Debian image and the server's
+default configuration (1 vCPU, 2048 MiB, networking on) on each
+--default-storage kind, then runs QEMU's own ways (savevm/loadvm, migrate to a
+file) on the same guest and prints noid / QEMU ratios.
 
 Flags:
 `
 
 // Main runs noid-bench with args and returns the exit code.
 func Main(args []string) int {
+	if len(args) > 0 && args[0] == "report" {
+		return reportMain(args[1:], os.Stdout, os.Stderr)
+	}
 	o := &Options{logw: os.Stderr}
 	load := len(args) > 0 && args[0] == "load"
 	if load {
@@ -162,6 +193,14 @@ func Main(args []string) int {
 	fs.StringVar(&o.Accel, "accel", "auto", "auto, kvm or tcg")
 	fs.BoolVar(&o.Verbose, "v", false, "log every run")
 	fs.IntVar(&o.PoolSpares, "pool-spares", -1, "set [pool] spares on every server (-1: the server's default)")
+	fs.StringVar(&o.QEMU, "qemu", "", "qemu-system-x86_64 binary for every server (qemu_binary) and for QEMU's own ways; qemu-img is taken from its directory when there is one (default: $PATH)")
+	defStorages := fs.String("default-storage", "default,reflink", "storage kinds of the default section: default (the server's default config on --tmp), copy (the same with plain copies asked for explicitly: identical on ext4 today), reflink (loop-mounted XFS)")
+	fs.IntVar(&o.DefaultRuns, "default-runs", 5, "default section: checkpoints per touch level")
+	fs.IntVar(&o.DefaultRestoreRuns, "default-restore-runs", 10, "default section: rewinds and clones per series")
+	fs.IntVar(&o.RewriteSeconds, "rewrite-seconds", 60, "default section: how long a guest rewrites 200 MiB of its RAM while host disk writes are counted (0: skip)")
+	fs.IntVar(&o.PeerRuns, "peer-runs", 5, "default section: runs of each of QEMU's own ways (savevm/loadvm, migrate to a file)")
+	fs.BoolVar(&o.NoPeers, "no-peers", false, "default section: skip QEMU's own ways and the comparison")
+	fs.BoolVar(&o.SyncBetweenCheckpoints, "sync-between-checkpoints", true, "default section: flush the host's page cache (sync) between checkpoints, so that a pause does not wait behind the write-back of the previous checkpoint's spare")
 	o.Load.flags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -192,6 +231,17 @@ func Main(args []string) int {
 			return 2
 		}
 		o.Storages = append(o.Storages, s)
+	}
+	for _, s := range strings.Split(*defStorages, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue // none: only QEMU's own ways
+		}
+		if !contains(defaultStorageKinds, s) {
+			fmt.Fprintf(os.Stderr, "noid-bench: unknown default-section storage %q (%s)\n", s, strings.Join(defaultStorageKinds, ", "))
+			return 2
+		}
+		o.DefaultStorages = append(o.DefaultStorages, s)
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "noid-bench: run as root (it starts VMs, loop mounts and network namespaces)")
@@ -226,7 +276,22 @@ func Main(args []string) int {
 	}
 	b := &Bench{opts: o, out: out, cmdline: strings.TrimSpace("noid-bench " + strings.Join(os.Args[1:], " "))}
 	defer b.runCleanups()
-	b.host = hostInfo(o.Accel)
+	if o.QEMU != "" {
+		abs, err := filepath.Abs(o.QEMU)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "noid-bench:", err)
+			return 2
+		}
+		o.QEMU = abs
+	}
+	b.host = hostInfo(o.Accel, o.qemuBinary())
+	root, err := repoRoot(o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "noid-bench:", err)
+		return 2
+	}
+	o.Repo = root
+	b.code = gitInfo(root)
 	b.printHeader(load)
 	art, err := buildArtifacts(ctx, o)
 	if err != nil {
@@ -261,7 +326,7 @@ func (b *Bench) runSections(ctx context.Context) error {
 		name string
 		fn   func(context.Context) error
 	}
-	for _, s := range []sec{{"core", b.runCore}, {"checkpoint", b.runCheckpoint}, {"golden", b.runGolden}, {"network", b.runNetwork}} {
+	for _, s := range []sec{{"default", b.runDefault}, {"core", b.runCore}, {"checkpoint", b.runCheckpoint}, {"golden", b.runGolden}, {"network", b.runNetwork}} {
 		if !b.opts.Only[s.name] {
 			continue
 		}
@@ -277,6 +342,29 @@ func (b *Bench) runSections(ctx context.Context) error {
 		b.runCleanups()
 	}
 	return nil
+}
+
+// qemuBinary is --qemu, or qemu-system-x86_64 from $PATH.
+func (o *Options) qemuBinary() string {
+	if o.QEMU != "" {
+		return o.QEMU
+	}
+	return "qemu-system-x86_64"
+}
+
+// qemuImg is the qemu-img next to --qemu, or the one in $PATH.
+func (o *Options) qemuImg() string {
+	if o.QEMU != "" {
+		if p := filepath.Join(filepath.Dir(o.QEMU), "qemu-img"); fileExists(p) {
+			return p
+		}
+	}
+	return "qemu-img"
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 func envOr(k, def string) string {
@@ -297,8 +385,12 @@ func contains(l []string, s string) bool {
 
 // JSONReport is what --json writes.
 type JSONReport struct {
-	Command  string         `json:"command"`
+	Command string `json:"command"`
+	// Code is the commit noid-bench built noid from, and whether the tree
+	// was modified.
+	Code     *CodeInfo      `json:"code,omitempty"`
 	Host     *HostInfo      `json:"host"`
+	Finished time.Time      `json:"finished"`
 	Sections []*SectionInfo `json:"sections"`
 	Figures  []*Figure      `json:"figures"`
 	Errors   []string       `json:"errors,omitempty"`
@@ -306,7 +398,7 @@ type JSONReport struct {
 }
 
 func (b *Bench) writeJSON() error {
-	r := JSONReport{Command: b.cmdline, Host: b.host, Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: b.load}
+	r := JSONReport{Command: b.cmdline, Code: b.code, Host: b.host, Finished: time.Now(), Sections: b.sections, Figures: b.figs, Errors: b.errs, Load: b.load}
 	buf, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err
@@ -338,9 +430,11 @@ func (b *Bench) section(name, title string) func() {
 	b.mu.Lock()
 	b.sections = append(b.sections, si)
 	b.mu.Unlock()
+	b.flushFigures()
 	fmt.Fprintf(b.out, "\n== %s ==\n", title)
 	fmt.Fprintf(b.out, "   load average at start %.2f %.2f %.2f; other QEMU processes on the host: %d\n", si.LoadStart[0], si.LoadStart[1], si.LoadStart[2], si.OtherQEMU)
 	return func() {
+		b.flushFigures()
 		si.Seconds = time.Since(si.Start).Seconds()
 		si.LoadEnd = loadAvg()
 		fmt.Fprintf(b.out, "   (section took %.0fs; load average at end %.2f %.2f %.2f)\n", si.Seconds, si.LoadEnd[0], si.LoadEnd[1], si.LoadEnd[2])

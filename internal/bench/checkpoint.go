@@ -42,7 +42,7 @@ type ckptVM struct {
 func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 	end := b.section("checkpoint-"+st, fmt.Sprintf("checkpoint, rewind, clone (issue 3) on %s storage", st))
 	defer end()
-	s, err := b.startServer(ctx, ServerOpts{Name: "ckpt-" + st, Reflink: st == "reflink"})
+	s, err := b.startServer(ctx, ServerOpts{Name: "ckpt-" + st, Reflink: st == "reflink", LogLevel: "debug"})
 	if err != nil {
 		return err
 	}
@@ -63,9 +63,7 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 			// Fill a tmpfs: the pages stay in use (and written) in the guest,
 			// so the host's memory file holds them.
 			t0 := time.Now()
-			cmd := fmt.Sprintf("mkdir -p /mnt/fill && mount -t tmpfs -o size=%dm none /mnt/fill && dd if=/dev/zero of=/mnt/fill/f bs=1M count=%d 2>/dev/null && echo ok",
-				v.touchMiB+64, v.touchMiB)
-			if _, err := execOK(octx, c, v.name, "sh", "-c", cmd); err != nil {
+			if _, err := execOK(octx, c, v.name, "sh", "-c", touchCmd(v.touchMiB)); err != nil {
 				return fmt.Errorf("touching %d MiB in %s: %w", v.touchMiB, v.name, err)
 			}
 			b.logf("touched %d MiB in %s in %.1fs", v.touchMiB, v.name, time.Since(t0).Seconds())
@@ -86,6 +84,11 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 			if d := s.checkpointDir(cp.ID); d != "" {
 				v.memAlloc = allocated(filepath.Join(d, "memory.snap"))
 			}
+			// Let the server prepare its warm spare for the checkpoint
+			// before the next one, as between checkpoints not back to back.
+			wctx, wcancel := context.WithTimeout(octx, 2*time.Minute)
+			s.WaitSparesPrepared(wctx, cp.ID, 1)
+			wcancel()
 			if err := c.DeleteCheckpoint(octx, v.name, cp.Name); err != nil {
 				return err
 			}
@@ -106,14 +109,14 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 	for _, v := range vms {
 		f := &Figure{Section: "checkpoint", Storage: st, Name: "checkpoint pause, " + v.label, Unit: "ms", Stats: v.pause.Stats(), Parts: v.ps.stats(),
 			Anchor: anchorPause,
-			Note: fmt.Sprintf("guest RAM in the host memory file: %d MiB touched (allocated) of %d MiB; the pause includes copying memory and disk; the VM's first checkpoint (warm-up, not in the sample) paused %.0f ms",
+			Note: fmt.Sprintf("the checkpoint's memory file holds %d MiB of guest RAM (non-zero pages) of %d MiB; the pause holds the last pre-copy pass, the device state and the switch to a new disk top; the VM's first checkpoint (warm-up, not in the sample) paused %.0f ms",
 				v.memAlloc>>20, v.mem, v.first)}
 		if st == "reflink" {
 			f.below(30, false)
 		}
 		b.add(f)
 		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "checkpoint total, " + v.label, Unit: "ms", Stats: v.total.Stats(),
-			Note: "server time from request to published checkpoint (pause + fsync + rename + DB)"})
+			Note: "server time from the request to the published checkpoint: live pre-copy of the RAM while the guest runs, the pause, fsync, rename, DB"})
 	}
 	small, big, touched := vms[0], vms[1], vms[2]
 	ratio := big.pause.Stats().P50 / small.pause.Stats().P50
@@ -139,19 +142,21 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 		return err
 	}
 	// Each series runs twice: once waiting before every operation until
-	// the server has a warm spare ready (what an operation finds when they
-	// are not back to back), and once back to back (the pool refills in
-	// the background, so some operations find none and start QEMU).
+	// the server has a warm spare for the checkpoint ready (what an
+	// operation finds when they are not back to back), and once back to
+	// back (the pool refills in the background, so some operations find
+	// none and prepare one on the spot).
+	ds := &defSeries{b: b, s: s, st: st, cpID: base.ID, section: "checkpoint", target: 150}
 	for _, warm := range []bool{true, false} {
-		if err := b.restoreSeries(octx, s, st, "rewind", warm, b.opts.RestoreRuns, func(i int) (string, *client.VM, error) {
+		if _, err := ds.run(octx, "rewind", warm, b.opts.RestoreRuns, func(i int) (string, *client.VM, error) {
 			vm, err := c.Restore(octx, small.name, base.Name)
 			return small.name, vm, err
 		}, nil); err != nil {
 			return err
 		}
 		// Clone → first exec (each clone destroyed before the next).
-		if err := b.restoreSeries(octx, s, st, "clone", warm, b.opts.CloneRuns, func(i int) (string, *client.VM, error) {
-			name := fmt.Sprintf("cl-%d", i)
+		if _, err := ds.run(octx, "clone", warm, b.opts.CloneRuns, func(i int) (string, *client.VM, error) {
+			name := fmt.Sprintf("cl-%d-%v", i, warm)
 			vm, err := c.Clone(octx, small.name, base.Name, name)
 			return name, vm, err
 		}, func(name string) { b.destroy(ctx, s, name) }); err != nil {
@@ -163,65 +168,6 @@ func (b *Bench) runCheckpointOn(ctx context.Context, st string) error {
 
 // seriesMemMiB is the memory of the VM the rewind and clone series use (1 vCPU).
 const seriesMemMiB = 256
-
-// restoreSeries times warm-up+n restores (rewinds or clones) each followed
-// by a first exec.
-func (b *Bench) restoreSeries(ctx context.Context, s *Server, st, kind string, waitSpare bool, n int, op func(i int) (string, *client.VM, error), after func(name string)) error {
-	var total, opWall, vmmSide Sample
-	ps := parts{}
-	warm := 0
-	label := kind + " (back to back)"
-	if waitSpare {
-		label = kind + " (warm spare ready)"
-	}
-	for i := -b.opts.Warmup; i < n; i++ {
-		if waitSpare {
-			wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			s.WaitCloneSpare(wctx, seriesMemMiB)
-			cancel()
-		}
-		t0 := time.Now()
-		name, vm, err := op(i + b.opts.Warmup)
-		if err != nil {
-			return fmt.Errorf("%s: %w\n%s", kind, err, s.LogTail(20))
-		}
-		to := time.Since(t0)
-		te, _, err := firstExec(ctx, s.Client, name)
-		if err != nil {
-			return err
-		}
-		tt := time.Since(t0)
-		te2, err := secondExec(ctx, s.Client, name)
-		if err != nil {
-			return err
-		}
-		b.vlogf("%s %s [%s]: op %v exec %v exec2 %v server %+v", kind, name, st, to, te, te2, vm.Timings)
-		if after != nil {
-			after(name)
-		}
-		if i < 0 {
-			continue
-		}
-		total.AddDur(tt)
-		opWall.AddDur(to)
-		ps.addTimings(vm.Timings)
-		ps.add("exec", ms(te))
-		ps.add("exec2", ms(te2))
-		if vm.Timings != nil {
-			vmmSide.Add(vm.Timings.TotalMs - vm.Timings.AgentMs)
-		}
-		if vm.Timings != nil && vm.Timings.WarmSpare {
-			warm++
-		}
-	}
-	spareNote := fmt.Sprintf("; %d of %d took a warm spare (no QEMU start on the path)", warm, n)
-	b.add(&Figure{Section: "checkpoint", Storage: st, Name: label + " → first exec", Unit: "ms", Stats: total.Stats(), Parts: ps.stats(),
-		Anchor: anchorLoad,
-		Note:   "client wall time; agent = guest reconnect + clock/entropy/identity sync, which runs guest code under TCG; exec2 = a second `true` right after (not in the total)" + spareNote})
-	b.add(&Figure{Section: "checkpoint", Storage: st, Name: label + ", VMM side (server total − agent)", Unit: "ms", Stats: vmmSide.Stats(),
-		Note: "copy + QEMU spawn + state load + DB: the cost that excludes guest execution" + spareNote}).below(150, false)
-	return nil
-}
 
 // manyClones keeps n clones of one checkpoint alive and measures the wall
 // time to make them and the host memory each costs.
@@ -281,14 +227,14 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 		}
 		pss.Add(mib(sm.Pss))
 		priv.Add(mib(sm.Private()))
-		if inRAM, rest, err := privateByMapping(pids[name], "/mem.raw"); err == nil {
+		if inRAM, rest, err := privateByMapping(pids[name], "/mem.snap"); err == nil {
 			privRAM.Add(float64(inRAM) / 1024)
 			privVMM.Add(float64(rest) / 1024)
 		}
 		shared.Add(mib(sm.Shared()))
 		rss.Add(mib(sm.Rss))
 		if d := s.vmDir(ids[name]); d != "" {
-			if r, err := pageCacheResident(filepath.Join(d, "mem.raw")); err == nil {
+			if r, err := pageCacheResident(filepath.Join(d, "mem.snap")); err == nil {
 				cache.Add(float64(r) / (1 << 20))
 			}
 		}
@@ -306,14 +252,14 @@ func (b *Bench) manyClones(ctx context.Context, s *Server, st, src string, base 
 	}
 	b.add(&Figure{Section: "checkpoint", Storage: st, Name: "host memory per idle clone: PSS", Unit: "MiB", Stats: pss.Stats()})
 	if len(privRAM) > 0 {
-		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "  of the private memory: guest RAM pages (the mem.raw mapping)", Unit: "MiB", Stats: privRAM.Stats(),
+		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "  of the private memory: guest RAM pages (the mem.snap mapping)", Unit: "MiB", Stats: privRAM.Stats(),
 			Note: fmt.Sprintf("what the clone's guest has touched since the restore, against %.0f MiB touched at the checkpoint", touched)})
 		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "  of the private memory: the VMM's own (heap, TCG translation cache, libraries)", Unit: "MiB", Stats: privVMM.Stats(),
 			Note: "the same for any VM, whatever memory sharing is used; the TCG translation cache does not exist on KVM hosts"})
 	}
 	if len(cache) > 0 {
 		b.add(&Figure{Section: "checkpoint", Storage: st, Name: "page cache held by each clone's own memory file", Unit: "MiB", Stats: cache.Stats(),
-			Note: "mincore of <vm>/mem.raw: host memory the clone costs beyond its mapped pages (smaps does not show unmapped page cache)"})
+			Note: "mincore of <vm>/mem.snap (QEMU 7.2 maps its own copy of the checkpoint's memory file): host memory the clone costs beyond its mapped pages (smaps does not show unmapped page cache)"})
 	}
 	td := time.Now()
 	for _, name := range names {

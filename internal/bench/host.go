@@ -23,6 +23,7 @@ type HostInfo struct {
 	MemMiB    int        `json:"mem_mib"`
 	Kernel    string     `json:"kernel"`
 	QEMU      string     `json:"qemu"`
+	QEMUPath  string     `json:"qemu_path,omitempty"`
 	Accel     string     `json:"accel"`
 	Go        string     `json:"go"`
 	TmpFS     string     `json:"tmp_fs"`
@@ -30,7 +31,7 @@ type HostInfo struct {
 	OtherQEMU int        `json:"other_qemu_processes"`
 }
 
-func hostInfo(accel string) *HostInfo {
+func hostInfo(accel, qemuBin string) *HostInfo {
 	h := &HostInfo{Time: time.Now(), Cores: runtime.NumCPU(), Accel: accel, Go: runtime.Version(), Load: loadAvg(), OtherQEMU: otherQEMU()}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
@@ -47,8 +48,11 @@ func hostInfo(accel string) *HostInfo {
 	if unix.Uname(&u) == nil {
 		h.Kernel = unix.ByteSliceToString(u.Release[:])
 	}
-	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+	if out, err := exec.Command(qemuBin, "--version").Output(); err == nil {
 		h.QEMU = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	if p, err := exec.LookPath(qemuBin); err == nil {
+		h.QEMUPath = p
 	}
 	var st unix.Statfs_t
 	if unix.Statfs(os.TempDir(), &st) == nil {

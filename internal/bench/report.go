@@ -75,13 +75,30 @@ func fmtNum(v float64) string {
 
 func val(v float64) *float64 { return &v }
 
-// add records a figure and prints it.
+// add records a figure. It is printed when the next one is added or the
+// section ends, so that a target set on the returned figure
+// (b.add(f).below(…)) is printed with it.
 func (b *Bench) add(f *Figure) *Figure {
 	b.mu.Lock()
 	b.figs = append(b.figs, f)
+	prev := b.pending
+	b.pending = f
 	b.mu.Unlock()
-	b.printFigure(f)
+	if prev != nil {
+		b.printFigure(prev)
+	}
 	return f
+}
+
+// flushFigures prints the figure add holds back.
+func (b *Bench) flushFigures() {
+	b.mu.Lock()
+	prev := b.pending
+	b.pending = nil
+	b.mu.Unlock()
+	if prev != nil {
+		b.printFigure(prev)
+	}
 }
 
 func (b *Bench) printFigure(f *Figure) {
@@ -105,7 +122,7 @@ func (b *Bench) printFigure(f *Figure) {
 		for _, k := range partOrder(f.Parts) {
 			ps = append(ps, fmt.Sprintf("%s %s", k, fmtNum(f.Parts[k].P50)))
 		}
-		fmt.Fprintf(b.out, "  %-52s     server p50 (ms): %s\n", "", strings.Join(ps, " · "))
+		fmt.Fprintf(b.out, "  %-52s     parts p50 (ms): %s\n", "", strings.Join(ps, " · "))
 	}
 	if f.Note != "" {
 		fmt.Fprintf(b.out, "  %-52s     note: %s\n", "", f.Note)
@@ -140,12 +157,14 @@ func (b *Bench) printHeader(load bool) {
 	}
 	fmt.Fprintf(b.out, "noid-bench %s — %s\n", what, h.Time.Format("2006-01-02 15:04:05 MST"))
 	fmt.Fprintf(b.out, "command: %s\n", b.cmdline)
+	fmt.Fprintf(b.out, "code: %s (%s)\n", b.code, b.opts.Repo)
 	fmt.Fprintf(b.out, "host: %s, %d cores, %d MiB RAM, kernel %s\n", h.CPU, h.Cores, h.MemMiB, h.Kernel)
-	fmt.Fprintf(b.out, "vmm:  %s, accel %s; go %s; tmp %s (%s)\n", h.QEMU, h.Accel, h.Go, b.opts.TempDir, h.TmpFS)
+	fmt.Fprintf(b.out, "vmm:  %s (%s), accel %s; go %s; tmp %s (%s)\n", h.QEMU, h.QEMUPath, h.Accel, h.Go, b.opts.TempDir, h.TmpFS)
 	fmt.Fprintf(b.out, "load average %.2f %.2f %.2f; other QEMU processes: %d\n", h.Load[0], h.Load[1], h.Load[2], h.OtherQEMU)
 }
 
 func (b *Bench) printSummary() {
+	b.flushFigures()
 	var met, missed []string
 	for _, f := range b.figs {
 		n := f.Name

@@ -20,7 +20,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/noid-vm/noid/client"
-	"github.com/noid-vm/noid/internal/promtext"
+	"github.com/noid-vm/noid/internal/image"
 	"github.com/noid-vm/noid/internal/storage"
 )
 
@@ -37,6 +37,19 @@ type ServerOpts struct {
 	MemoryMiB int
 	// Extra is raw TOML appended to the config (top-level keys only).
 	Extra string
+	// Image is the guest image (nil: the tiny one).
+	Image *image.Image
+	// Defaults writes the server's default configuration: only the paths
+	// (data dir, socket, image), accel and log level are set, so memory,
+	// networking (on: the server runs in its own network namespace), the
+	// sandbox and the pool are the server's defaults. Reflink still adds
+	// [storage] and --pool-spares still sets [pool].
+	Defaults bool
+	// PlainCopy writes [storage] reflink_image_size = "" (plain copies on
+	// the data dir's filesystem; the default).
+	PlainCopy bool
+	// LogLevel is log_level (default "info").
+	LogLevel string
 }
 
 // Server is one noid-server process the benchmark started, with its own
@@ -48,13 +61,18 @@ type Server struct {
 	Socket  string
 	Client  *client.Client
 	Pid     int
+	// Config is the config.toml it runs with.
+	Config string
 
 	cmd    *exec.Cmd
 	exited chan struct{}
 	ns     netns.NsHandle
 	logMu  sync.Mutex
 	log    bytes.Buffer // last ~256 KiB
-	b      *Bench
+	// prepared counts the warm spares prepared per snapshot
+	// ("checkpoints/<id>"), from the server's debug log.
+	prepared map[string]int
+	b        *Bench
 }
 
 // StorageDir is where users/ and golden/ live.
@@ -76,8 +94,14 @@ func (s *Server) StorageKind() string {
 // startServer writes a config and starts noid-server on a fresh temp dir.
 // The returned server is registered for cleanup.
 func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error) {
-	if so.MemoryMiB == 0 {
+	if so.MemoryMiB == 0 && !so.Defaults {
 		so.MemoryMiB = 256
+	}
+	if so.Defaults {
+		so.Network = true // the server's default
+	}
+	if so.LogLevel == "" {
+		so.LogLevel = "info"
 	}
 	dir, err := os.MkdirTemp(b.opts.TempDir, "noid-bench-"+so.Name+"-")
 	if err != nil {
@@ -85,9 +109,18 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 	}
 	s := &Server{Opts: so, Dir: dir, DataDir: filepath.Join(dir, "data"), Socket: filepath.Join(dir, "noid.sock"), b: b, ns: netns.None()}
 	b.addCleanup("server "+so.Name, s.Close)
-	img := b.art.Image
-	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = %q\ndefault_memory_mib = %d\nlog_level = \"info\"\n",
-		s.DataDir, s.Socket, img.Kernel, img.Initrd, img.Rootfs, b.opts.Accel, so.MemoryMiB)
+	img := so.Image
+	if img == nil {
+		img = b.art.Image
+	}
+	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = %q\nlog_level = %q\n",
+		s.DataDir, s.Socket, img.Kernel, img.Initrd, img.Rootfs, b.opts.Accel, so.LogLevel)
+	if !so.Defaults {
+		cfg += fmt.Sprintf("default_memory_mib = %d\n", so.MemoryMiB)
+	}
+	if b.opts.QEMU != "" {
+		cfg += fmt.Sprintf("qemu_binary = %q\n", b.opts.QEMU)
+	}
 	cfg += so.Extra + "\n"
 	// The benchmarks measure the server, not the shipped quotas (they keep
 	// up to 21 VMs alive at once).
@@ -97,12 +130,17 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 	}
 	if so.Reflink {
 		cfg += "[storage]\nreflink_image_size = \"24G\"\n"
+	} else if so.PlainCopy {
+		cfg += "[storage]\nreflink_image_size = \"\"\n"
 	}
-	if so.Network {
+	switch {
+	case so.Defaults:
+	case so.Network:
 		cfg += "[network]\nenabled = true\n"
-	} else {
+	default:
 		cfg += "[network]\nenabled = false\n"
 	}
+	s.Config = cfg
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err
@@ -138,6 +176,12 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 				s.log = *bytes.NewBuffer(append([]byte(nil), rest...))
 			}
 			s.log.WriteString(line + "\n")
+			if snap := spareSnapshot(line); snap != "" {
+				if s.prepared == nil {
+					s.prepared = map[string]int{}
+				}
+				s.prepared[snap]++
+			}
 			s.logMu.Unlock()
 			if strings.Contains(line, "msg=listening") {
 				once.Do(func() { close(ready) })
@@ -369,21 +413,38 @@ func (s *Server) checkpointDir(id string) string {
 	return m[0]
 }
 
-// WaitCloneSpare waits until the server has a blank warm spare (for clones
-// and rewinds) of a VM with memMiB of memory ready, as its /metrics report,
-// or until ctx ends. It reports whether one is ready.
-func (s *Server) WaitCloneSpare(ctx context.Context, memMiB int) bool {
-	want := map[string]string{"kind": "clone", "vcpus": "1", "memory_mib": strconv.Itoa(memMiB)}
-	for {
-		if m, err := s.Client.Metrics(ctx); err == nil {
-			if fams, err := promtext.Parse(m); err == nil && fams.Sum("noid_warm_spares", want) > 0 {
-				return true
-			}
+// spareSnapshot returns the snapshot of a "warm pool: spare prepared" log
+// line (logged at debug level), or "".
+func spareSnapshot(line string) string {
+	if !strings.Contains(line, `msg="warm pool: spare prepared"`) {
+		return ""
+	}
+	for _, f := range strings.Fields(line) {
+		if v, ok := strings.CutPrefix(f, "snapshot="); ok {
+			return strings.Trim(v, `"`)
 		}
+	}
+	return ""
+}
+
+// SparesPrepared is how many warm spares the server has prepared for the
+// checkpoint with id cpID (it must run with log_level "debug").
+func (s *Server) SparesPrepared(cpID string) int {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return s.prepared["checkpoints/"+cpID]
+}
+
+// WaitSparesPrepared waits until the server has prepared n warm spares in
+// all for the checkpoint with id cpID, or until ctx ends. It reports
+// whether it has.
+func (s *Server) WaitSparesPrepared(ctx context.Context, cpID string, n int) bool {
+	for s.SparesPrepared(cpID) < n {
 		select {
 		case <-ctx.Done():
 			return false
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
+	return true
 }

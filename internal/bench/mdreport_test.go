@@ -1,0 +1,184 @@
+package bench
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func fixtureReport() *JSONReport {
+	start := time.Date(2026, 12, 3, 10, 0, 0, 0, time.UTC)
+	pause := (&Figure{Section: "default", Storage: "default", Name: "checkpoint pause, idle", Unit: "ms",
+		Stats: &Stats{N: 5, Min: 7, P50: 9.5, P90: 12, Max: 13}}).below(30, false)
+	pauseR := (&Figure{Section: "default", Storage: "reflink", Name: "checkpoint pause, idle", Unit: "ms",
+		Stats: &Stats{N: 5, Min: 20, P50: 41, P90: 50, Max: 60}}).below(30, false)
+	rewind := &Figure{Section: "default", Storage: "default", Name: "rewind → first exec", Unit: "ms",
+		Stats: &Stats{N: 10, Min: 300, P50: 350, P90: 400}, Parts: map[string]*Stats{"load": {P50: 12}, "agent": {P50: 250}, "total": {P50: 270}}}
+	ratio := &Figure{Section: "default", Storage: "reflink", Name: "pause ratio 2 GiB touched / idle", Unit: "x", Value: val(1.2)}
+	peer := &Figure{Section: "peers", Name: "savevm pause | idle", Unit: "ms", Stats: &Stats{N: 1, P50: 1500}}
+	return &JSONReport{
+		Command:  "noid-bench --only default --json bench/results/default.json",
+		Code:     &CodeInfo{Commit: "abc1234", Branch: "bench", Dirty: true, DirtyFiles: []string{"internal/bench/default.go"}},
+		Host:     &HostInfo{Time: start, CPU: "AMD EPYC", Cores: 2, MemMiB: 24105, Kernel: "6.18", QEMU: "QEMU emulator version 7.2.22", Accel: "tcg", Go: "go1.26", TmpFS: "ext4", Load: [3]float64{1, 2, 3}},
+		Finished: start.Add(40 * time.Minute),
+		Sections: []*SectionInfo{{Name: "default-default", Start: start, Seconds: 600, LoadStart: [3]float64{1.5}, LoadEnd: [3]float64{2.5}}},
+		Figures:  []*Figure{pause, pauseR, rewind, ratio, peer},
+	}
+}
+
+func writeReport(t *testing.T, dir, name string, r *JSONReport) string {
+	t.Helper()
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestRenderReport(t *testing.T) {
+	var buf bytes.Buffer
+	renderReport(&buf, "bench/results/default.json", fixtureReport(), reportOpts{})
+	out := buf.String()
+	for _, want := range []string{
+		"| Run | `bench/results/default.json` |",
+		"| Command | `noid-bench --only default --json bench/results/default.json` |",
+		"| When (UTC) | 2026-12-03 10:00–10:40 |",
+		"| Code | `abc1234+dirty` on bench; modified: internal/bench/default.go |",
+		"| Section default-default | 10:00:00 UTC, 600 s; load 1.50 → 2.50 (1 min)",
+		"| Figure | default | reflink | Target |",
+		"| checkpoint pause, idle (ms) | 9.50 (12.0, 7.00; n=5) · met | 41.0 (50.0, 20.0; n=5) · **missed** | ≤ 30.0 ms |",
+		"| rewind → first exec (ms) | 350 (400, 300; n=10) |  |  |",
+		"|   ↳ parts, p50 ms | total 270 · load 12.0 · agent 250 |  |  |",
+		"| pause ratio 2 GiB touched / idle (x) |  | 1.20 |  |",
+		"| Figure | p50 (p90, min; n) |",
+		`| savevm pause \| idle (ms) | 1500 (n=1) |`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+	buf.Reset()
+	renderReport(&buf, "x.json", fixtureReport(), reportOpts{match: []string{"ratio", "rewind"}, noProvenance: true})
+	if out := buf.String(); strings.Contains(out, "checkpoint pause") || !strings.Contains(out, "pause ratio") || !strings.Contains(out, "rewind → first exec") {
+		t.Errorf("--match ratio,rewind:\n%s", out)
+	}
+	buf.Reset()
+	renderReport(&buf, "x.json", fixtureReport(), reportOpts{sections: map[string]bool{"peers": true}, noProvenance: true})
+	if out := buf.String(); strings.Contains(out, "| Run |") || strings.Contains(out, "checkpoint pause") || !strings.Contains(out, "savevm pause") {
+		t.Errorf("--sections peers --no-provenance:\n%s", out)
+	}
+}
+
+func TestRenderReportWithoutCode(t *testing.T) {
+	r := fixtureReport()
+	r.Code = nil
+	var buf bytes.Buffer
+	renderReport(&buf, "old.json", r, reportOpts{})
+	if !strings.Contains(buf.String(), "| Code | not recorded") {
+		t.Errorf("a report without a commit must say so:\n%s", buf.String())
+	}
+}
+
+func TestRegenerateBlocks(t *testing.T) {
+	dir := t.TempDir()
+	writeReport(t, dir, "results/a.json", fixtureReport())
+	md := "# Title\n\nkept text, which quotes `<!-- noid-bench report nope.json -->` in a sentence\n\n" +
+		"<!-- noid-bench report --sections peers --no-provenance results/a.json -->\nstale table\n<!-- /noid-bench report -->\n\n" +
+		"middle\n\n<!-- noid-bench report results/a.json -->\n<!-- /noid-bench report -->\nend\n"
+	out, n, err := regenerateBlocks(md, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Fatalf("regenerated %d blocks, want 2", n)
+	}
+	if strings.Contains(out, "stale table") {
+		t.Errorf("the old block content stayed:\n%s", out)
+	}
+	for _, want := range []string{"# Title\n\nkept text, which quotes `<!-- noid-bench report nope.json -->` in a sentence\n\n", "\nmiddle\n", "\nend\n", "savevm pause", "| Run | `results/a.json` |", "generated by `noid-bench report --update`"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	first := out[:strings.Index(out, "middle")]
+	if strings.Contains(first, "| Run |") || strings.Contains(first, "checkpoint pause") {
+		t.Errorf("the first block ignored its flags:\n%s", first)
+	}
+	// Regenerating again changes nothing.
+	again, _, err := regenerateBlocks(out, dir)
+	if err != nil || again != out {
+		t.Errorf("not idempotent (err %v):\n%s\n---\n%s", err, out, again)
+	}
+
+	// The file is rewritten in place.
+	p := filepath.Join(dir, "B.md")
+	os.WriteFile(p, []byte(md), 0o644)
+	if n, err := updateMarkdown(p); err != nil || n != 2 {
+		t.Fatalf("updateMarkdown: %d, %v", n, err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != out {
+		t.Errorf("updateMarkdown wrote:\n%s", b)
+	}
+}
+
+func TestRegenerateBlocksErrors(t *testing.T) {
+	dir := t.TempDir()
+	writeReport(t, dir, "a.json", fixtureReport())
+	for name, md := range map[string]string{
+		"no close":      "x\n<!-- noid-bench report a.json -->\ntable\n",
+		"nested open":   "<!-- noid-bench report a.json -->\n<!-- noid-bench report a.json -->\n<!-- /noid-bench report -->\n",
+		"no file":       "<!-- noid-bench report --no-provenance -->\n<!-- /noid-bench report -->\n",
+		"missing file":  "<!-- noid-bench report nope.json -->\n<!-- /noid-bench report -->\n",
+		"unknown flag":  "<!-- noid-bench report --bogus a.json -->\n<!-- /noid-bench report -->\n",
+		"unterminated":  "<!-- noid-bench report a.json\n",
+		"bad json file": "<!-- noid-bench report bad.json -->\n<!-- /noid-bench report -->\n",
+	} {
+		os.WriteFile(filepath.Join(dir, "bad.json"), []byte("{"), 0o644)
+		if _, _, err := regenerateBlocks(md, dir); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+	if out, n, err := regenerateBlocks("no markers here\n", dir); err != nil || n != 0 || out != "no markers here\n" {
+		t.Errorf("no markers: %q %d %v", out, n, err)
+	}
+}
+
+func TestReportMain(t *testing.T) {
+	dir := t.TempDir()
+	p := writeReport(t, dir, "a.json", fixtureReport())
+	var out, errb bytes.Buffer
+	if code := reportMain([]string{"--sections", "default", p}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	if !strings.Contains(out.String(), "checkpoint pause, idle") || strings.Contains(out.String(), "savevm") {
+		t.Errorf("output:\n%s", out.String())
+	}
+	if code := reportMain(nil, &out, &errb); code != 2 {
+		t.Errorf("no files: exit %d, want 2", code)
+	}
+	if code := reportMain([]string{"--update", filepath.Join(dir, "x.md"), p}, &out, &errb); code != 2 {
+		t.Errorf("--update with files: exit %d, want 2", code)
+	}
+}
+
+func TestParsePorcelain(t *testing.T) {
+	got := parsePorcelain(" M internal/bench/bench.go\nR  old.go -> new.go\nA  \"with space.go\"\n")
+	want := []string{"internal/bench/bench.go", "new.go", "with space.go"}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("parsePorcelain = %q, want %q", got, want)
+	}
+	if (&CodeInfo{Commit: "abc", Dirty: true}).String() != "abc+dirty" || (*CodeInfo)(nil).String() != "unknown" {
+		t.Error("CodeInfo.String")
+	}
+}
