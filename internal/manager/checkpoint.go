@@ -192,6 +192,7 @@ func (m *Manager) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, c
 	if err := m.store.DeleteCheckpoint(ctx, c.ID); err != nil {
 		return err
 	}
+	m.pool.drain(m.checkpointDir(c))
 	if err := os.RemoveAll(m.checkpointDir(c)); err != nil {
 		return fmt.Errorf("removing checkpoint files: %w", err)
 	}

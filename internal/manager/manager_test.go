@@ -99,6 +99,41 @@ func TestLifecycle(t *testing.T) {
 		t.Errorf("the clone's write reached the original: %q", got)
 	}
 
+	// Deleting a checkpoint stops the spares prepared for it.
+	if _, err := e.mgr.Checkpoint(ctx, e.user, "life-2", api.CheckpointRequest{Name: "gone"}); err != nil {
+		t.Fatalf("checkpoint of the clone: %v", err)
+	}
+	sv, err := e.mgr.store.GetVM(ctx, e.user.ID, "life-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := e.mgr.store.GetCheckpoint(ctx, e.user.ID, sv.ID, "gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	goneDir := e.mgr.checkpointDir(sc)
+	deadline := time.Now().Add(2 * time.Minute)
+	for e.mgr.pool.ready(goneDir) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no spare was prepared for checkpoint gone")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.mgr.pool.mu.Lock()
+	goneSpare := e.mgr.pool.spares[goneDir][0]
+	e.mgr.pool.mu.Unlock()
+	if err := e.mgr.DeleteCheckpoint(ctx, e.user, "life-2", "gone"); err != nil {
+		t.Fatalf("deleting the checkpoint: %v", err)
+	}
+	if n := e.mgr.pool.ready(goneDir); n != 0 {
+		t.Errorf("%d spares still wait for a deleted checkpoint", n)
+	}
+	select {
+	case <-goneSpare.inst.Done():
+	case <-time.After(30 * time.Second):
+		t.Error("the spare of a deleted checkpoint still runs")
+	}
+
 	// A golden snapshot from the checkpoint serves the next create.
 	g, err := e.mgr.PromoteGolden(ctx, e.user, api.GoldenPromoteRequest{VM: "life", Checkpoint: "one"})
 	if err != nil || g.VCPUs != 1 || g.MemoryMiB != 256 {

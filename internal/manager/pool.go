@@ -81,6 +81,9 @@ type warmPool struct {
 	mu      sync.Mutex
 	spares  map[string][]*spare
 	filling map[string]int
+	// gen counts the drains of each key, so that a fill in flight when
+	// its snapshot was removed discards what it made.
+	gen map[string]int
 	// recent is the checkpoints with spares, most recent last.
 	recent []string
 	closed bool
@@ -92,7 +95,7 @@ type warmPool struct {
 
 func newWarmPool(m *Manager, size int) *warmPool {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, ctx: ctx, cancel: cancel}
+	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, gen: map[string]int{}, ctx: ctx, cancel: cancel}
 }
 
 // spareShape is what a spare's VMM was started with, besides its snapshot.
@@ -236,6 +239,7 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 		return
 	}
 	wp.filling[key] += need
+	gen := wp.gen[key]
 	wp.wg.Add(1)
 	wp.mu.Unlock()
 	go func() {
@@ -246,19 +250,22 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 			cancel()
 			wp.mu.Lock()
 			wp.filling[key]--
-			if err == nil && !wp.closed {
+			stale := wp.closed || wp.gen[key] != gen
+			if err == nil && !stale {
 				wp.spares[key] = append(wp.spares[key], sp)
 				sp = nil
+			}
+			if err != nil || stale {
+				wp.filling[key] -= need - i - 1
 			}
 			wp.mu.Unlock()
 			if sp != nil {
 				wp.discard(sp)
 			}
-			if err != nil {
+			if err != nil && !stale {
 				wp.m.log.Warn("warm pool: could not prepare a spare", "for", poolLabel(key), "err", err)
-				wp.mu.Lock()
-				wp.filling[key] -= need - i - 1
-				wp.mu.Unlock()
+			}
+			if err != nil || stale {
 				return
 			}
 		}
@@ -271,7 +278,7 @@ func poolLabel(key string) string {
 }
 
 // drain discards every spare of the snapshot in dir (it was replaced or
-// removed).
+// removed), including those still being prepared.
 func (wp *warmPool) drain(dir string) {
 	if wp == nil {
 		return
@@ -279,6 +286,13 @@ func (wp *warmPool) drain(dir string) {
 	wp.mu.Lock()
 	sps := wp.spares[dir]
 	delete(wp.spares, dir)
+	wp.gen[dir]++
+	for i, key := range wp.recent {
+		if key == dir {
+			wp.recent = append(wp.recent[:i:i], wp.recent[i+1:]...)
+			break
+		}
+	}
 	wp.mu.Unlock()
 	for _, sp := range sps {
 		wp.discard(sp)

@@ -506,6 +506,7 @@ func (m *Manager) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 	m.detachNetwork(ctx, v)
 	cps, _ := m.store.ListCheckpoints(ctx, v.UserID, v.ID)
 	for _, c := range cps {
+		m.pool.drain(m.checkpointDir(c))
 		if err := os.RemoveAll(m.checkpointDir(c)); err != nil {
 			return 0, fmt.Errorf("removing checkpoint %s: %w", c.Name, err)
 		}
