@@ -69,7 +69,7 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 		return nil, fmt.Errorf("%w: syncing agent: %v", errdefs.ErrUnavailable, err)
 	}
 	rt.m.metrics.agentCall("sync", t1)
-	rt.log.Debug("agent connected", "hello_ms", ms(t1.Sub(t0)), "sync_ms", ms(time.Since(t1)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
+	rt.log.Debug("agent connected", "hello_ms", ms(t1.Sub(t0)), "sync_ms", ms(time.Since(t1)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors, "guest_steps_us", res.StepsUS)
 	rt.mu.Lock()
 	if rt.inst != inst {
 		rt.mu.Unlock()
@@ -92,7 +92,7 @@ func (rt *vmRT) takeAgent(ctx context.Context, c *client.Client, v *store.VM) er
 		return err
 	}
 	rt.m.metrics.agentCall("sync", t0)
-	rt.log.Debug("agent taken over from a warm spare", "sync_ms", ms(time.Since(t0)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors)
+	rt.log.Debug("agent taken over from a warm spare", "sync_ms", ms(time.Since(t0)), "clock_step_ms", res.ClockStepNS/1e6, "changed", res.Changed, "errors", res.Errors, "guest_steps_us", res.StepsUS)
 	rt.mu.Lock()
 	old := rt.agent
 	rt.agent = c

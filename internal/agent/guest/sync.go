@@ -70,15 +70,23 @@ func (a *Agent) applySync(req proto.Sync) proto.SyncResult {
 	fail := func(format string, args ...any) {
 		res.Errors = append(res.Errors, fmt.Sprintf(format, args...))
 	}
+	res.StepsUS = map[string]int64{}
+	mark := time.Now()
+	lap := func(name string) {
+		now := time.Now()
+		res.StepsUS[name] += now.Sub(mark).Microseconds()
+		mark = now
+	}
 	if req.TimeUnixNano != 0 {
 		want := time.Unix(0, req.TimeUnixNano)
-		step := want.Sub(sys.Now())
+		delta := want.Sub(sys.Now())
 		if err := sys.SetClock(want); err != nil {
 			fail("setting clock: %v", err)
 		} else {
-			res.ClockSet, res.ClockStepNS = true, int64(step)
+			res.ClockSet, res.ClockStepNS = true, int64(delta)
 		}
 	}
+	lap("clock")
 	if len(req.Entropy) > 0 {
 		if err := sys.AddEntropy(req.Entropy); err != nil {
 			fail("adding entropy: %v", err)
@@ -91,15 +99,18 @@ func (a *Agent) applySync(req proto.Sync) proto.SyncResult {
 			}
 		}
 	}
+	lap("entropy")
 	if id := req.Identity; id != nil {
-		a.applyIdentity(*id, &res, fail)
+		a.applyIdentity(*id, &res, fail, lap)
 	}
 	a.log.Info("sync", "took", time.Since(start).Round(10*time.Microsecond), "clock_step", time.Duration(res.ClockStepNS).Round(time.Millisecond), "entropy_bytes", res.EntropyBytes,
-		"reseeded", res.Reseeded, "changed", strings.Join(res.Changed, ","), "errors", len(res.Errors))
+		"reseeded", res.Reseeded, "changed", strings.Join(res.Changed, ","), "errors", len(res.Errors), "steps_us", res.StepsUS)
 	return res
 }
 
-func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail func(string, ...any)) {
+// applyIdentity applies the parts of id that differ from the guest's, and
+// calls lap after each step with its name.
+func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail func(string, ...any), lap func(string)) {
 	sys := a.sys
 	writeIfChanged := writeIfChanged
 	if d, ok := sys.(interface{ Disabled() bool }); ok && d.Disabled() {
@@ -119,6 +130,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 		} else if ok && !slices.Contains(res.Changed, "hostname") {
 			changed("hostname")
 		}
+		lap("hostname")
 	}
 	var ip string
 	if id.IPv4 != "" {
@@ -137,6 +149,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 		} else if ok {
 			changed("hosts")
 		}
+		lap("hosts")
 	}
 	if id.MAC != "" || ip != "" || id.Gateway != "" {
 		cur, err := sys.NetState(netIf)
@@ -179,6 +192,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 				a.announce(ip)
 			}
 		}
+		lap("net")
 	}
 	if len(id.DNS) > 0 {
 		var b bytes.Buffer
@@ -195,6 +209,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 		} else if ok {
 			changed("dns")
 		}
+		lap("dns")
 	}
 }
 

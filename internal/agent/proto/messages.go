@@ -200,6 +200,11 @@ type SyncResult struct {
 	Changed []string `json:"changed,omitempty"`
 	// Errors lists the steps that failed; the EXIT frame then has Code 1.
 	Errors []string `json:"errors,omitempty"`
+	// StepsUS is how long each step took in the guest, in microseconds
+	// ("clock", "entropy", "hostname", "hosts", "net", "dns"), for the
+	// host's logs: after a restore under TCG every step runs guest code
+	// for the first time in that VMM process.
+	StepsUS map[string]int64 `json:"steps_us,omitempty"`
 }
 
 // Info describes the agent and the guest.
