@@ -130,6 +130,29 @@ type Pool struct {
 	// the 4 used last; waiting for state, so a clone or rewind skips the
 	// process start). Default 1; 0 turns the pool off.
 	Spares *int `toml:"spares"`
+	// MemoryBudget bounds the guest memory of the running spares (those of
+	// golden snapshots, whose guests run): a size ("8G") or a percentage
+	// of the host's RAM ("50%"). A spare that would go over it is not
+	// started, and creates from that golden load its state on the spot.
+	// "0" starts no running spare. Default DefaultPoolMemoryBudget.
+	MemoryBudget string `toml:"memory_budget"`
+}
+
+// DefaultPoolMemoryBudget is [pool] memory_budget's default.
+const DefaultPoolMemoryBudget = "50%"
+
+// PoolMemoryBudgetMiB returns [pool] memory_budget in MiB for a host with
+// totalMiB of RAM.
+func (c *Config) PoolMemoryBudgetMiB(totalMiB int) int {
+	v := c.Pool.MemoryBudget
+	if v == "" {
+		v = DefaultPoolMemoryBudget
+	}
+	bytes, percent, _ := parseMinFree(v)
+	if percent > 0 {
+		return int(float64(totalMiB) * percent / 100)
+	}
+	return int(bytes >> 20)
 }
 
 // HostMemoryOvercommit is [quota] host_memory_overcommit with its default.
@@ -264,9 +287,13 @@ type Quota struct {
 	MaxVMs       *int `toml:"max_vms"`
 	MaxVCPUs     *int `toml:"max_vcpus"`
 	MaxMemoryMiB *int `toml:"max_memory_mib"`
-	// MaxCheckpointBytes bounds the total size of a user's checkpoints.
-	// Default DefaultMaxCheckpointBytes.
+	// MaxCheckpointBytes bounds the total size of a user's checkpoints
+	// and golden snapshots (with their backups). Default
+	// DefaultMaxCheckpointBytes.
 	MaxCheckpointBytes *int64 `toml:"max_checkpoint_bytes"`
+	// MaxGoldens bounds how many golden snapshots (one per vCPUs×memory
+	// spec) a user may keep. Default DefaultMaxGoldens.
+	MaxGoldens *int `toml:"max_goldens"`
 	// MaxDiskSize bounds the root disk of one VM, as a size ("0":
 	// unlimited). Default DefaultMaxDiskSize.
 	MaxDiskSize string `toml:"max_disk_size"`
@@ -279,14 +306,15 @@ const (
 	DefaultMaxVCPUs           = 32
 	DefaultMaxMemoryMiB       = 32 << 10
 	DefaultMaxCheckpointBytes = 64 << 30
+	DefaultMaxGoldens         = 4
 	DefaultMaxDiskSize        = "32G"
 )
 
 // QuotaLimits are the [quota] limits with their defaults applied; 0 means
 // unlimited.
 type QuotaLimits struct {
-	MaxVMs, MaxVCPUs, MaxMemoryMiB   int
-	MaxCheckpointBytes, MaxDiskBytes int64
+	MaxVMs, MaxVCPUs, MaxMemoryMiB, MaxGoldens int
+	MaxCheckpointBytes, MaxDiskBytes           int64
 }
 
 // QuotaLimits returns the [quota] limits that apply to a user who is not
@@ -309,7 +337,7 @@ func (c *Config) QuotaLimitsFor(admin bool) QuotaLimits {
 		return def
 	}
 	q := QuotaLimits{MaxVMs: or(c.Quota.MaxVMs, DefaultMaxVMs), MaxVCPUs: or(c.Quota.MaxVCPUs, DefaultMaxVCPUs),
-		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB)}
+		MaxMemoryMiB: or(c.Quota.MaxMemoryMiB, DefaultMaxMemoryMiB), MaxGoldens: or(c.Quota.MaxGoldens, DefaultMaxGoldens)}
 	switch {
 	case c.Quota.MaxCheckpointBytes != nil:
 		q.MaxCheckpointBytes = *c.Quota.MaxCheckpointBytes
@@ -588,6 +616,11 @@ func (c *Config) Validate() error {
 	if c.Pool.Spares != nil && (*c.Pool.Spares < 0 || *c.Pool.Spares > 64) {
 		return bad("pool.spares must be 0..64, got %d", *c.Pool.Spares)
 	}
+	if c.Pool.MemoryBudget != "" {
+		if _, _, err := parseMinFree(c.Pool.MemoryBudget); err != nil {
+			return bad("pool.memory_budget: %v", err)
+		}
+	}
 	if c.Storage.MinFree != "" {
 		if _, _, err := parseMinFree(c.Storage.MinFree); err != nil {
 			return bad("storage.min_free: %v", err)
@@ -652,7 +685,7 @@ func (c *Config) Validate() error {
 			return bad("quota.max_disk_size: %v", err)
 		}
 	}
-	if q := c.QuotaLimits(); q.MaxVMs < 0 || q.MaxVCPUs < 0 || q.MaxMemoryMiB < 0 || q.MaxCheckpointBytes < 0 {
+	if q := c.QuotaLimits(); q.MaxVMs < 0 || q.MaxVCPUs < 0 || q.MaxMemoryMiB < 0 || q.MaxCheckpointBytes < 0 || q.MaxGoldens < 0 {
 		return bad("quota values must not be negative")
 	}
 	if err := c.validateSandbox(); err != nil {

@@ -98,7 +98,7 @@ func TestSharedHostDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := QuotaLimits{MaxVMs: 20, MaxVCPUs: 32, MaxMemoryMiB: 32768, MaxCheckpointBytes: 64 << 30, MaxDiskBytes: 32 << 30}
+	want := QuotaLimits{MaxVMs: 20, MaxVCPUs: 32, MaxMemoryMiB: 32768, MaxGoldens: 4, MaxCheckpointBytes: 64 << 30, MaxDiskBytes: 32 << 30}
 	if got := c.QuotaLimits(); got != want {
 		t.Errorf("default quota %+v, want %+v", got, want)
 	}
@@ -124,5 +124,32 @@ func TestSharedHostDefaults(t *testing.T) {
 	c, _ = Parse([]byte("[quota]\nmax_vms = 3\n"))
 	if q := c.QuotaLimitsFor(true); q.MaxVMs != 3 || q.MaxVCPUs != 0 {
 		t.Errorf("admins with max_vms = 3 set: %+v, want 3 VMs and nothing else", q)
+	}
+}
+
+// TestPoolMemoryBudget: [pool] memory_budget is a size or a share of the
+// host's RAM, 50% by default; anything else is refused.
+func TestPoolMemoryBudget(t *testing.T) {
+	for _, tc := range []struct {
+		conf string
+		want int
+	}{
+		{"", 8192},
+		{"[pool]\nmemory_budget = \"25%\"\n", 4096},
+		{"[pool]\nmemory_budget = \"3G\"\n", 3072},
+		{"[pool]\nmemory_budget = \"0\"\n", 0},
+	} {
+		c, err := Parse([]byte("data_dir = \"/srv/noid\"\n" + tc.conf))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.conf, err)
+		}
+		if got := c.PoolMemoryBudgetMiB(16384); got != tc.want {
+			t.Errorf("%q on 16 GiB: %d MiB, want %d", tc.conf, got, tc.want)
+		}
+	}
+	for _, bad := range []string{"lots", "150%", "-1G"} {
+		if _, err := Parse([]byte("data_dir = \"/srv/noid\"\n[pool]\nmemory_budget = \"" + bad + "\"\n")); err == nil || !strings.Contains(err.Error(), "pool.memory_budget") {
+			t.Errorf("memory_budget %q: %v, want a pool.memory_budget error", bad, err)
+		}
 	}
 }

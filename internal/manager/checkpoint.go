@@ -123,14 +123,15 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes = m.snapshotSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxCheckpointBytes
-	if u.MaxCheckpointBytes != nil {
-		lim = *u.MaxCheckpointBytes
+	lim := m.snapshotBytesLimit(u)
+	var goldenBytes int64
+	if lim > 0 {
+		_, goldenBytes = m.goldenUsage(u)
 	}
 	err = m.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
-		if lim > 0 && use.CheckpointBytes+c.SizeBytes > lim {
-			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+c.SizeBytes, lim),
-				"delete old checkpoints with `noid checkpoint rm`")
+		if lim > 0 && use.CheckpointBytes+goldenBytes+c.SizeBytes > lim {
+			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d (golden snapshots hold %d of them)", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+goldenBytes+c.SizeBytes, lim, goldenBytes),
+				"delete old checkpoints with `noid checkpoint rm` or goldens with `noid golden rm`")
 		}
 		return nil
 	})

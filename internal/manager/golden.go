@@ -276,6 +276,13 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	if err != nil {
 		return nil, err
 	}
+	use, err := m.store.UserUsage(ctx, u.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.checkGoldenQuota(u, specDirName(c.VCPUs, c.MemoryMiB), c.SizeBytes, use.CheckpointBytes); err != nil {
+		return nil, err
+	}
 	root := m.goldenRoot(u)
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, err
@@ -407,7 +414,20 @@ func (m *Manager) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem in
 	if err := os.RemoveAll(d); err != nil {
 		return fmt.Errorf("removing golden snapshot: %w", err)
 	}
-	m.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d))
+	// Its backups go too: they count against the owner's quota, and
+	// nothing else removes them.
+	bdir := filepath.Join(m.goldenRoot(u), ".backup")
+	bents, _ := os.ReadDir(bdir)
+	backups := 0
+	for _, b := range bents {
+		if strings.HasPrefix(b.Name(), filepath.Base(d)+"-") {
+			if err := os.RemoveAll(filepath.Join(bdir, b.Name())); err != nil {
+				return fmt.Errorf("removing a backup of the golden snapshot: %w", err)
+			}
+			backups++
+		}
+	}
+	m.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d), "backups_removed", backups)
 	return nil
 }
 

@@ -84,6 +84,10 @@ type warmPool struct {
 	// gen counts the drains of each key, so that a fill in flight when
 	// its snapshot was removed discards what it made.
 	gen map[string]int
+	// running holds, per golden key, the guest memory of one of its
+	// running spares and the user owning the golden (0: a system golden),
+	// for the memory budget (admitRunning).
+	running map[string]runningKey
 	// recent is the checkpoints with spares, most recent last.
 	recent []string
 	closed bool
@@ -95,7 +99,7 @@ type warmPool struct {
 
 func newWarmPool(m *Manager, size int) *warmPool {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, gen: map[string]int{}, ctx: ctx, cancel: cancel}
+	return &warmPool{m: m, size: size, spares: map[string][]*spare{}, filling: map[string]int{}, gen: map[string]int{}, running: map[string]runningKey{}, ctx: ctx, cancel: cancel}
 }
 
 // spareShape is what a spare's VMM was started with, besides its snapshot.
@@ -190,9 +194,88 @@ func (wp *warmPool) counts() (golden, blank map[spareShape]int) {
 }
 
 // refill starts spares in the background until the golden in dir has size
-// of them.
+// of them, as far as the memory budget admits them (admitRunning).
 func (wp *warmPool) refill(dir string) {
-	wp.fill(dir, func(ctx context.Context) (*spare, error) { return wp.m.makeGoldenSpare(ctx, dir) })
+	if wp == nil {
+		return
+	}
+	c, err := readGoldenConfig(dir)
+	if err != nil {
+		return // gone, or not a golden: the create that asked loads it on the spot
+	}
+	wp.mu.Lock()
+	wp.running[dir] = runningKey{memMiB: c.MemoryMiB, owner: wp.m.goldenOwner(dir)}
+	wp.mu.Unlock()
+	wp.fill(dir, func(ctx context.Context) (*spare, error) {
+		if err := wp.admitRunning(ctx, dir); err != nil {
+			return nil, err
+		}
+		return wp.m.makeGoldenSpare(ctx, dir)
+	})
+}
+
+// runningKey is what the memory budget knows of a golden's spares.
+type runningKey struct {
+	memMiB int
+	owner  int64
+}
+
+// errOverBudget marks a running spare not started for lack of memory
+// budget: the pool's, or its owner's memory quota.
+var errOverBudget = errors.New("over the memory budget")
+
+// admitRunning decides whether one more running spare of the golden in dir
+// (already counted in filling) may start. Running spares, whose guests
+// run, together keep within [pool] memory_budget; those of a user's golden
+// also keep, with the user's VMs, within the user's memory quota, so that
+// promoting goldens cannot run VMMs beyond what the user may run.
+func (wp *warmPool) admitRunning(ctx context.Context, dir string) error {
+	m := wp.m
+	budget := m.cfg.PoolMemoryBudgetMiB(meminfoMiB("MemTotal"))
+	wp.mu.Lock()
+	me := wp.running[dir]
+	var total, owners int
+	for key, rk := range wp.running {
+		n := (len(wp.spares[key]) + wp.filling[key]) * rk.memMiB
+		total += n
+		if rk.owner == me.owner {
+			owners += n
+		}
+	}
+	wp.mu.Unlock()
+	if total > budget {
+		return fmt.Errorf("%w: running spares would hold %d MiB of guest memory, [pool] memory_budget is %d MiB", errOverBudget, total, budget)
+	}
+	if me.owner == 0 {
+		return nil
+	}
+	u, err := m.store.UserByID(ctx, me.owner)
+	if err != nil {
+		return err
+	}
+	lim := int64(m.cfg.QuotaLimitsFor(u.IsAdmin).MaxMemoryMiB)
+	if u.MaxMemoryMiB != nil {
+		lim = *u.MaxMemoryMiB
+	}
+	use, err := m.store.UserUsage(ctx, u.ID)
+	if err != nil {
+		return err
+	}
+	if lim > 0 && int64(use.MemoryMiB+owners) > lim {
+		return fmt.Errorf("%w: user %s's VMs (%d MiB) and golden spares (%d MiB) would exceed their memory quota of %d MiB", errOverBudget, u.Name, use.MemoryMiB, owners, lim)
+	}
+	return nil
+}
+
+// goldenOwner returns the id of the user whose golden dir is, or 0 for a
+// system golden.
+func (m *Manager) goldenOwner(dir string) int64 {
+	rel, err := filepath.Rel(filepath.Join(m.cfg.StorageDir(), "users"), dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return 0
+	}
+	id, _ := strconv.ParseInt(strings.SplitN(rel, string(filepath.Separator), 2)[0], 10, 64)
+	return id
 }
 
 // refillCheckpoint starts spares for the checkpoint in dir, taken of a VM
@@ -262,7 +345,10 @@ func (wp *warmPool) fill(key string, make func(context.Context) (*spare, error))
 			if sp != nil {
 				wp.discard(sp)
 			}
-			if err != nil && !stale {
+			switch {
+			case err != nil && errors.Is(err, errOverBudget):
+				wp.m.log.Info("warm pool: no spare started", "for", poolLabel(key), "reason", err)
+			case err != nil && !stale:
 				wp.m.log.Warn("warm pool: could not prepare a spare", "for", poolLabel(key), "err", err)
 			}
 			if err != nil || stale {
@@ -286,6 +372,7 @@ func (wp *warmPool) drain(dir string) {
 	wp.mu.Lock()
 	sps := wp.spares[dir]
 	delete(wp.spares, dir)
+	delete(wp.running, dir)
 	wp.gen[dir]++
 	for i, key := range wp.recent {
 		if key == dir {
