@@ -83,6 +83,11 @@ type Client struct {
 	target string
 }
 
+// CloseIdleConnections closes the client's kept-alive connections that
+// carry no request now, for a caller done with the server for a while (the
+// server closes them itself after [http] idle_timeout).
+func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
+
 // New returns a client for url: "unix:///path/to/noid.sock",
 // "http://host:port" or "https://host:port". token may be empty on the unix
 // socket.

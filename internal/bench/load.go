@@ -29,12 +29,16 @@ type LoadOptions struct {
 	MaxOps   int
 	NoNet    bool
 	Poll     time.Duration
+	// Users is how many users (each with its own token) the clients are
+	// spread over.
+	Users int
 }
 
 func (l *LoadOptions) flags(fs *flag.FlagSet) {
 	fs.IntVar(&l.Clients, "clients", 50, "load: concurrent clients")
 	fs.DurationVar(&l.Duration, "duration", 2*time.Minute, "load: how long clients start new cycles")
-	fs.IntVar(&l.MaxVMs, "max-vms", 8, "load: cap on VMs alive at once (a cycle holds up to 2)")
+	fs.IntVar(&l.MaxVMs, "max-vms", 0, "load: cap on VMs alive at once (a cycle holds up to 2); 0: as many as half the host's available memory holds")
+	fs.IntVar(&l.Users, "users", 5, "load: users the clients are spread over (each client acts with its user's token)")
 	fs.IntVar(&l.MemMiB, "memory", 128, "load: guest memory in MiB")
 	fs.BoolVar(&l.Cold, "cold", false, "load: cold-boot creates instead of golden ones")
 	fs.IntVar(&l.MaxOps, "max-cycles", 2000, "load: bound on the total number of cycles")
@@ -45,7 +49,9 @@ func (l *LoadOptions) flags(fs *flag.FlagSet) {
 // LoadReport is the load run's outcome (in --json).
 type LoadReport struct {
 	Clients       int                `json:"clients"`
+	Users         int                `json:"users"`
 	MaxLiveVMs    int                `json:"max_live_vms"`
+	MaxLiveWhy    string             `json:"max_live_vms_from"`
 	MemoryMiB     int                `json:"memory_mib"`
 	CreatePath    string             `json:"create_path"`
 	Network       bool               `json:"network"`
@@ -149,15 +155,22 @@ func (l *loadRun) vmUp(n int64) {
 // DB, the disk, the processes and the TAPs agree and that nothing leaked.
 func (b *Bench) runLoad(ctx context.Context) error {
 	lo := b.opts.Load
-	if lo.Clients < 1 || lo.MaxVMs < 2 || lo.Duration <= 0 {
-		return fmt.Errorf("load: need --clients ≥ 1, --max-vms ≥ 2 and a positive --duration")
+	if lo.Clients < 1 || lo.MaxVMs < 0 || lo.Duration <= 0 || lo.Users < 1 {
+		return fmt.Errorf("load: need --clients ≥ 1, --users ≥ 1, --max-vms ≥ 0 and a positive --duration")
+	}
+	why := "--max-vms"
+	if lo.MaxVMs == 0 {
+		lo.MaxVMs, why = loadMemoryBudget(lo.Clients, lo.MemMiB)
+	}
+	if lo.MaxVMs < 2 {
+		return fmt.Errorf("load: room for %d VMs only (%s); need 2", lo.MaxVMs, why)
 	}
 	path := "golden"
 	if lo.Cold {
 		path = "cold"
 	}
-	end := b.section("load", fmt.Sprintf("load (issue 6): %d clients, %v, create (%s) → exec → checkpoint → clone → exec → destroy ×2; at most %d VMs alive, %d MiB each",
-		lo.Clients, lo.Duration, path, lo.MaxVMs, lo.MemMiB))
+	end := b.section("load", fmt.Sprintf("load (issues 6, 19): %d clients of %d users, %v, create (%s) → exec → checkpoint → write → rewind → exec → clone → exec → destroy ×2; at most %d VMs alive (%s), %d MiB each",
+		lo.Clients, lo.Users, lo.Duration, path, lo.MaxVMs, why, lo.MemMiB))
 	defer end()
 	s, err := b.startServer(ctx, ServerOpts{Name: "load", Network: !lo.NoNet, MemoryMiB: lo.MemMiB})
 	if err != nil {
@@ -170,7 +183,7 @@ func (b *Bench) runLoad(ctx context.Context) error {
 			return err
 		}
 	}
-	rep := &LoadReport{Clients: lo.Clients, MaxLiveVMs: lo.MaxVMs, MemoryMiB: lo.MemMiB, CreatePath: path, Network: !lo.NoNet, LoadAvgStart: loadAvg(),
+	rep := &LoadReport{Clients: lo.Clients, Users: lo.Users, MaxLiveVMs: lo.MaxVMs, MaxLiveWhy: why, MemoryMiB: lo.MemMiB, CreatePath: path, Network: !lo.NoNet, LoadAvgStart: loadAvg(),
 		PollMs: ms(lo.Poll)}
 	b.load = rep
 	// Baseline of the idle server (after the golden set-up, no VMs).
@@ -191,14 +204,24 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	hctx, hcancel := context.WithDeadline(ctx, deadline.Add(5*time.Minute))
 	defer hcancel()
 	var wg sync.WaitGroup
+	// The users, each with a token; client i acts as user i mod Users.
+	var tokens []string
+	for u := 0; u < lo.Users; u++ {
+		ut, err := s.Client.CreateUser(pctx, fmt.Sprintf("load%d", u), false)
+		if err != nil {
+			return fmt.Errorf("load: creating user %d: %w", u, err)
+		}
+		tokens = append(tokens, ut.Token)
+	}
 	for i := 0; i < lo.Clients; i++ {
-		c, err := client.New("unix://"+s.Socket, "")
+		c, err := client.New("unix://"+s.Socket, tokens[i%len(tokens)])
 		if err != nil {
 			return err
 		}
 		wg.Add(1)
 		go func(id int, c *client.Client) {
 			defer wg.Done()
+			defer c.CloseIdleConnections()
 			l.client(hctx, id, c, slots, deadline)
 		}(i, c)
 	}
@@ -213,7 +236,7 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	defer ccancel()
 	rep.Checks = l.checks(cctx, tapsBefore)
 	// Leaks: fds and threads of the idle server once the clients' idle
-	// connections (30 s idle timeout) have closed.
+	// connections, which each client closed when it finished, are gone.
 	var fdsAfter int
 	for w := 0; w < 45; w++ {
 		fdsAfter, _ = fdCount(s.Pid)
@@ -393,6 +416,36 @@ func (l *loadRun) cycle(ctx context.Context, c *client.Client, name string) bool
 		})
 	}
 	if err == nil {
+		// A write after the checkpoint, then a rewind to it: the write is
+		// gone and the VM answers as before.
+		err = op("exec", func(ctx context.Context) error {
+			_, err := execOK(ctx, c, name, "sh", "-c", "echo after > /tmp/after")
+			return err
+		})
+	}
+	if err == nil {
+		err = op("rewind", func(ctx context.Context) error {
+			vm, err := c.Restore(ctx, name, "c")
+			if err == nil && vm.ID != vmOf[name].ID {
+				l.anomaly("%s: the rewind changed its id from %s to %s", name, vmOf[name].ID, vm.ID)
+			}
+			if err == nil {
+				vmOf[name] = vm
+			}
+			return err
+		})
+		if err == nil {
+			l.verifyLive(ctx, c, vmOf[name])
+			err = op("exec", func(ctx context.Context) error {
+				out, err := execOK(ctx, c, name, "sh", "-c", "cat /tmp/after 2>/dev/null || echo rewound")
+				if err == nil && strings.TrimSpace(out) != "rewound" {
+					err = fmt.Errorf("after the rewind %s still has the later write (%q)", name, strings.TrimSpace(out))
+				}
+				return err
+			})
+		}
+	}
+	if err == nil {
 		err = op("clone", func(ctx context.Context) error {
 			vm, err := c.Clone(ctx, name, "c", clone)
 			vmOf[clone] = vm
@@ -438,6 +491,20 @@ func (l *loadRun) cycle(ctx context.Context, c *client.Client, name string) bool
 		return false
 	}
 	return true
+}
+
+// loadMemoryBudget is how many VMs of memMiB the load keeps alive at once
+// when --max-vms is not given: as many as half the host's available memory
+// holds (guest RAM is allocated lazily, so this is generous), but no more
+// than two per client. It returns the number and where it came from.
+func loadMemoryBudget(clients, memMiB int) (int, string) {
+	avail := hostMemAvailableMiB()
+	n := avail / 2 / max(memMiB, 1)
+	why := fmt.Sprintf("half of %d MiB available", avail)
+	if n > 2*clients {
+		n, why = 2*clients, fmt.Sprintf("two per client; half of %d MiB available would hold %d", avail, n)
+	}
+	return n - n%2, why
 }
 
 // verifyLive checks, right after a create or clone returned, that the VM is
@@ -497,7 +564,7 @@ func isOurVMM(pid int, id string) bool {
 func (l *loadRun) checks(ctx context.Context, tapsBefore int) []Check {
 	s := l.s
 	var out []Check
-	vms, err := s.Client.ListVMs(ctx)
+	vms, err := s.Client.ListAllVMs(ctx)
 	if err != nil {
 		return []Check{{Name: "list VMs", Detail: err.Error()}}
 	}
@@ -538,7 +605,11 @@ func (l *loadRun) checks(ctx context.Context, tapsBefore int) []Check {
 	// DB against disk.
 	cpIDs := map[string]bool{}
 	for _, v := range vms {
-		cps, err := s.Client.ListCheckpoints(ctx, v.Name)
+		ref := v.Name
+		if v.Owner != "" {
+			ref = v.Owner + "/" + v.Name
+		}
+		cps, err := s.Client.ListCheckpoints(ctx, ref)
 		if err != nil {
 			out = append(out, Check{Name: "list checkpoints of " + v.Name, Detail: err.Error()})
 			continue
@@ -705,7 +776,7 @@ func rssMiB(pid int) float64 {
 	return 0
 }
 
-var opOrder = []string{"create", "exec", "checkpoint", "clone", "destroy", "list"}
+var opOrder = []string{"create", "exec", "checkpoint", "rewind", "clone", "destroy", "list"}
 
 func (b *Bench) printLoad(r *LoadReport) {
 	w := b.out
@@ -713,8 +784,8 @@ func (b *Bench) printLoad(r *LoadReport) {
 	if !r.Network {
 		net = "off"
 	}
-	fmt.Fprintf(w, "  %d clients for %.0f s; creates from %s; %d MiB VMs; at most %d VMs alive (peak %d); network %s\n",
-		r.Clients, r.Seconds, r.CreatePath, r.MemoryMiB, r.MaxLiveVMs, r.PeakLiveVMs, net)
+	fmt.Fprintf(w, "  %d clients of %d users for %.0f s; creates from %s; %d MiB VMs; at most %d VMs alive (%s; peak %d); network %s\n",
+		r.Clients, r.Users, r.Seconds, r.CreatePath, r.MemoryMiB, r.MaxLiveVMs, r.MaxLiveWhy, r.PeakLiveVMs, net)
 	poll := fmt.Sprintf("clients waiting for a VM slot list VMs every %.0f ms", r.PollMs)
 	if r.PollMs <= 0 {
 		poll = "clients waiting for a VM slot just wait"
@@ -761,4 +832,20 @@ func firstLine(s string) string {
 		return s[:i] + " …"
 	}
 	return s
+}
+
+// hostMemAvailableMiB reads MemAvailable from the host's /proc/meminfo, in
+// MiB (0 if it cannot).
+func hostMemAvailableMiB() int {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var kb int
+		if n, _ := fmt.Sscanf(line, "MemAvailable: %d kB", &kb); n == 1 {
+			return kb / 1024
+		}
+	}
+	return 0
 }

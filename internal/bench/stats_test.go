@@ -40,3 +40,18 @@ func TestTargets(t *testing.T) {
 		t.Fatalf("≥: %+v", f)
 	}
 }
+
+// TestLoadMemoryBudget: without --max-vms the load keeps an even number of
+// VMs alive, at most two per client and within half the available memory.
+func TestLoadMemoryBudget(t *testing.T) {
+	avail := hostMemAvailableMiB()
+	if avail <= 0 {
+		t.Fatal("no MemAvailable in /proc/meminfo")
+	}
+	for _, c := range []struct{ clients, mem int }{{50, 128}, {3, 128}, {50, avail / 5}} {
+		n, why := loadMemoryBudget(c.clients, c.mem)
+		if n%2 != 0 || n > 2*c.clients || n*c.mem > avail/2 || why == "" {
+			t.Errorf("%d clients of %d MiB on %d MiB available: %d VMs (%s)", c.clients, c.mem, avail, n, why)
+		}
+	}
+}
