@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/google/nftables"
+	nlconn "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -55,6 +56,7 @@ type Manager struct {
 	groups  map[string]uint32  // owner → peer group
 	gcount  map[uint32]int     // peer group → VMs in it
 	nextG   uint32
+	nftBuf  int // the nftables socket's send and receive buffer (see nftSocketBuffer)
 	dns     []*DNSServer
 	closed  bool
 	lock    *lockfile.Lock // the namespace's claim (see LockDir)
@@ -79,6 +81,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger, opts ...Option) (
 		vms:    map[string]vmState{},
 		groups: map[string]uint32{},
 		gcount: map[uint32]int{},
+		nftBuf: nftSocketBuffer,
 	}
 	for _, o := range opts {
 		o(m)
@@ -106,8 +109,21 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger, opts ...Option) (
 	return m, nil
 }
 
+// nftSocketBuffer is the send and receive buffer noid asks for on its
+// nftables socket. A batch goes to the kernel in one sendmsg, refused
+// whole when it is larger than the send buffer (by default
+// net.core.wmem_default, about 208 KiB): rebuilding the sets of thousands
+// of VMs at start-up takes a few MiB. It is a limit, not an allocation.
+const nftSocketBuffer = 32 << 20
+
 func (m *Manager) dialNFT() error {
-	opts := []nftables.ConnOption{nftables.AsLasting()}
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(func(c *nlconn.Conn) error {
+		if err := setSocketBuffers(c, m.nftBuf); err != nil {
+			// Not fatal: small batches (one VM's) fit any buffer.
+			m.log.Warn("nftables: cannot enlarge the socket buffers; rebuilding the sets of many VMs at once may fail", "bytes", m.nftBuf, "err", err)
+		}
+		return nil
+	})}
 	if m.ns.IsOpen() {
 		opts = append(opts, nftables.WithNetNSFd(int(m.ns)))
 	}
@@ -117,6 +133,27 @@ func (m *Manager) dialNFT() error {
 	}
 	m.nft = c
 	return nil
+}
+
+// setSocketBuffers sets c's send and receive buffers to size bytes, past
+// net.core.[wr]mem_max where the process may (CAP_NET_ADMIN), else up to it.
+func setSocketBuffers(c *nlconn.Conn, size int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	err = rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[0], size) == nil {
+				continue
+			}
+			if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[1], size); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	})
+	return errors.Join(append(errs, err)...)
 }
 
 // flush sends the queued nftables batch. After a failure the connection is
@@ -299,10 +336,8 @@ func (m *Manager) installRuleset() error {
 	if err := m.queueRuleset(m.nft, true); err != nil {
 		return err
 	}
-	for _, st := range m.sortedVMs() {
-		if err := m.queueElements(m.nft, elementsFor(st.v, st.group), true); err != nil {
-			return err
-		}
+	if err := m.queueVMs(m.nft, m.sortedVMs()); err != nil {
+		return err
 	}
 	if err := m.flush(); err != nil {
 		return fmt.Errorf("install nftables ruleset: %w", err)

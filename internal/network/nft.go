@@ -150,27 +150,50 @@ func elementsFor(v VMNet, group uint32) vmElements {
 	return e
 }
 
-// addElements queues the addition (add=true) or deletion of e.
+// elementChunk is how many elements go into one netlink message at most.
+// A message carries its elements as one attribute, whose length field has
+// 16 bits, so it holds less than 64 KiB of them (about 1300 of noid's).
+const elementChunk = 256
+
+// queueElements queues the addition (add=true) or deletion of e: one
+// message per set and elementChunk elements, so a batch for many VMs stays
+// a few messages (and acknowledgements) per set, not one per set and VM.
 func (m *Manager) queueElements(c *nftables.Conn, e vmElements, add bool) error {
 	brMAC, brIP, brGroup, brMember, inGroup, inMember := m.sets()
 	for _, x := range []struct {
 		s  *nftables.Set
 		el []nftables.SetElement
 	}{{brMAC, e.brMAC}, {brIP, e.brIP}, {brGroup, e.brGroup}, {brMember, e.brMember}, {inGroup, e.inGroup}, {inMember, e.inMember}} {
-		if len(x.el) == 0 {
-			continue
-		}
-		var err error
-		if add {
-			err = c.SetAddElements(x.s, x.el)
-		} else {
-			err = c.SetDeleteElements(x.s, x.el)
-		}
-		if err != nil {
-			return err
+		for len(x.el) > 0 {
+			chunk := x.el[:min(len(x.el), elementChunk)]
+			x.el = x.el[len(chunk):]
+			var err error
+			if add {
+				err = c.SetAddElements(x.s, chunk)
+			} else {
+				err = c.SetDeleteElements(x.s, chunk)
+			}
+			if err != nil {
+				return err
+			}
 		}
 	}
 	return nil
+}
+
+// queueVMs queues the addition of the elements of every VM in states.
+func (m *Manager) queueVMs(c *nftables.Conn, states []vmState) error {
+	var all vmElements
+	for _, st := range states {
+		e := elementsFor(st.v, st.group)
+		all.brMAC = append(all.brMAC, e.brMAC...)
+		all.brIP = append(all.brIP, e.brIP...)
+		all.brGroup = append(all.brGroup, e.brGroup...)
+		all.brMember = append(all.brMember, e.brMember...)
+		all.inGroup = append(all.inGroup, e.inGroup...)
+		all.inMember = append(all.inMember, e.inMember...)
+	}
+	return m.queueElements(c, all, true)
 }
 
 // ---- expression helpers ----

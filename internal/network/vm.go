@@ -373,8 +373,10 @@ func (m *Manager) purgeElements(tap string, ip netip.Addr) error {
 // (created if missing), bridge port and set elements; every interface
 // whose name starts with TapPrefix that no wanted VM uses is deleted, and
 // every other set element is dropped. The sets are rebuilt in one atomic
-// batch, so wanted VMs never lose connectivity. Interfaces without the
-// prefix and nftables tables other than noid's are left alone.
+// batch, so wanted VMs never lose connectivity; if the kernel refuses it,
+// one VM at a time (see rebuildSets), never leaving the last process's
+// elements in force. Interfaces without the prefix and nftables tables
+// other than noid's are left alone.
 //
 // A wanted VM that is invalid or conflicts with an earlier entry is
 // skipped; its error is part of the returned error, and the rest is still
@@ -445,16 +447,22 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 		m.retain(v, g)
 		states = append(states, vmState{v: v, group: g})
 	}
+	// The sets are rebuilt whole: an element of the last process must not
+	// stay, least of all a peer group element, whose number this process
+	// may have given to another owner.
 	for _, s := range m.allSets() {
 		m.nft.FlushSet(s)
 	}
-	for _, st := range states {
-		if err := m.queueElements(m.nft, elementsFor(st.v, st.group), true); err != nil {
-			return errors.Join(append(errs, err)...)
-		}
+	if err := m.queueVMs(m.nft, states); err != nil {
+		return errors.Join(append(errs, err)...)
 	}
 	if err := m.flush(); err != nil {
-		errs = append(errs, fmt.Errorf("rebuild nftables sets: %w", err))
+		m.log.Warn("nftables: rebuilding the sets in one batch failed, rebuilding them one VM at a time", "vms", len(states), "err", err)
+		var ferr error
+		states, ferr = m.rebuildSets(states)
+		if ferr != nil {
+			errs = append(errs, ferr)
+		}
 	}
 	macs := map[netip.Addr]net.HardwareAddr{}
 	for _, st := range states {
@@ -463,6 +471,39 @@ func (m *Manager) Reconcile(ctx context.Context, want []VMNet) error {
 	m.forgetNeighbours(macs, true)
 	m.log.Info("network reconciled", "vms", len(states), "errors", len(errs))
 	return errors.Join(errs...)
+}
+
+// rebuildSets is Reconcile's fallback when the kernel refuses the rebuild
+// as one batch: it empties the sets, then adds the VMs one batch each. The
+// VMs lose connectivity for a moment, but the sets end up as recorded. A
+// VM whose elements the kernel refuses is forgotten (it keeps no network
+// until it is added again); it returns the VMs installed. If the sets
+// cannot even be emptied, elements of the last process may be left with
+// peer group numbers that this process gives to other owners, so the
+// Manager refuses AddVM (errdefs.ErrUnavailable) until Setup runs again.
+func (m *Manager) rebuildSets(states []vmState) ([]vmState, error) {
+	for _, s := range m.allSets() {
+		m.nft.FlushSet(s)
+	}
+	if err := m.flush(); err != nil {
+		m.ready = false
+		return nil, fmt.Errorf("empty nftables sets: %w", err)
+	}
+	var errs []error
+	kept := states[:0:0]
+	for _, st := range states {
+		err := m.queueElements(m.nft, elementsFor(st.v, st.group), true)
+		if err == nil {
+			err = m.flush()
+		}
+		if err != nil {
+			m.release(st)
+			errs = append(errs, fmt.Errorf("vm %q: install nftables elements: %w", st.v.ID, err))
+			continue
+		}
+		kept = append(kept, st)
+	}
+	return kept, errors.Join(errs...)
 }
 
 // Close stops the DNS servers started with StartDNS, releases the

@@ -690,14 +690,15 @@ func TestNetwork(t *testing.T) {
 	var createNet, cloneNet, goldenNet []float64
 	vms := map[string]*client.VM{}
 	// Four VMs of alice (c and d allow peers; d through the CLI flag) and
-	// one of bob, created in parallel.
+	// one of bob that allows peers too, so that only the cross-user rule
+	// keeps c and e apart; created in parallel.
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for _, r := range []struct {
 		c     *client.Client
 		name  string
 		allow bool
-	}{{alice, "a", false}, {alice, "b", false}, {alice, "c", true}, {alice, "d", true}, {bob, "e", false}} {
+	}{{alice, "a", false}, {alice, "b", false}, {alice, "c", true}, {alice, "d", true}, {bob, "e", true}} {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -811,7 +812,7 @@ func TestNetwork(t *testing.T) {
 			{"a", "b", false}, {"b", "a", false}, // default: isolated
 			{"c", "d", true}, {"d", "c", true}, // both --allow-peers
 			{"a", "c", false}, {"c", "a", false}, // only one side allows
-			{"c", "e", false}, {"e", "c", false}, // another user
+			{"c", "e", false}, {"e", "c", false}, // another user, both allow peers (TestNetworkCrossUser has the controls)
 		} {
 			secs := blockedSecs
 			if p.want {
@@ -1262,6 +1263,11 @@ func TestNetworkSmallPool(t *testing.T) {
 	t.Run("allow_same_user", func(t *testing.T) {
 		if !canReach(t, alice, "p1", p2.IP, "p2", okSecs) || !canReach(t, alice, "p2", p1.IP, "p1", okSecs) {
 			t.Errorf("allow_same_user: p1 and p2 cannot talk")
+		}
+		// q1 is in bob's peer group (allow_same_user) and serves: only the
+		// cross-user rule can keep p1 and q1 apart.
+		if got, err := l.get(net.JoinHostPort(q1.IP, fmt.Sprint(netVMPort)), "/id", okWait); err != nil || strings.TrimSpace(got) != "q1" {
+			t.Errorf("control: gateway → q1: %q %v", got, err)
 		}
 		if canReach(t, alice, "p1", q1.IP, "q1", blockedSecs) || canReach(t, bob, "q1", p1.IP, "p1", blockedSecs) {
 			t.Errorf("allow_same_user let VMs of different users talk")
