@@ -330,6 +330,7 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	}
 	ok = true
 	m.pool.drain(final)
+	m.kickGoldenView()
 	// A golden is promoted to be used: prepare its spares now.
 	defer m.pool.refill(final)
 	storage.FsyncDir(root)
@@ -407,6 +408,7 @@ func (m *Manager) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem in
 	if err := os.RemoveAll(d); err != nil {
 		return fmt.Errorf("removing golden snapshot: %w", err)
 	}
+	m.kickGoldenView()
 	m.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d))
 	return nil
 }

@@ -1,0 +1,239 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	_ "modernc.org/sqlite"
+
+	"github.com/noid-vm/noid/client"
+)
+
+// legacySchema is the SQLite schema of the original Rust noid (noid-cli
+// 0.2), as it creates it in ~/.noid/noid.db.
+const legacySchema = `
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE TABLE IF NOT EXISTS vms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    name TEXT NOT NULL,
+    pid INTEGER,
+    socket_path TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    rootfs TEXT NOT NULL,
+    cpus INTEGER NOT NULL DEFAULT 1,
+    mem_mib INTEGER NOT NULL DEFAULT 2048,
+    state TEXT NOT NULL DEFAULT 'running',
+    created_at TEXT NOT NULL DEFAULT (datetime('now')),
+    net_index INTEGER,
+    tap_name TEXT,
+    guest_ip TEXT,
+    UNIQUE(user_id, name)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY,
+    vm_name TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    label TEXT,
+    snapshot_path TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (datetime('now')),
+    FOREIGN KEY (user_id, vm_name) REFERENCES vms(user_id, name)
+);`
+
+// goldenView waits until dir (a storage root's golden/) shows the seed's
+// four files and returns its config.json.
+func goldenView(t *testing.T, dir string) map[string]any {
+	t.Helper()
+	want := []string{"config.json", "memory.snap", "rootfs.ext4", "vmstate.snap"}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		var have []string
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if _, err := os.Stat(filepath.Join(dir, e.Name())); err == nil && !e.IsDir() {
+				have = append(have, e.Name())
+			}
+		}
+		sort.Strings(have)
+		if strings.Join(have, " ") == strings.Join(want, " ") {
+			var c map[string]any
+			b, _ := os.ReadFile(filepath.Join(dir, "config.json"))
+			if err := json.Unmarshal(b, &c); err != nil {
+				t.Fatalf("golden view config.json: %v: %s", err, b)
+			}
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s shows %v, want the seed's files %v", dir, have, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// treeDigest digests every file of dir: names, modes, sizes, mtimes and
+// contents, so that a change anywhere shows.
+func treeDigest(t *testing.T, dir string) string {
+	t.Helper()
+	h := sha256.New()
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(h, "%s %v %d %d\n", p, fi.Mode(), fi.Size(), fi.ModTime().UnixNano())
+		if fi.Mode().IsRegular() {
+			f, err := os.Open(p)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			io.Copy(h, f)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestImportFromOriginalNoid builds a data dir in the original Rust noid's
+// layout (its SQLite schema, a user with a token hash, a VM with a
+// Firecracker checkpoint, a flat golden made from a real golden of this
+// noid) and imports it into a fresh server: the token authenticates, the
+// golden serves creates, the old dir is unchanged, a second import brings
+// nothing new, and both servers' golden/ show the seed's four files.
+func TestImportFromOriginalNoid(t *testing.T) {
+	c := ctx(t)
+	// A real golden of ours, and the seed's view of it.
+	src := NewEnv(t)
+	src.Create("base")
+	src.MustCLI("checkpoint", "base", "ready")
+	src.MustCLI("golden", "promote", "base", "ready")
+	view := filepath.Join(src.Dir, "data", "golden")
+	if vc := goldenView(t, view); vc["cpus"] != 1.0 || vc["mem_mib"] != 256.0 || vc["view"] != "1x256" {
+		t.Errorf("golden view config.json: %v", vc)
+	}
+
+	// The original's ~/.noid.
+	old := filepath.Join(t.TempDir(), ".noid")
+	if err := os.MkdirAll(filepath.Join(old, "golden"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"rootfs.ext4", "memory.snap", "vmstate.snap"} {
+		copyFile(t, filepath.Join(view, f), filepath.Join(old, "golden", f))
+	}
+	os.WriteFile(filepath.Join(old, "golden", "config.json"), []byte(`{"cpus": 1, "mem_mib": 256}`), 0o644)
+	cpDir := filepath.Join(old, "storage", "users", "u-1", "checkpoints", "web", "a1b2c3d4e5f67890")
+	os.MkdirAll(cpDir, 0o755)
+	os.WriteFile(filepath.Join(cpDir, "vmstate.snap"), []byte("\x00\x01firecracker state"), 0o644)
+	token := "noid_tok_" + strings.Repeat("5a", 32)
+	sum := sha256.Sum256([]byte(token))
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(old, "noid.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{legacySchema,
+		`INSERT INTO users (id, name, token_hash) VALUES ('u-1', 'alice', '` + hex.EncodeToString(sum[:]) + `')`,
+		`INSERT INTO vms (user_id, name, pid, socket_path, kernel, rootfs, tap_name) VALUES ('u-1', 'web', 4242, '/x/firecracker.sock', '/x/vmlinux', '/x/rootfs.ext4', 'noid0')`,
+		`INSERT INTO checkpoints (id, vm_name, user_id, label, snapshot_path) VALUES ('a1b2c3d4e5f67890', 'web', 'u-1', 'golden-ready', '` + cpDir + `')`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	db.Close()
+	before := treeDigest(t, old)
+
+	dst := NewEnv(t)
+	if r := dst.ServerCLI("import", "--from", old); r.Code == 0 || !strings.Contains(r.Stderr, "cannot run while noid-server") {
+		t.Errorf("import next to a running server: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	dst.Stop()
+	r := dst.ServerCLI("import", "--from", old)
+	if r.Code != 0 {
+		t.Fatalf("import: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	t.Logf("import:\n%s", r.Stdout)
+	for _, want := range []string{"user alice (its token keeps working)", "golden snapshot 1x256", "checkpoint a1b2c3d4e5f67890 (golden-ready) of vm web of user alice: a firecracker snapshot", "vm web of user alice"} {
+		if !strings.Contains(r.Stdout, want) {
+			t.Errorf("import report lacks %q", want)
+		}
+	}
+	if strings.Contains(r.Stdout, "nothing new") {
+		t.Errorf("the first import says it imported nothing")
+	}
+	again := dst.ServerCLI("import", "--from", old)
+	if again.Code != 0 || !strings.Contains(again.Stdout, "nothing new to import") || !strings.Contains(again.Stdout, "imported by an earlier run:\n  user alice") {
+		t.Errorf("second import: exit %d\n%s%s", again.Code, again.Stdout, again.Stderr)
+	}
+	if after := treeDigest(t, old); after != before {
+		t.Errorf("the import changed the old data dir")
+	}
+	dst.Start()
+
+	// The imported token authenticates; a wrong one still does not.
+	if r := dst.CLIAs(token, "list"); r.Code != 0 {
+		t.Fatalf("list with the imported token: exit %d: %s", r.Code, r.Stderr)
+	}
+	if r := dst.CLIAs("noid_tok_"+strings.Repeat("5b", 32), "list"); r.Code == 0 {
+		t.Errorf("a wrong token was accepted")
+	}
+	alice, err := client.New("unix://"+dst.Socket, token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm, err := alice.CreateVM(c, client.CreateVMRequest{Name: "w1"})
+	if err != nil {
+		t.Fatalf("create from the imported golden: %v\n%s", err, lastLines(dst.Log(), 30))
+	}
+	if vm.BootPath != "golden" {
+		t.Errorf("create as alice: boot path %q (%s), want golden", vm.BootPath, vm.BootReason)
+	}
+	if r := dst.CLIAs(token, "exec", "w1", "--", "echo", "from-golden"); r.Code != 0 || r.Stdout != "from-golden\n" {
+		t.Errorf("exec in the VM from the imported golden: exit %d %q %s", r.Code, r.Stdout, r.Stderr)
+	}
+	if vc := goldenView(t, filepath.Join(dst.Dir, "data", "golden")); vc["cpus"] != 1.0 || vc["mem_mib"] != 256.0 {
+		t.Errorf("imported golden view config.json: %v", vc)
+	}
+}
