@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"database/sql"
 	"encoding/hex"
@@ -10,16 +11,20 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	_ "modernc.org/sqlite"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/noid-vm/noid/internal/testutil"
 )
 
 // legacySchema is the SQLite schema of the original Rust noid (noid-cli
@@ -148,11 +153,26 @@ func TestImportFromOriginalNoid(t *testing.T) {
 	// A real golden of ours, and the seed's view of it.
 	src := NewEnv(t)
 	src.Create("base")
-	src.MustCLI("checkpoint", "base", "ready")
-	src.MustCLI("golden", "promote", "base", "ready")
+	src.MustExec("base", "sh", "-c", "echo one > /root/mark; sync")
+	src.MustCLI("checkpoint", "base", "one")
+	src.MustCLI("golden", "promote", "base", "one")
 	view := filepath.Join(src.Dir, "data", "golden")
-	if vc := goldenView(t, view); vc["cpus"] != 1.0 || vc["mem_mib"] != 256.0 || vc["view"] != "1x256" {
-		t.Errorf("golden view config.json: %v", vc)
+	first := goldenView(t, view)
+	if first["cpus"] != 1.0 || first["mem_mib"] != 256.0 || first["view"] != "1x256" || first["rootfs"] != "flattened" {
+		t.Errorf("golden view config.json: %v", first)
+	}
+	// The golden is replaced: the view follows (its disk is a chain of
+	// layers, so rootfs.ext4 is remade from the new one).
+	src.MustExec("base", "sh", "-c", "echo two > /root/mark; sync")
+	src.MustCLI("checkpoint", "base", "two")
+	src.MustCLI("golden", "promote", "base", "two")
+	for deadline := time.Now().Add(2 * time.Minute); goldenView(t, view)["promoted_at"] == first["promoted_at"]; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the golden view still shows the replaced golden")
+		}
+	}
+	if target, err := os.Readlink(filepath.Join(view, "memory.snap")); err != nil || target != "1x256/memory.snap" {
+		t.Errorf("view memory.snap: %q %v", target, err)
 	}
 
 	// The original's ~/.noid.
@@ -233,7 +253,69 @@ func TestImportFromOriginalNoid(t *testing.T) {
 	if r := dst.CLIAs(token, "exec", "w1", "--", "echo", "from-golden"); r.Code != 0 || r.Stdout != "from-golden\n" {
 		t.Errorf("exec in the VM from the imported golden: exit %d %q %s", r.Code, r.Stdout, r.Stderr)
 	}
-	if vc := goldenView(t, filepath.Join(dst.Dir, "data", "golden")); vc["cpus"] != 1.0 || vc["mem_mib"] != 256.0 {
+	// The disk is the replaced golden's, layers and all.
+	if r := dst.CLIAs(token, "exec", "w1", "--", "cat", "/root/mark"); r.Stdout != "two\n" {
+		t.Errorf("the VM from the imported golden has mark %q (exit %d %s), want two", r.Stdout, r.Code, r.Stderr)
+	}
+	if vc := goldenView(t, filepath.Join(dst.Dir, "data", "golden")); vc["cpus"] != 1.0 || vc["mem_mib"] != 256.0 || vc["rootfs"] != "link" {
 		t.Errorf("imported golden view config.json: %v", vc)
+	}
+}
+
+// TestStartNextToOriginalNetd starts noid-server, networking on with the
+// defaults, in a namespace that holds the original noid-netd's leftovers
+// (TAPs noid0 and noid3, the latter with its /30 of 172.16.0.0/16): the
+// start is refused with a hint naming them and the commands that remove
+// them, and the TAPs are left as they were.
+func TestStartNextToOriginalNetd(t *testing.T) {
+	ns := newNamespace(t)
+	err := inNetNS(ns, func() error {
+		for _, name := range []string{"noid0", "noid3"} {
+			if err := netlink.LinkAdd(&netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TAP}); err != nil {
+				return err
+			}
+		}
+		l, err := netlink.LinkByName("noid3")
+		if err != nil {
+			return err
+		}
+		netlink.LinkSetUp(l)
+		return netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(172, 16, 0, 13), Mask: net.CIDRMask(30, 32)}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bins := testutil.Build(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config.toml")
+	os.WriteFile(cfg, []byte(configTOML(filepath.Join(dir, "data"), filepath.Join(dir, "noid.sock"), testutil.TinyImage(t), "[network]\nenabled = true\n")), 0o600)
+	cmd := exec.Command(bins.Server, "serve", "--config", cfg)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := startInNetNS(ns, cmd); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(2 * time.Minute):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("noid-server did not stop next to noid-netd's TAPs:\n%s", out.String())
+	}
+	if err == nil || !strings.Contains(out.String(), "hint: the original noid's noid-netd left TAPs noid0, noid3") ||
+		!strings.Contains(out.String(), "ip link delete noid0; ip link delete noid3") {
+		t.Errorf("start next to noid-netd's TAPs: %v\n%s", err, lastLines(out.String(), 10))
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for _, name := range []string{"noid0", "noid3"} {
+		if l, err := h.LinkByName(name); err != nil || l.Type() != "tuntap" {
+			t.Errorf("%s after the start: %v", name, err)
+		}
 	}
 }
