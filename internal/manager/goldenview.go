@@ -77,6 +77,7 @@ func removeGoldenView(root string) {
 		}
 	}
 	os.Remove(filepath.Join(root, ".view-"+vmm.SnapDisk))
+	os.Remove(filepath.Join(root, ".view-"+vmm.GoldenConfig))
 }
 
 // kickGoldenView refreshes the view in the background (a flattened disk
