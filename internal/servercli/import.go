@@ -273,7 +273,10 @@ func (r *importReport) leftovers() {
 	}
 	if len(taps) > 0 {
 		r.notes = append(r.notes, "network: "+network.LegacyHint(taps))
+		return
 	}
+	r.notes = append(r.notes, "network: no TAPs of the original noid-netd here; its iptables rules are not looked for (noid neither reads nor changes iptables): "+
+		"if it ran on this host, stop it for good (`systemctl disable --now noid-netd`) and remove them with `"+network.LegacyIptablesRemoval+"` (DEV: the host's default interface)")
 }
 
 func (r *importReport) print(w io.Writer) {

@@ -215,7 +215,7 @@ func TestImportFromOriginalNoid(t *testing.T) {
 		t.Fatalf("import: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 	t.Logf("import:\n%s", r.Stdout)
-	for _, want := range []string{"user alice (its token keeps working)", "golden snapshot 1x256", "checkpoint a1b2c3d4e5f67890 (golden-ready) of vm web of user alice: a firecracker snapshot", "vm web of user alice"} {
+	for _, want := range []string{"user alice (its token keeps working)", "golden snapshot 1x256", "checkpoint a1b2c3d4e5f67890 (golden-ready) of vm web of user alice: a firecracker snapshot", "vm web of user alice", "iptables -t nat -D POSTROUTING"} {
 		if !strings.Contains(r.Stdout, want) {
 			t.Errorf("import report lacks %q", want)
 		}
