@@ -337,6 +337,7 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	}
 	ok = true
 	m.pool.drain(final)
+	m.kickGoldenView()
 	// A golden is promoted to be used: prepare its spares now.
 	defer m.pool.refill(final)
 	storage.FsyncDir(root)
@@ -427,6 +428,7 @@ func (m *Manager) RemoveGolden(ctx context.Context, u *store.User, vcpus, mem in
 			backups++
 		}
 	}
+	m.kickGoldenView()
 	m.log.Info("golden snapshot removed", "user", u.Name, "spec", filepath.Base(d), "backups_removed", backups)
 	return nil
 }

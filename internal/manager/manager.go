@@ -78,6 +78,8 @@ type Manager struct {
 
 	goldenMu    sync.Mutex
 	goldenLocks map[string]*sync.RWMutex
+	// goldenViewMu serialises refreshes of the golden view (goldenview.go).
+	goldenViewMu sync.Mutex
 
 	sandbox sandboxState
 }
@@ -170,6 +172,8 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	s.warmUp(ctx)
 	s.bg.Add(1)
 	go s.trimLogsLoop()
+	// The default spec or the storage root may have changed.
+	s.kickGoldenView()
 	return s, nil
 }
 

@@ -54,11 +54,11 @@ func (m *Manager) setupNetwork(ctx context.Context) error {
 	}
 	nm, err := network.New(ctx, nc, m.log)
 	if err != nil {
-		return err
+		return legacyNetHint(err)
 	}
 	if err := nm.Setup(ctx); err != nil {
 		nm.Close()
-		return fmt.Errorf("setting up networking (set [network] enabled = false to run without): %w", err)
+		return legacyNetHint(fmt.Errorf("setting up networking (set [network] enabled = false to run without): %w", err))
 	}
 	vms, err := m.store.ListVMs(ctx, -1)
 	if err != nil {
@@ -181,3 +181,15 @@ func (m *Manager) poolPrefix() netip.Prefix {
 func (m *Manager) poolBits() int { return m.poolPrefix().Bits() }
 
 func (m *Manager) gateway() string { return m.poolPrefix().Addr().Next().String() }
+
+// legacyNetHint adds to a network set-up error what to do about the
+// leftovers of the original noid's noid-netd, when there are any: its
+// noid<N> TAPs hold routes in the default pool and the bridge's default
+// name. They are never removed here; the hint says how.
+func legacyNetHint(err error) error {
+	taps, lerr := network.LegacyTaps()
+	if lerr != nil || len(taps) == 0 {
+		return err
+	}
+	return errdefs.WithHint(err, network.LegacyHint(taps))
+}

@@ -341,6 +341,8 @@ func (mv *rootMove) moveTree(ctx context.Context, rel string) error {
 	if err != nil {
 		return fmt.Errorf("listing golden snapshots: %w", err)
 	}
+	// The new root gets a view of its own (see goldenview.go).
+	removeGoldenView(src)
 	for _, e := range ents {
 		name := e.Name()
 		switch {

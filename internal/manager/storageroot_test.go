@@ -211,6 +211,9 @@ func TestStorageSwitch(t *testing.T) {
 		}
 	}
 	e.checkGoldens(goldens, mnt, alice)
+	// The golden view came along: the new root shows it (the old one
+	// holds nothing of it, see assertNothingLeft).
+	waitGoldenView(t, filepath.Join(mnt, "golden"))
 	if v := e.create("after"); v.BootPath != "golden" || v.Source != "golden:system:1x256" {
 		t.Errorf("a create after the switch: boot %s (%s), source %q", v.BootPath, v.BootReason, v.Source)
 	}
@@ -247,6 +250,28 @@ func TestStorageSwitch(t *testing.T) {
 		t.Errorf("the image is still mounted on %s after switching back", mnt)
 	}
 	e.checkGoldens(goldens, data, alice)
+	waitGoldenView(t, filepath.Join(data, "golden"))
+}
+
+// waitGoldenView waits until root (a storage root's golden/) shows the
+// system golden 1x256 in the seed's layout, every link resolving.
+func waitGoldenView(t *testing.T, root string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		links, vc := viewState(t, root)
+		ok := vc != nil && vc.View == "1x256" && links[vmm.SnapMemory] == "1x256/"+vmm.SnapMemory && links[vmm.SnapState] == "1x256/"+vmm.SnapState
+		for _, v := range links {
+			ok = ok && v != "-" && !strings.Contains(v, "dangling")
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s does not show the golden view: %v %+v", root, links, vc)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // goldenDirs maps the golden directories under a storage root (system,

@@ -52,7 +52,7 @@ func newRoot(e *env) *cobra.Command {
 	root.PersistentFlags().StringVar(&e.configPath, "config", "", "config file (TOML); default: built-in defaults")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return &usageError{err} })
 	root.AddCommand(newServeCmd(e), newImageCmd(e), newAddUserCmd(e), newListUsersCmd(e), newRotateTokenCmd(e),
-		newRemoveUserCmd(e), newStorageCmd(e), newVersionCmd(e), newAuditCmd(e), newSetQuotaCmd(e), newDoctorCmd(e))
+		newRemoveUserCmd(e), newStorageCmd(e), newImportCmd(e), newVersionCmd(e), newAuditCmd(e), newSetQuotaCmd(e), newDoctorCmd(e))
 	return root
 }
 

@@ -184,3 +184,51 @@ func (s *Store) DeleteUser(ctx context.Context, id int64) error {
 	}
 	return nil
 }
+
+// ImportedUser says what ImportUser did with one user.
+type ImportedUser int
+
+// The outcomes of ImportUser.
+const (
+	// UserImported: the user was added with the token hash.
+	UserImported ImportedUser = iota
+	// UserAlreadyImported: the user exists here with that token hash
+	// already (an earlier import).
+	UserAlreadyImported
+	// UserNameTaken: a user of that name exists here with another token;
+	// it was left as it is.
+	UserNameTaken
+	// UserTokenTaken: another user here has that token hash; nothing
+	// was added.
+	UserTokenTaken
+)
+
+// ImportUser adds a token user whose token is known only by its hash
+// (HashToken's form: hex SHA-256 of the whole token), as the original
+// noid stored it, so that the token keeps authenticating. The token's
+// short prefix is unknown and stays empty. A user of that name that exists
+// already is never changed.
+func (s *Store) ImportUser(ctx context.Context, name, tokenHash string, created time.Time) (ImportedUser, error) {
+	var have sql.NullString
+	err := s.db.QueryRowContext(ctx, `SELECT token_hash FROM users WHERE name = ?`, name).Scan(&have)
+	switch {
+	case err == nil && have.Valid && auth.HashesEqual(have.String, tokenHash):
+		return UserAlreadyImported, nil
+	case err == nil:
+		return UserNameTaken, nil
+	case err != sql.ErrNoRows:
+		return 0, fmt.Errorf("looking up user %q: %w", name, err)
+	}
+	if created.IsZero() {
+		created = time.Now()
+	}
+	_, err = s.db.ExecContext(ctx, `INSERT INTO users(name, token_hash, token_prefix, is_admin, created_at) VALUES (?, ?, '', 0, ?)`,
+		name, tokenHash, fmtTime(created))
+	if isUnique(err) {
+		return UserTokenTaken, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("importing user %q: %w", name, err)
+	}
+	return UserImported, nil
+}
