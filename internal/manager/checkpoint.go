@@ -65,12 +65,11 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
 		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
 	}
-	rt := m.rt(v.ID)
-	rt.op.Lock()
-	defer rt.op.Unlock()
-	if v, err = m.store.GetVM(ctx, u.ID, vmName); err != nil {
+	rt, v, err := m.lockVM(ctx, v)
+	if err != nil {
 		return nil, err
 	}
+	defer rt.op.Unlock()
 	if v.State != store.StateRunning {
 		return nil, errdefs.WithHint(fmt.Errorf("cannot checkpoint vm %q: it is %s: %w", vmName, v.State, errdefs.ErrNotRunning), "noid info "+vmName)
 	}
@@ -181,8 +180,10 @@ func (m *Manager) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, c
 	if err != nil {
 		return err
 	}
-	rt := m.rt(v.ID)
-	rt.op.Lock()
+	rt, v, err := m.lockVM(ctx, v)
+	if err != nil {
+		return err
+	}
 	defer rt.op.Unlock()
 	c, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, cpName)
 	if err != nil {
@@ -282,13 +283,11 @@ func netName(has bool) string {
 
 func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint) (*api.VM, error) {
 	start := time.Now()
-	rt := m.rt(v.ID)
-	rt.op.Lock()
-	defer rt.op.Unlock()
-	v, err := m.store.GetVMByID(ctx, v.ID)
+	rt, v, err := m.lockVM(ctx, v)
 	if err != nil {
 		return nil, err
 	}
+	defer rt.op.Unlock()
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}
