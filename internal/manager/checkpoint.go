@@ -44,9 +44,12 @@ func (m *Manager) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMe
 	return meta
 }
 
-// Checkpoint captures the user's running VM (vmName as Owner resolves it). The checkpoint directory is
-// written under a temporary name, synced, and renamed into place; only then
-// is the row inserted, so a crash never leaves a listed partial checkpoint.
+// Checkpoint captures the user's running VM (vmName as Owner resolves it).
+// Its space is reserved against the user's checkpoint quota before
+// anything is written (quota.go). The checkpoint directory is written
+// under a temporary name, synced, and renamed into place; only then is the
+// row inserted, with the real size, so a crash never leaves a listed
+// partial checkpoint.
 func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
 	start := time.Now()
 	u, vmName, err := m.Owner(ctx, u, vmName)
@@ -62,9 +65,6 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if err != nil {
 		return nil, err
 	}
-	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
-		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
-	}
 	rt, v, err := m.lockVM(ctx, v)
 	if err != nil {
 		return nil, err
@@ -73,6 +73,11 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if v.State != store.StateRunning {
 		return nil, errdefs.WithHint(fmt.Errorf("cannot checkpoint vm %q: it is %s: %w", vmName, v.State, errdefs.ErrNotRunning), "noid info "+vmName)
 	}
+	// Under the lock: another checkpoint of this name may have been taken
+	// while this one waited for it.
+	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
+		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
+	}
 	if err := m.checkFreeSpace("checkpoint of " + vmName); err != nil {
 		return nil, err
 	}
@@ -80,6 +85,13 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if err != nil {
 		return nil, fmt.Errorf("cannot checkpoint vm %q: %w", vmName, err)
 	}
+	// Reserve the checkpoint's space before writing any of it (quota.go).
+	res, err := m.reserveCheckpoint(ctx, u, m.cpEstimate(v))
+	if err != nil {
+		m.metrics.op("checkpoint", start, err)
+		return nil, err
+	}
+	defer res.release()
 	c := &store.Checkpoint{ID: id, VMID: v.ID, UserID: u.ID, Name: name, Label: req.Label, Backend: m.backend.Name(),
 		VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB}
 	dir := m.checkpointDir(c)
@@ -122,18 +134,7 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes = m.snapshotSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := m.cfg.QuotaLimitsFor(u.IsAdmin).MaxCheckpointBytes
-	if u.MaxCheckpointBytes != nil {
-		lim = *u.MaxCheckpointBytes
-	}
-	err = m.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
-		if lim > 0 && use.CheckpointBytes+c.SizeBytes > lim {
-			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+c.SizeBytes, lim),
-				"delete old checkpoints with `noid checkpoint rm`")
-		}
-		return nil
-	})
-	if err != nil {
+	if err := res.settle(ctx, c); err != nil {
 		os.RemoveAll(dir)
 		m.metrics.op("checkpoint", start, err)
 		return nil, err

@@ -79,6 +79,10 @@ type Manager struct {
 	goldenMu    sync.Mutex
 	goldenLocks map[string]*sync.RWMutex
 
+	// quota holds the checkpoint space reserved by checkpoints being
+	// written (quota.go).
+	quota quotaState
+
 	sandbox sandboxState
 }
 
