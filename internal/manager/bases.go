@@ -94,6 +94,20 @@ func (m *Manager) sweepBases() {
 // its base image: that is the image's, shared by every VM booted from it.
 // Disk layers it shares with other snapshots of the same VM count in each.
 func (m *Manager) snapshotSize(dir string) int64 {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	paths := make([]string, 0, len(ents))
+	for _, e := range ents {
+		paths = append(paths, filepath.Join(dir, e.Name()))
+	}
+	return m.spaceOf(paths)
+}
+
+// spaceOf is the disk space the files at paths hold, not counting base
+// images.
+func (m *Manager) spaceOf(paths []string) int64 {
 	bases := map[[2]uint64]bool{}
 	if ents, err := os.ReadDir(m.basesDir()); err == nil {
 		for _, e := range ents {
@@ -103,14 +117,10 @@ func (m *Manager) snapshotSize(dir string) int64 {
 			}
 		}
 	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0
-	}
 	var total int64
-	for _, e := range ents {
+	for _, p := range paths {
 		var st unix.Stat_t
-		if unix.Stat(filepath.Join(dir, e.Name()), &st) != nil || bases[[2]uint64{uint64(st.Dev), st.Ino}] {
+		if unix.Stat(p, &st) != nil || bases[[2]uint64{uint64(st.Dev), st.Ino}] {
 			continue
 		}
 		total += st.Blocks * 512

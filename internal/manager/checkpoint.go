@@ -44,9 +44,12 @@ func (m *Manager) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMe
 	return meta
 }
 
-// Checkpoint captures the user's running VM (vmName as Owner resolves it). The checkpoint directory is
-// written under a temporary name, synced, and renamed into place; only then
-// is the row inserted, so a crash never leaves a listed partial checkpoint.
+// Checkpoint captures the user's running VM (vmName as Owner resolves it).
+// Its space is reserved against the user's checkpoint quota before
+// anything is written (quota.go). The checkpoint directory is written
+// under a temporary name, synced, and renamed into place; only then is the
+// row inserted, with the real size, so a crash never leaves a listed
+// partial checkpoint.
 func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, req api.CheckpointRequest) (*api.Checkpoint, error) {
 	start := time.Now()
 	u, vmName, err := m.Owner(ctx, u, vmName)
@@ -62,17 +65,18 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if err != nil {
 		return nil, err
 	}
-	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
-		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
-	}
-	rt := m.rt(v.ID)
-	rt.op.Lock()
-	defer rt.op.Unlock()
-	if v, err = m.store.GetVM(ctx, u.ID, vmName); err != nil {
+	rt, v, err := m.lockVM(ctx, v)
+	if err != nil {
 		return nil, err
 	}
+	defer rt.op.Unlock()
 	if v.State != store.StateRunning {
 		return nil, errdefs.WithHint(fmt.Errorf("cannot checkpoint vm %q: it is %s: %w", vmName, v.State, errdefs.ErrNotRunning), "noid info "+vmName)
+	}
+	// Under the lock: another checkpoint of this name may have been taken
+	// while this one waited for it.
+	if err := m.store.CheckpointNameFree(ctx, v.ID, name); err != nil {
+		return nil, errdefs.WithHint(err, "pick another name, or `noid checkpoint rm "+vmName+" "+name+"`")
 	}
 	if err := m.checkFreeSpace("checkpoint of " + vmName); err != nil {
 		return nil, err
@@ -81,6 +85,13 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	if err != nil {
 		return nil, fmt.Errorf("cannot checkpoint vm %q: %w", vmName, err)
 	}
+	// Reserve the checkpoint's space before writing any of it (quota.go).
+	res, err := m.reserveCheckpoint(ctx, u, m.cpEstimate(v))
+	if err != nil {
+		m.metrics.op("checkpoint", start, err)
+		return nil, err
+	}
+	defer res.release()
 	c := &store.Checkpoint{ID: id, VMID: v.ID, UserID: u.ID, Name: name, Label: req.Label, Backend: m.backend.Name(),
 		VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB}
 	dir := m.checkpointDir(c)
@@ -123,19 +134,7 @@ func (m *Manager) Checkpoint(ctx context.Context, u *store.User, vmName string, 
 	crashpoint("checkpoint.after-rename")
 	c.SizeBytes = m.snapshotSize(dir)
 	c.PauseNs = t.Pause.Nanoseconds()
-	lim := m.snapshotBytesLimit(u)
-	var goldenBytes int64
-	if lim > 0 {
-		_, goldenBytes = m.goldenUsage(u)
-	}
-	err = m.store.CreateCheckpoint(ctx, c, func(use store.Usage) error {
-		if lim > 0 && use.CheckpointBytes+goldenBytes+c.SizeBytes > lim {
-			return errdefs.WithHint(fmt.Errorf("%w: checkpoint storage of user %s would be %d bytes, the limit is %d (golden snapshots hold %d of them)", errdefs.ErrQuotaExceeded, u.Name, use.CheckpointBytes+goldenBytes+c.SizeBytes, lim, goldenBytes),
-				"delete old checkpoints with `noid checkpoint rm` or goldens with `noid golden rm`")
-		}
-		return nil
-	})
-	if err != nil {
+	if err := res.settle(ctx, c); err != nil {
 		os.RemoveAll(dir)
 		m.metrics.op("checkpoint", start, err)
 		return nil, err
@@ -182,8 +181,10 @@ func (m *Manager) DeleteCheckpoint(ctx context.Context, u *store.User, vmName, c
 	if err != nil {
 		return err
 	}
-	rt := m.rt(v.ID)
-	rt.op.Lock()
+	rt, v, err := m.lockVM(ctx, v)
+	if err != nil {
+		return err
+	}
 	defer rt.op.Unlock()
 	c, err := m.store.GetCheckpoint(ctx, u.ID, v.ID, cpName)
 	if err != nil {
@@ -283,13 +284,11 @@ func netName(has bool) string {
 
 func (m *Manager) rewind(ctx context.Context, u *store.User, v *store.VM, c *store.Checkpoint) (*api.VM, error) {
 	start := time.Now()
-	rt := m.rt(v.ID)
-	rt.op.Lock()
-	defer rt.op.Unlock()
-	v, err := m.store.GetVMByID(ctx, v.ID)
+	rt, v, err := m.lockVM(ctx, v)
 	if err != nil {
 		return nil, err
 	}
+	defer rt.op.Unlock()
 	if v.State == store.StateDestroying || v.State == store.StateCreating {
 		return nil, fmt.Errorf("%w: vm %q is %s", errdefs.ErrConflict, v.Name, v.State)
 	}

@@ -47,7 +47,8 @@ type env struct {
 type logBuf = testutil.LogBuffer
 
 // newEnv writes a config for a fresh data dir (extra is appended TOML) and
-// opens a manager on it. Networking is off; VMs get 256 MiB.
+// opens a manager on it. Networking is off unless extra has a [network]
+// section; VMs get 256 MiB.
 func newEnv(t *testing.T, extra string) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -57,7 +58,10 @@ func newEnv(t *testing.T, extra string) *env {
 		t.Fatal(err)
 	}
 	e := &env{t: t, dir: dir, cfgPath: filepath.Join(dir, "config.toml"), logs: &logBuf{}}
-	toml := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n%s\n[network]\nenabled = false\n",
+	if !strings.Contains(extra, "[network]") {
+		extra += "\n[network]\nenabled = false\n"
+	}
+	toml := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n%s",
 		filepath.Join(dir, "data"), filepath.Join(dir, "noid.sock"), img.Kernel, img.Initrd, img.Rootfs, extra)
 	if err := os.WriteFile(e.cfgPath, []byte(toml), 0o600); err != nil {
 		t.Fatal(err)

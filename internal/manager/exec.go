@@ -31,7 +31,10 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 	default:
 		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q is %s: %w", name, v.State, errdefs.ErrNotRunning), "noid info "+name)
 	}
-	rt := m.rt(v.ID)
+	rt := m.lookupRT(v.ID)
+	if rt == nil { // destroyed since it was read
+		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q: %w", name, errdefs.ErrNotFound), "noid list")
+	}
 	if _, err := rt.instance(); err != nil {
 		return nil, nil, fmt.Errorf("vm %q: %w", name, err)
 	}

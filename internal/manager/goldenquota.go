@@ -40,14 +40,6 @@ func (m *Manager) goldenUsage(u *store.User) (count int, bytes int64) {
 	return count, bytes
 }
 
-// snapshotBytesLimit is u's limit on checkpoint and golden bytes (0: none).
-func (m *Manager) snapshotBytesLimit(u *store.User) int64 {
-	if u.MaxCheckpointBytes != nil {
-		return *u.MaxCheckpointBytes
-	}
-	return m.cfg.QuotaLimitsFor(u.IsAdmin).MaxCheckpointBytes
-}
-
 // checkGoldenQuota refuses a promotion of addBytes into spec (a spec
 // directory name) that would take u over max_goldens (a new spec only: a
 // promotion over an existing golden replaces it) or, with u's checkpoints
@@ -60,9 +52,12 @@ func (m *Manager) checkGoldenQuota(u *store.User, spec string, addBytes, checkpo
 				"remove one with `noid golden rm --vcpus N --memory MiB`, or promote over a spec you already have")
 		}
 	}
-	if lim := m.snapshotBytesLimit(u); lim > 0 && checkpointBytes+bytes+addBytes > lim {
-		return errdefs.WithHint(fmt.Errorf("%w: checkpoint and golden storage of user %s would be %d bytes, the limit is %d (checkpoints %d, goldens and their backups %d, this golden %d)",
-			errdefs.ErrQuotaExceeded, u.Name, checkpointBytes+bytes+addBytes, lim, checkpointBytes, bytes, addBytes),
+	m.quota.mu.Lock()
+	reserved := m.quota.cpReserved[u.ID]
+	m.quota.mu.Unlock()
+	if lim := m.checkpointLimit(u); lim > 0 && checkpointBytes+reserved+bytes+addBytes > lim {
+		return errdefs.WithHint(fmt.Errorf("%w: checkpoint and golden storage of user %s would be %d bytes, the limit is %d (checkpoints %d, being written %d, goldens and their backups %d, this golden %d)",
+			errdefs.ErrQuotaExceeded, u.Name, checkpointBytes+reserved+bytes+addBytes, lim, checkpointBytes, reserved, bytes, addBytes),
 			"delete old checkpoints with `noid checkpoint rm` or goldens with `noid golden rm`")
 	}
 	return nil

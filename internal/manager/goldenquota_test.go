@@ -106,7 +106,12 @@ func TestGoldenQuotas(t *testing.T) {
 	if gbytes <= 0 {
 		t.Fatalf("alice's golden holds %d bytes", gbytes)
 	}
-	lim := use.CheckpointBytes + gbytes + 4096
+	g1, err := e.mgr.store.GetVM(ctx, alice.ID, "g1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Room for the checkpoint's reservation, but not with the golden too.
+	lim := use.CheckpointBytes + e.mgr.cpEstimate(g1) + gbytes/2
 	if err := e.mgr.Store().SetQuota(ctx, "alice", nil, nil, nil, &lim); err != nil {
 		t.Fatal(err)
 	}

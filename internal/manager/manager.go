@@ -81,6 +81,10 @@ type Manager struct {
 	// goldenViewMu serialises refreshes of the golden view (goldenview.go).
 	goldenViewMu sync.Mutex
 
+	// quota holds the checkpoint space reserved by checkpoints being
+	// written (quota.go).
+	quota quotaState
+
 	sandbox sandboxState
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -61,6 +62,43 @@ func (m *Manager) dropRT(id string) {
 	m.mu.Lock()
 	delete(m.vms, id)
 	m.mu.Unlock()
+}
+
+// lookupRT returns the runtime of VM id, or nil when the manager has none:
+// every VM in the store has one, so nil means it was destroyed.
+func (m *Manager) lookupRT(id string) *vmRT {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.vms[id]
+}
+
+// forgetRT drops rt when it is still the runtime of its VM id (a request
+// that lost a race to the VM's destroy made it again).
+func (m *Manager) forgetRT(rt *vmRT) {
+	m.mu.Lock()
+	if m.vms[rt.id] == rt {
+		delete(m.vms, rt.id)
+	}
+	m.mu.Unlock()
+}
+
+// lockVM takes the op lock of v's runtime and reads v again, as it is once
+// the lock is held, by id: a VM of the same name made after a destroy is
+// another VM. When v is gone (a destroy held the lock), it returns
+// ErrNotFound with the lock released and no runtime kept for v.
+func (m *Manager) lockVM(ctx context.Context, v *store.VM) (*vmRT, *store.VM, error) {
+	rt := m.rt(v.ID)
+	rt.op.Lock()
+	cur, err := m.store.GetVMByID(ctx, v.ID)
+	if err != nil {
+		rt.op.Unlock()
+		if errors.Is(err, errdefs.ErrNotFound) {
+			m.forgetRT(rt)
+			return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q: %w", v.Name, errdefs.ErrNotFound), "noid list")
+		}
+		return nil, nil, fmt.Errorf("reading vm %s: %w", v.Name, err)
+	}
+	return rt, cur, nil
 }
 
 // instance returns the running instance or ErrNotRunning.
@@ -546,8 +584,13 @@ func (m *Manager) DestroyVM(ctx context.Context, u *store.User, name string) (*a
 	case <-time.After(30 * time.Second):
 		go func() { <-locked; rt.op.Unlock() }()
 	}
-	// Re-read: the VM may have changed while we waited.
-	if v, err = m.store.GetVM(ctx, u.ID, name); err != nil {
+	// Re-read, by id: the VM may have changed while we waited, or been
+	// destroyed (and its name taken by another VM).
+	if v, err = m.store.GetVMByID(ctx, v.ID); err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			m.forgetRT(rt)
+			return nil, errdefs.WithHint(fmt.Errorf("vm %q: %w", name, errdefs.ErrNotFound), "noid list")
+		}
 		return nil, err
 	}
 	start := time.Now()
@@ -582,7 +625,10 @@ func (m *Manager) apiVMState(v *store.VM) *api.VM {
 		Tap: v.Tap, RuntimeID: v.Runtime(),
 	}
 	if v.State == store.StateRunning {
-		if _, err := m.rt(v.ID).instance(); err != nil {
+		if rt := m.lookupRT(v.ID); rt == nil {
+			out.State = store.StateDead
+			out.StateReason = "vmm process exited unexpectedly"
+		} else if _, err := rt.instance(); err != nil {
 			out.State = store.StateDead
 			out.StateReason = "vmm process exited unexpectedly"
 		}

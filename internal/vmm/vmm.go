@@ -224,6 +224,9 @@ type Layered interface {
 	NewDisk(ctx context.Context, dir, base string, size int64, cp Copier) error
 	// DiskSize is the size of the disk the VM in dir sees.
 	DiskSize(dir string) (int64, error)
+	// DiskLayers lists the files of the disk chain in dir (a VM's or a
+	// snapshot's), bottom first: what a checkpoint of the VM links.
+	DiskLayers(dir string) ([]string, error)
 }
 
 // Preparer is implemented by backends that can start a VMM for a snapshot

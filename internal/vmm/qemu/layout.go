@@ -205,6 +205,9 @@ func (b *Backend) DiskSize(dir string) (int64, error) {
 	return virtualSize(c[len(c)-1])
 }
 
+// DiskLayers lists the disk chain in dir, bottom first (see vmm.Layered).
+func (b *Backend) DiskLayers(dir string) ([]string, error) { return chain(dir) }
+
 // growExt4 enlarges a raw ext4 image and its filesystem to size bytes.
 func growExt4(ctx context.Context, path string, size int64) error {
 	if err := os.Truncate(path, size); err != nil {
