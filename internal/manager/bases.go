@@ -4,27 +4,35 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/noid-vm/noid/internal/errdefs"
 )
 
 // A VM with a layered disk boots from a base image at the bottom of its
 // chain, which its checkpoints and goldens share. That image must never
 // change while anything uses it, whatever happens to the rootfs it came
 // from (an image build replaces it; an operator may edit a rootfs of their
-// own). So the manager pins each version of the rootfs: the first VM that
-// boots from it makes <storage>/bases/<id>.raw, a hard link to it where
-// the storage dir is on the rootfs's filesystem (free) and a copy
-// otherwise (once per version), and every VM links that. A pin no VM,
-// checkpoint or golden links any more is removed at start-up.
-
+// own in place). So the manager pins each version of the rootfs: the
+// first VM that boots from it makes <storage>/bases/<id>.raw, a reflink or
+// sparse copy of it (once per version), and every VM links that. A pin no
+// VM, checkpoint or golden links any more is removed at start-up.
+//
+// The pin is a copy, never a hard link to the rootfs: a hard link is the
+// same inode, so an edit of the rootfs in place would change the disk
+// under every running VM and golden, and each VM's link and unlink would
+// move the rootfs's ctime, which is what tells whether it changed (see
+// storage.ContentIDs: golden staleness would hash it again on the next
+// create). The copy costs, once per rootfs version, its data extents in
+// time and disk space, on the first cold create (measured on 2 loaded
+// cores: the tiny image 34 ms, the Debian one, 220 MiB of data, 0.8 s);
+// with reflinks it is free.
 // basesDir is where pinned base images live.
 func (m *Manager) basesDir() string { return filepath.Join(m.cfg.StorageDir(), "bases") }
 
@@ -51,15 +59,15 @@ func (m *Manager) pinBase(ctx context.Context, path string) (string, error) {
 	}
 	tmp := pinned + ".tmp"
 	os.Remove(tmp)
-	if err := os.Link(path, tmp); err != nil {
-		if !errors.Is(err, syscall.EXDEV) {
-			return "", fmt.Errorf("pinning base image %s: %w", path, err)
-		}
-		m.log.Info("copying the base image into the storage dir (once per image version)", "image", path, "bytes", st.Size)
-		if err := m.copier.CopyFile(ctx, path, tmp); err != nil {
-			os.Remove(tmp)
-			return "", fmt.Errorf("pinning base image %s: %w", path, classifyIOErr("copying it", err))
-		}
+	m.log.Info("copying the base image into the storage dir (once per image version)", "image", path, "bytes", st.Size)
+	if err := m.copier.CopyFile(ctx, path, tmp); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("pinning base image %s: %w", path, classifyIOErr("copying it", err))
+	}
+	var after unix.Stat_t
+	if err := unix.Stat(path, &after); err != nil || after.Ctim != st.Ctim || after.Ino != st.Ino {
+		os.Remove(tmp)
+		return "", fmt.Errorf("pinning base image %s: %w: it changed while it was copied", path, errdefs.ErrConflict)
 	}
 	if err := os.Rename(tmp, pinned); err != nil {
 		os.Remove(tmp)

@@ -39,8 +39,8 @@ func (m *Manager) snapshotMeta(ctx context.Context, v *store.VM) *vmm.SnapshotMe
 	meta := &vmm.SnapshotMeta{Backend: m.backend.Name(), VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Accel: vmm.Accel(v.Accel),
 		HasNet: v.Tap != "", CreatedAt: time.Now().UTC()}
 	meta.VMMVersion, _ = m.backend.Version(ctx)
-	meta.KernelSHA256 = fingerprint(v.Kernel)
-	meta.InitrdSHA256 = fingerprint(v.Initrd)
+	meta.KernelSHA256, _ = m.ids.Get(ctx, v.Kernel, storage.IDSHA256)
+	meta.InitrdSHA256, _ = m.ids.Get(ctx, v.Initrd, storage.IDSHA256)
 	return meta
 }
 

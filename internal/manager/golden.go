@@ -2,12 +2,9 @@ package manager
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -39,7 +36,10 @@ import (
 // that decide staleness.
 type goldenConfig struct {
 	vmm.SnapshotMeta
-	// RootfsFingerprint identifies the base rootfs new VMs were built from.
+	// RootfsFingerprint identifies the base rootfs new VMs were built from:
+	// its storage.ContentID ("sha256-64k:…"). Older noids wrote a weaker
+	// fingerprint ("meta:…", or a plain SHA-256 for a rootfs up to 64 MiB);
+	// such a golden counts as stale until it is promoted again.
 	RootfsFingerprint string `json:"rootfs_fingerprint"`
 	// Source names the VM and checkpoint it was promoted from (informational).
 	Source string `json:"source"`
@@ -92,52 +92,114 @@ func readGoldenConfig(dir string) (*goldenConfig, error) {
 	return &c, nil
 }
 
-// fingerprint identifies a boot file. Small files are hashed whole; large
-// ones (root filesystems) by size, mtime and their first and last MiB.
-func fingerprint(path string) string {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return ""
+// legacyFingerprint starts what older noids recorded for a boot file over
+// 64 MiB (a root filesystem): a hash of its size, mtime and first and last
+// MiB, blind to a change anywhere else.
+const legacyFingerprint = "meta:"
+
+// goldenInputs is what a golden must have been made from to serve a create
+// now: the backend, acceleration and VMM version, and the content
+// identities of the boot files (see storage.ContentIDs).
+type goldenInputs struct {
+	Backend    string
+	Accel      vmm.Accel
+	VMMVersion string
+	// Kernel and Initrd are plain SHA-256s (storage.IDSHA256), the form
+	// snapshot metadata records; Rootfs is a storage.ContentID.
+	Kernel, Initrd, Rootfs bootFileID
+}
+
+// bootFileID is a boot file's content identity, or why it has none.
+type bootFileID struct {
+	ID  string
+	Err error
+}
+
+// bootFileIDs returns the content identities of bf's files. Each is a stat
+// when the file is unchanged since it was last hashed (ids remembers it,
+// across restarts too); a file that changed is read whole once.
+func bootFileIDs(ctx context.Context, ids *storage.ContentIDs, bf bootFiles) (kernel, initrd, rootfs bootFileID) {
+	get := func(path string, algo storage.IDAlgo) bootFileID {
+		id, err := ids.Get(ctx, path, algo)
+		return bootFileID{id, err}
 	}
-	if fi.Size() <= 64<<20 {
-		return fileDigest(path)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	h := sha256.New()
-	fmt.Fprintf(h, "large:%d:%d:", fi.Size(), fi.ModTime().UnixNano())
-	io.Copy(h, io.LimitReader(f, 1<<20))
-	f.Seek(-1<<20, io.SeekEnd)
-	io.Copy(h, f)
-	return "meta:" + hex.EncodeToString(h.Sum(nil))
+	return get(bf.Kernel, storage.IDSHA256), get(bf.Initrd, storage.IDSHA256), get(bf.Rootfs, storage.IDSparseSHA256)
+}
+
+// goldenInputs returns what a golden made now would record.
+func (m *Manager) goldenInputs(ctx context.Context, bf bootFiles) goldenInputs {
+	in := goldenInputs{Backend: m.backend.Name(), Accel: m.accel}
+	in.VMMVersion, _ = m.backend.Version(ctx)
+	in.Kernel, in.Initrd, in.Rootfs = bootFileIDs(ctx, &m.ids, bf)
+	return in
 }
 
 // staleReason says why a golden cannot be used with the current boot files
 // and VMM, or "" when it is fresh.
 func (m *Manager) staleReason(ctx context.Context, c *goldenConfig, bf bootFiles) string {
+	return staleWhy(c, m.goldenInputs(ctx, bf))
+}
+
+// staleWhy compares what golden c was made from with now: every
+// difference, or "" when c may serve a create.
+func staleWhy(c *goldenConfig, now goldenInputs) string {
 	var why []string
-	if c.Backend != m.backend.Name() {
+	if c.Backend != now.Backend {
 		why = append(why, "it was made by the "+c.Backend+" backend")
 	}
-	if c.Accel != m.accel {
-		why = append(why, fmt.Sprintf("it was made under %s, this host uses %s", c.Accel, m.accel))
+	if c.Accel != now.Accel {
+		why = append(why, fmt.Sprintf("it was made under %s, this host uses %s", c.Accel, now.Accel))
 	}
-	if v, _ := m.backend.Version(ctx); v != "" && c.VMMVersion != v {
-		why = append(why, fmt.Sprintf("the VMM changed (%s → %s)", c.VMMVersion, v))
+	if now.VMMVersion != "" && c.VMMVersion != now.VMMVersion {
+		why = append(why, fmt.Sprintf("the VMM changed (%s → %s)", c.VMMVersion, now.VMMVersion))
 	}
-	if c.KernelSHA256 != fingerprint(bf.Kernel) {
-		why = append(why, "the kernel changed")
-	}
-	if c.InitrdSHA256 != fingerprint(bf.Initrd) {
-		why = append(why, "the initramfs (agent) changed")
-	}
-	if c.RootfsFingerprint != fingerprint(bf.Rootfs) {
-		why = append(why, "the base rootfs changed")
+	for _, f := range []struct {
+		what, was string
+		now       bootFileID
+	}{{"kernel", c.KernelSHA256, now.Kernel}, {"initramfs (agent)", c.InitrdSHA256, now.Initrd}, {"base rootfs", c.RootfsFingerprint, now.Rootfs}} {
+		switch {
+		case f.now.Err != nil:
+			why = append(why, fmt.Sprintf("the %s cannot be read (%v)", f.what, f.now.Err))
+		case strings.HasPrefix(f.was, legacyFingerprint) || (f.what == "base rootfs" && !strings.HasPrefix(f.was, storage.ContentIDPrefix)):
+			why = append(why, fmt.Sprintf("it was promoted by an older noid whose %s fingerprint (size, mtime, first and last MiB) cannot show the %s is unchanged; promote it again", f.what, f.what))
+		case f.was != f.now.ID:
+			why = append(why, "the "+f.what+" changed")
+		}
 	}
 	return strings.Join(why, ", ")
+}
+
+// primeBootFileIDs hashes the boot files in the background at start-up, so
+// that the first create after an image changed while no server ran does
+// not wait for it (when nothing changed, each is a stat).
+func (m *Manager) primeBootFileIDs() {
+	defer m.bg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-m.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	bf, err := m.resolveBootFiles()
+	if err != nil {
+		return
+	}
+	start, before := time.Now(), m.ids.Hashed()
+	k, i, r := bootFileIDs(ctx, &m.ids, bf)
+	for _, f := range []struct {
+		path string
+		id   bootFileID
+	}{{bf.Kernel, k}, {bf.Initrd, i}, {bf.Rootfs, r}} {
+		if f.id.Err != nil && ctx.Err() == nil {
+			m.log.Warn("cannot hash a boot file; goldens count as stale", "file", f.path, "err", f.id.Err)
+		}
+	}
+	if n := m.ids.Hashed() - before; n > 0 {
+		m.log.Info("boot files hashed (once per version of each)", "files", n, "took", time.Since(start).Round(time.Millisecond))
+	}
 }
 
 // pickGolden finds a usable golden for a create, or explains why none is.
@@ -307,12 +369,16 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 		return nil, classifyIOErr("copying the checkpoint into the golden snapshot", err)
 	}
 	crashpoint("golden.after-copy")
-	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
+	kernel, initrd, rootfs := bootFileIDs(ctx, &m.ids, bf)
+	if rootfs.Err != nil {
+		return nil, classifyIOErr("hashing the base rootfs", rootfs.Err)
+	}
+	gc := goldenConfig{SnapshotMeta: *meta, RootfsFingerprint: rootfs.ID, Source: "checkpoint " + c.Name + " of vm " + vmName, PromotedAt: time.Now().UTC()}
 	if gc.KernelSHA256 == "" {
-		gc.KernelSHA256 = fingerprint(bf.Kernel)
+		gc.KernelSHA256 = kernel.ID
 	}
 	if gc.InitrdSHA256 == "" {
-		gc.InitrdSHA256 = fingerprint(bf.Initrd)
+		gc.InitrdSHA256 = initrd.ID
 	}
 	b, _ := json.MarshalIndent(gc, "", "  ")
 	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {

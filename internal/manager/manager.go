@@ -61,7 +61,9 @@ type Manager struct {
 	storage storage.Decision
 	// verifier checks snapshot files against their recorded checksums.
 	verifier storage.Verifier
-	metrics  *metrics
+	// ids are the content identities of the boot files (golden staleness).
+	ids     storage.ContentIDs
+	metrics *metrics
 
 	mu  sync.Mutex
 	vms map[string]*vmRT // by VM id
@@ -145,6 +147,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		copier:  &storage.Copier{NoReflink: dec.NoReflink()},
 		storage: dec,
 	}
+	s.ids.Dir = filepath.Join(cfg.DataDir, "content-ids")
 	if err := s.selectBackend(ctx, opts.Backend); err != nil {
 		st.Close()
 		return nil, err
@@ -172,6 +175,8 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	if s.sandbox.refused != nil {
 		spares = 0 // no VMM may start
 	}
+	s.bg.Add(1)
+	go s.primeBootFileIDs()
 	s.pool = newWarmPool(s, spares)
 	s.warmUp(ctx)
 	s.bg.Add(1)

@@ -1,62 +1,14 @@
 package manager
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"sync"
-	"time"
 
 	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/image"
 )
-
-type digestKey struct {
-	path  string
-	size  int64
-	mtime time.Time
-}
-
-var (
-	digestMu    sync.Mutex
-	digestCache = map[digestKey]string{}
-)
-
-// fileDigest returns the sha256 of a file, cached by path, size and mtime.
-func fileDigest(path string) string {
-	if path == "" {
-		return ""
-	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		return ""
-	}
-	k := digestKey{path, fi.Size(), fi.ModTime()}
-	digestMu.Lock()
-	d, ok := digestCache[k]
-	digestMu.Unlock()
-	if ok {
-		return d
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return ""
-	}
-	d = hex.EncodeToString(h.Sum(nil))
-	digestMu.Lock()
-	digestCache[k] = d
-	digestMu.Unlock()
-	return d
-}
 
 // syncTree fsyncs every file in dir and then dir itself.
 func syncTree(dir string) error {

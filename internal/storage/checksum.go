@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"hash/crc32"
 	"io"
 	"os"
@@ -34,17 +35,27 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // size: a guard against truncated, damaged or swapped files, not against
 // a forger.
 func Checksum(ctx context.Context, path string) (size int64, sum string, err error) {
-	f, err := os.Open(path)
+	size, d, err := sumBlocks(ctx, path, crc32.New(castagnoli))
 	if err != nil {
 		return 0, "", fmt.Errorf("checksumming %s: %w", path, err)
+	}
+	return size, sumPrefix + hex.EncodeToString(d), nil
+}
+
+// sumBlocks feeds h the index (8 bytes, little-endian) and bytes of every
+// non-zero sumBlock-sized block of the file at path, reading only its data
+// extents, then its size, and returns the size and h's sum.
+func sumBlocks(ctx context.Context, path string, h hash.Hash) (int64, []byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, nil, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return 0, "", fmt.Errorf("checksumming %s: %w", path, err)
+		return 0, nil, err
 	}
-	size = fi.Size()
-	var crc uint32
+	size := fi.Size()
 	buf := make([]byte, sumBlock)
 	var idx [8]byte
 	next := int64(0) // the first block not hashed yet
@@ -62,20 +73,18 @@ func Checksum(ctx context.Context, path string) (size int64, sum string, err err
 				continue
 			}
 			binary.LittleEndian.PutUint64(idx[:], uint64(b))
-			crc = crc32.Update(crc, castagnoli, idx[:])
-			crc = crc32.Update(crc, castagnoli, buf[:n])
+			h.Write(idx[:])
+			h.Write(buf[:n])
 		}
 		return nil
 	})
 	if err != nil {
-		return 0, "", fmt.Errorf("checksumming %s: %w", path, err)
+		return 0, nil, err
 	}
 	var sz [8]byte
 	binary.LittleEndian.PutUint64(sz[:], uint64(size))
-	crc = crc32.Update(crc, castagnoli, sz[:])
-	var out [4]byte
-	binary.BigEndian.PutUint32(out[:], crc)
-	return size, sumPrefix + hex.EncodeToString(out[:]), nil
+	h.Write(sz[:])
+	return size, h.Sum(nil), nil
 }
 
 // allZero reports whether b holds only zero bytes.
