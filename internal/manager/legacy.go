@@ -158,7 +158,13 @@ func ImportLegacyGolden(ctx context.Context, cfg *config.Config, log *slog.Logge
 		meta.Format = 0
 	}
 	meta.VMMVersion, _ = m.backend.Version(ctx)
-	meta.KernelSHA256, meta.InitrdSHA256 = fingerprint(bf.Kernel), fingerprint(bf.Initrd)
+	kernel, initrd, rootfs := bootFileIDs(ctx, &m.ids, bf)
+	for _, f := range []bootFileID{kernel, initrd, rootfs} {
+		if f.Err != nil {
+			return nil, fmt.Errorf("hashing this server's boot files: %w", f.Err)
+		}
+	}
+	meta.KernelSHA256, meta.InitrdSHA256 = kernel.ID, initrd.ID
 	if fi, err := os.Stat(filepath.Join(src, vmm.SnapState)); err == nil {
 		meta.CreatedAt = fi.ModTime().UTC()
 	}
@@ -187,7 +193,7 @@ func ImportLegacyGolden(ctx context.Context, cfg *config.Config, log *slog.Logge
 	if err := m.sealSnapshot(ctx, tmp, &meta); err != nil {
 		return nil, fmt.Errorf("checksumming the imported golden: %w", err)
 	}
-	gc := goldenConfig{SnapshotMeta: meta, RootfsFingerprint: fingerprint(bf.Rootfs), Source: legacySource(src), PromotedAt: time.Now().UTC()}
+	gc := goldenConfig{SnapshotMeta: meta, RootfsFingerprint: rootfs.ID, Source: legacySource(src), PromotedAt: time.Now().UTC()}
 	out, _ := json.MarshalIndent(gc, "", "  ")
 	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), out, 0o600); err != nil {
 		return nil, fmt.Errorf("writing golden config: %w", err)
