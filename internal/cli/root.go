@@ -70,7 +70,11 @@ func isTerminal(w io.Writer) bool {
 func (e *env) client() (*client.Client, error) {
 	if !e.resolved {
 		e.resolved = true
-		e.cl, e.target, e.clErr = connect(e.getenv)
+		var legacy bool
+		e.cl, e.target, legacy, e.clErr = connect(e.getenv)
+		if legacy && e.clErr == nil {
+			e.offerMigrate()
+		}
 	}
 	return e.cl, e.clErr
 }
