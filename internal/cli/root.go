@@ -116,6 +116,14 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 		SilenceErrors:     true,
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
 	}
+	var showVersion bool
+	root.Flags().BoolVar(&showVersion, "version", false, "print the client's version and the server's (as `noid version`)")
+	root.RunE = func(cmd *cobra.Command, args []string) error {
+		if showVersion {
+			return printVersion(cmd.Context(), e, false)
+		}
+		return cmd.Help()
+	}
 	root.SetIn(e.stdin)
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
