@@ -48,7 +48,6 @@ refused whatever its bridge and pool.`,
 				return err
 			}
 			log := e.logger(cfg)
-			logConfig(log, e.configRead, cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
 			// After the first signal a second one stops the server at once
@@ -77,6 +76,9 @@ refused whatever its bridge and pool.`,
 			// Deferred first, so released last: after the manager has
 			// closed and nothing touches the data dir any more.
 			defer lock.Close()
+			// Logged once the data dir is ours: a refused second server
+			// logs nothing.
+			logConfig(log, e.configRead, cfg)
 			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: log})
 			if err != nil {
 				return err
