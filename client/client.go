@@ -52,12 +52,33 @@ type (
 	VersionInfo = api.VersionInfo
 	// WhoAmI tells who the server thinks the caller is.
 	WhoAmI = api.WhoAmI
+	// Capabilities are the server's defaults, limits and features and the
+	// caller's quota (GET /v1/capabilities).
+	Capabilities = api.Capabilities
+	// CapabilityDefaults, CapabilityLimits, CapabilityQuota and QuotaUsage
+	// are the parts of Capabilities.
+	CapabilityDefaults = api.CapabilityDefaults
+	CapabilityLimits   = api.CapabilityLimits
+	CapabilityQuota    = api.CapabilityQuota
+	QuotaUsage         = api.QuotaUsage
 	// Golden describes a golden snapshot.
 	Golden = api.Golden
 	// Timings reports where an operation spent its time.
 	Timings = api.Timings
 	// Error is an error returned by the server.
 	Error = errdefs.Error
+)
+
+// The names in Capabilities.Features.
+const (
+	FeatureCheckpoint = api.FeatureCheckpoint
+	FeatureGolden     = api.FeatureGolden
+	FeatureFiles      = api.FeatureFiles
+	FeatureExecUser   = api.FeatureExecUser
+	FeatureConsoleEnv = api.FeatureConsoleEnv
+	FeatureNetwork    = api.FeatureNetwork
+	FeatureUsers      = api.FeatureUsers
+	FeatureMetrics    = api.FeatureMetrics
 )
 
 // Sentinel errors that server errors unwrap to.
@@ -219,6 +240,14 @@ func (c *Client) Version(ctx context.Context) (*VersionInfo, error) {
 func (c *Client) WhoAmI(ctx context.Context) (*WhoAmI, error) {
 	var w WhoAmI
 	return &w, c.do(ctx, "GET", "/v1/whoami", nil, &w)
+}
+
+// Capabilities returns the server's defaults for a new VM, the limits of
+// one request, the caller's quota and usage, and the server's features
+// (see the Feature* constants).
+func (c *Client) Capabilities(ctx context.Context) (*Capabilities, error) {
+	var v Capabilities
+	return &v, c.do(ctx, "GET", "/v1/capabilities", nil, &v)
 }
 
 // CreateVM creates a VM and, unless req.NoWait, returns once its agent answers.

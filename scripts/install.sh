@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs noid on a Debian or Ubuntu host: the noid, noid-server and
 # noid-agent binaries, the systemd unit, a default /etc/noid/config.toml
-# (never overwriting one that exists) and shell completions. Idempotent:
+# (never overwriting one that exists, nor added next to the Rust noid's
+# /etc/noid/server.toml) and shell completions. Idempotent:
 # running it again only replaces what changed, which is also how to upgrade
 # (VMs keep running across `systemctl restart noid-server`).
 #
@@ -167,8 +168,13 @@ trap 'rm -rf "$tmp"' EXIT
 sed "s#/usr/local/bin/noid-server#$bindir/noid-server#g" "$repo/deploy/noid-server.service" >"$tmp/noid-server.service"
 put "$tmp/noid-server.service" "$unit" 0644
 
+legacy_conf=$confdir/server.toml
 if [ -e "$destdir$conf" ]; then
 	echo "kept existing $conf"
+elif [ -e "$destdir$legacy_conf" ]; then
+	# A host set up for the Rust noid: noid-server reads its server.toml
+	# (with a deprecation warning per old key) while config.toml is absent.
+	echo "kept the Rust noid's $legacy_conf and installed no $conf: noid-server reads it while $conf does not exist (see docs/server-guide.md)"
 else
 	put "$repo/deploy/config.toml" "$conf" 0644
 fi

@@ -179,3 +179,31 @@ func TestInstallRoundTrip(t *testing.T) {
 		t.Errorf("--from an empty dir: exit %d\n%s", code, out)
 	}
 }
+
+// TestInstallKeepsLegacyConfig: on a host with the Rust noid's
+// /etc/noid/server.toml and no config.toml, install.sh installs no
+// config.toml (which would take its place) and says so.
+func TestInstallKeepsLegacyConfig(t *testing.T) {
+	bins := testutil.Build(t)
+	repo, err := testutil.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := installer{t: t, script: filepath.Join(repo, "scripts", "install.sh"), from: filepath.Dir(bins.Noid), repo: repo}
+	root := t.TempDir()
+	old := filepath.Join(root, "etc/noid/server.toml")
+	if err := os.MkdirAll(filepath.Dir(old), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	oldText := []byte("kernel = \"/home/firecracker/vmlinux.bin\"\nrootfs = \"/home/firecracker/rootfs.ext4\"\nmax_ws_sessions = 32\n")
+	if err := os.WriteFile(old, oldText, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := in.mustRun(nil, "--destdir", root, "--from", in.from)
+	if exists(filepath.Join(root, "etc/noid/config.toml")) || !strings.Contains(out, "kept the Rust noid's /etc/noid/server.toml") {
+		t.Errorf("install next to server.toml:\n%s", out)
+	}
+	if !bytes.Equal(read(t, old), oldText) {
+		t.Error("install changed server.toml")
+	}
+}

@@ -3,9 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 
-	"github.com/pelletier/go-toml/v2"
 	"github.com/spf13/cobra"
 
 	"github.com/noid-vm/noid/client"
@@ -16,6 +14,7 @@ func newAuthCmd(e *env) *cobra.Command {
 		Use:   "auth",
 		Short: "Configure how noid reaches a remote server",
 		Example: `  noid auth setup --url https://noid.example.com:7070 --token noid_tok_…
+  noid auth migrate
   noid auth logout`,
 	}
 	var url, token string
@@ -42,22 +41,8 @@ checking that they work. NOID_URL and NOID_TOKEN still override the file.`,
 				}
 				fmt.Fprintf(e.stdout, "authenticated as %s\n", w.User)
 			}
-			path := authConfigPath(e.getenv)
-			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-				return err
-			}
-			b, err := toml.Marshal(authConfig{URL: url, Token: token})
+			path, err := writeAuthConfig(e.getenv, authConfig{URL: url, Token: token})
 			if err != nil {
-				return err
-			}
-			tmp := path + ".tmp"
-			if err := os.WriteFile(tmp, b, 0o600); err != nil {
-				return fmt.Errorf("writing %s: %w", path, err)
-			}
-			if err := os.Chmod(tmp, 0o600); err != nil {
-				return err
-			}
-			if err := os.Rename(tmp, path); err != nil {
 				return err
 			}
 			fmt.Fprintf(e.stdout, "saved %s\n", path)
@@ -81,6 +66,42 @@ checking that they work. NOID_URL and NOID_TOKEN still override the file.`,
 			return nil
 		},
 	}
-	cmd.AddCommand(setup, logout)
+	var force bool
+	migrate := &cobra.Command{
+		Use:   "migrate",
+		Short: "Copy the Rust noid's ~/.noid/config.toml into this client's config",
+		Long: `Copy the server URL and token of the Rust noid's client config (the [server]
+section of ~/.noid/config.toml) to ~/.config/noid/config.toml (mode 0600), after
+checking that they work. The old file is left as it is. Until then, noid uses
+the old file when ~/.config/noid/config.toml does not exist.`,
+		Example: `  noid auth migrate
+  noid auth migrate --no-check --force`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !skipCheck {
+				old, err := readLegacyConfig(e.getenv)
+				if err == nil {
+					c, err := client.New(old.URL, old.Token)
+					if err != nil {
+						return err
+					}
+					w, err := c.WhoAmI(cmd.Context())
+					if err != nil {
+						return fmt.Errorf("checking the server and token of %s: %w", legacyConfigPath(e.getenv), err)
+					}
+					fmt.Fprintf(e.stdout, "authenticated as %s\n", w.User)
+				}
+			}
+			old, path, err := migrateLegacyConfig(e.getenv, force)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "saved %s (server %s); %s is unchanged\n", path, old.URL, legacyConfigPath(e.getenv))
+			return nil
+		},
+	}
+	migrate.Flags().BoolVar(&skipCheck, "no-check", false, "save without contacting the server")
+	migrate.Flags().BoolVar(&force, "force", false, "replace an existing ~/.config/noid/config.toml")
+	cmd.AddCommand(setup, migrate, logout)
 	return cmd
 }

@@ -312,6 +312,9 @@ func TestVersionCompatibility(t *testing.T) {
 	if res.code != 0 || !strings.Contains(res.stdout, "client: noid "+Version) || !strings.Contains(res.stdout, "server: noid-server 9.9.9-fake") || res.stderr != "" {
 		t.Errorf("compatible version: %+v", res)
 	}
+	if res := r.run("--version"); res.code != 0 || !strings.Contains(res.stdout, "client: noid "+Version) || !strings.Contains(res.stdout, "server: noid-server 9.9.9-fake") {
+		t.Errorf("noid --version: %+v", res)
+	}
 	f.apiVersion = "2.0"
 	res = r.run("version")
 	if res.code != 0 || !strings.Contains(res.stderr, "warning: client api 1.0 and server api 2.0 are incompatible") {
@@ -330,6 +333,9 @@ func TestVersionCompatibility(t *testing.T) {
 	r.url = "http://127.0.0.1:1"
 	if res := r.run("version"); res.code != 0 || !strings.Contains(res.stdout, "server: unreachable") {
 		t.Errorf("unreachable: %+v", res)
+	}
+	if res := r.run("--version"); res.code != 0 || !strings.Contains(res.stdout, "client: noid "+Version) || !strings.Contains(res.stdout, "server: unreachable") {
+		t.Errorf("noid --version, server unreachable: %+v", res)
 	}
 }
 

@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -27,11 +29,7 @@ func authConfigPath(getenv func(string) string) string {
 	if x := getenv("XDG_CONFIG_HOME"); x != "" {
 		return filepath.Join(x, "noid", "config.toml")
 	}
-	home := getenv("HOME")
-	if home == "" {
-		home, _ = os.UserHomeDir()
-	}
-	return filepath.Join(home, ".config", "noid", "config.toml")
+	return filepath.Join(homeDir(getenv), ".config", "noid", "config.toml")
 }
 
 func readAuthConfig(getenv func(string) string) (*authConfig, error) {
@@ -47,19 +45,27 @@ func readAuthConfig(getenv func(string) string) (*authConfig, error) {
 }
 
 // connect finds the server: NOID_URL (+ NOID_TOKEN), then the file written
-// by `noid auth setup`, then the local unix sockets.
-func connect(getenv func(string) string) (*client.Client, string, error) {
+// by `noid auth setup`, then, when that file does not exist, the Rust
+// noid's ~/.noid/config.toml (legacy is then true), then the local unix
+// sockets.
+func connect(getenv func(string) string) (c *client.Client, target string, legacy bool, err error) {
 	if u := getenv("NOID_URL"); u != "" {
 		c, err := client.New(u, getenv("NOID_TOKEN"))
-		return c, u, err
+		return c, u, false, err
 	}
-	if ac, err := readAuthConfig(getenv); err == nil && ac.URL != "" {
+	ac, err := readAuthConfig(getenv)
+	if errors.Is(err, fs.ErrNotExist) {
+		if ac, err = readLegacyConfig(getenv); err == nil {
+			legacy = true
+		}
+	}
+	if err == nil && ac.URL != "" {
 		tok := ac.Token
 		if t := getenv("NOID_TOKEN"); t != "" {
 			tok = t
 		}
 		c, err := client.New(ac.URL, tok)
-		return c, ac.URL, err
+		return c, ac.URL, legacy, err
 	}
 	candidates := []string{SystemSocket}
 	if home := getenv("HOME"); home != "" {
@@ -68,9 +74,9 @@ func connect(getenv func(string) string) (*client.Client, string, error) {
 	for _, p := range candidates {
 		if fi, err := os.Stat(p); err == nil && fi.Mode()&os.ModeSocket != 0 {
 			c, err := client.New("unix://"+p, getenv("NOID_TOKEN"))
-			return c, "unix://" + p, err
+			return c, "unix://" + p, false, err
 		}
 	}
-	return nil, "", errdefs.WithHint(fmt.Errorf("%w: no noid-server found (looked at NOID_URL, %s and %v)", errdefs.ErrUnavailable, authConfigPath(getenv), candidates),
+	return nil, "", false, errdefs.WithHint(fmt.Errorf("%w: no noid-server found (looked at NOID_URL, %s, %s and %v)", errdefs.ErrUnavailable, authConfigPath(getenv), legacyConfigPath(getenv), candidates),
 		"start it with `noid-server serve --config /etc/noid/config.toml` (or `systemctl start noid-server`), or point NOID_URL at it")
 }

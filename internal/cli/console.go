@@ -37,7 +37,7 @@ command does the same.
 			if err != nil {
 				return err
 			}
-			return runConsole(cmd.Context(), e, vm, user)
+			return runConsole(cmd.Context(), e, vm, client.ExecRequest{User: user})
 		},
 	}
 	cmd.Flags().StringVarP(&user, "user", "u", "", "log in as this user of the VM (name or uid; default: the server's, root)")
@@ -66,8 +66,9 @@ func (d *detachReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// runConsole opens a console in vm as user (empty: the server's default).
-func runConsole(ctx context.Context, e *env, vm, user string) error {
+// runConsole opens a console in vm with req's User (empty: the server's
+// default), Env and Cwd; the terminal's size is filled in here.
+func runConsole(ctx context.Context, e *env, vm string, req client.ExecRequest) error {
 	c, err := e.client()
 	if err != nil {
 		return err
@@ -89,7 +90,8 @@ func runConsole(ctx context.Context, e *env, vm, user string) error {
 		eio.Resize = watchResize(ctx, int(f.Fd()))
 		fmt.Fprintf(e.stderr, "connected to %s; press Ctrl-] to detach\r\n", vm)
 	}
-	st, err := c.ConsoleWith(ctx, vm, client.ExecRequest{Rows: rows, Cols: cols, User: user}, eio)
+	req.Rows, req.Cols = rows, cols
+	st, err := c.ConsoleWith(ctx, vm, req, eio)
 	if dr.hit {
 		fmt.Fprintf(e.stderr, "\r\ndetached from %s; the VM keeps running\r\n", vm)
 		return nil

@@ -27,7 +27,8 @@ func newExecCmd(e *env) *cobra.Command {
 		Long: `Run a command in a VM. stdout and stderr are streamed separately as they are
 produced, stdin is forwarded, and noid exec exits with the command's exit code:
 127 if the command does not exist, 126 if it cannot be executed, as in a shell.
-Ctrl-C is passed to the remote process. With no command, it opens the console.
+Ctrl-C is passed to the remote process. With no command, it opens the console,
+with the -e, --env-file and -w settings applied to its shell.
 The command runs as root, or as --user (a user of the VM's /etc/passwd; the
 images have noid, with passwordless sudo on Debian) or the server's default.
 
@@ -50,6 +51,7 @@ that ps shows. A KEY that is not set in your environment is left out.
   noid exec dev -e DEBUG=1 -w /srv -- ./run.sh
   API_KEY=… noid exec dev -e API_KEY -- ./deploy.sh
   noid exec dev --env-file .env -- ./run.sh
+  noid exec dev -e STAGE=test       # a console whose shell has STAGE=test
   noid exec dev -t -- top
   noid exec dev --timeout 30s -- make test
   noid exec dev --user noid -- sh -c 'sudo apt-get update && sudo apt-get install -y git'
@@ -70,12 +72,14 @@ that ps shows. A KEY that is not set in your environment is left out.
 			if err != nil {
 				return err
 			}
-			if len(argv) == 0 {
-				return runConsole(cmd.Context(), e, vm, user)
-			}
 			envMap, err := execEnv(envFiles, envs, os.LookupEnv)
 			if err != nil {
 				return err
+			}
+			if len(argv) == 0 {
+				// A console with the environment and working directory
+				// asked for (-t and --timeout do not apply to it).
+				return runConsole(cmd.Context(), e, vm, client.ExecRequest{User: user, Env: envMap, Cwd: cwd})
 			}
 			if timeout < 0 {
 				return usagef("--timeout must not be negative")

@@ -57,7 +57,12 @@ func newFakeServer(t *testing.T, vms ...string) *fakeServer {
 		writeJSONTest(w, 200, api.VersionInfo{Server: "9.9.9-fake", API: f.apiVersion, GoVersion: "go", VMM: "qemu", Accel: "tcg"})
 	})
 	mux.HandleFunc("GET /v1/whoami", func(w http.ResponseWriter, r *http.Request) {
-		writeJSONTest(w, 200, api.WhoAmI{User: "tester", Via: "token"})
+		// A token named "as-USER" is USER: enough to see which token came.
+		user := "tester"
+		if u, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer as-"); ok {
+			user = u
+		}
+		writeJSONTest(w, 200, api.WhoAmI{User: user, Via: "token"})
 	})
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		f.mu.Lock()

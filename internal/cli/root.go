@@ -70,7 +70,11 @@ func isTerminal(w io.Writer) bool {
 func (e *env) client() (*client.Client, error) {
 	if !e.resolved {
 		e.resolved = true
-		e.cl, e.target, e.clErr = connect(e.getenv)
+		var legacy bool
+		e.cl, e.target, legacy, e.clErr = connect(e.getenv)
+		if legacy && e.clErr == nil {
+			e.offerMigrate()
+		}
 	}
 	return e.cl, e.clErr
 }
@@ -111,6 +115,14 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 		SilenceUsage:      true,
 		SilenceErrors:     true,
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+	}
+	var showVersion bool
+	root.Flags().BoolVar(&showVersion, "version", false, "print the client's version and the server's (as `noid version`)")
+	root.RunE = func(cmd *cobra.Command, args []string) error {
+		if showVersion {
+			return printVersion(cmd.Context(), e, false)
+		}
+		return cmd.Help()
 	}
 	root.SetIn(e.stdin)
 	root.SetOut(e.stdout)

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"runtime"
 	"strconv"
@@ -42,36 +43,42 @@ reached is reported, not an error.`,
   noid version --json | jq -r .server.server`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var vi versionInfo
-			vi.Client.Version, vi.Client.API, vi.Client.GoVersion = Version, api.Version, runtime.Version()
-			vi.Compatible = true
-			c, err := e.client()
-			if err == nil {
-				vi.Server, err = c.Version(cmd.Context())
-			}
-			if err != nil {
-				vi.Server, vi.ServerError = nil, err.Error()
-			} else {
-				vi.Compatible, vi.Warning = apiCompat(api.Version, vi.Server.API)
-			}
-			if asJSON {
-				return printJSON(e.stdout, vi)
-			}
-			fmt.Fprintf(e.stdout, "client: noid %s (api %s, %s)\n", Version, api.Version, runtime.Version())
-			if vi.Server == nil {
-				fmt.Fprintf(e.stdout, "server: unreachable (%s)\n", vi.ServerError)
-				return nil
-			}
-			v := vi.Server
-			fmt.Fprintf(e.stdout, "server: noid-server %s (api %s, vmm %s %s, accel %s)\n", v.Server, v.API, v.VMM, v.VMMVersion, v.Accel)
-			if vi.Warning != "" {
-				fmt.Fprintf(e.stderr, "warning: %s\n", vi.Warning)
-			}
-			return nil
+			return printVersion(cmd.Context(), e, asJSON)
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// printVersion prints the client's version and, when it can be reached,
+// the server's (noid version, noid --version).
+func printVersion(ctx context.Context, e *env, asJSON bool) error {
+	var vi versionInfo
+	vi.Client.Version, vi.Client.API, vi.Client.GoVersion = Version, api.Version, runtime.Version()
+	vi.Compatible = true
+	c, err := e.client()
+	if err == nil {
+		vi.Server, err = c.Version(ctx)
+	}
+	if err != nil {
+		vi.Server, vi.ServerError = nil, err.Error()
+	} else {
+		vi.Compatible, vi.Warning = apiCompat(api.Version, vi.Server.API)
+	}
+	if asJSON {
+		return printJSON(e.stdout, vi)
+	}
+	fmt.Fprintf(e.stdout, "client: noid %s (api %s, %s)\n", Version, api.Version, runtime.Version())
+	if vi.Server == nil {
+		fmt.Fprintf(e.stdout, "server: unreachable (%s)\n", vi.ServerError)
+		return nil
+	}
+	v := vi.Server
+	fmt.Fprintf(e.stdout, "server: noid-server %s (api %s, vmm %s %s, accel %s)\n", v.Server, v.API, v.VMM, v.VMMVersion, v.Accel)
+	if vi.Warning != "" {
+		fmt.Fprintf(e.stderr, "warning: %s\n", vi.Warning)
+	}
+	return nil
 }
 
 // apiCompat compares the client's and server's API versions ("MAJOR.MINOR").

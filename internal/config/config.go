@@ -83,6 +83,11 @@ type Config struct {
 	Exec Exec `toml:"exec"`
 	// Limits bounds what one VM or user can make the server hold.
 	Limits Limits `toml:"limits"`
+	// Legacy accepts the Rust noid's server.toml keys (deprecated).
+	Legacy
+	// Warnings are the deprecation warnings of the file read (one line
+	// each), for the server to log at start-up.
+	Warnings []string `toml:"-"`
 }
 
 // Exec is the [exec] section.
@@ -505,7 +510,8 @@ func (c *Config) applyDefaults() {
 	c.HTTP.applyDefaults()
 }
 
-// Parse decodes TOML text, rejects unknown keys and fills in defaults.
+// Parse decodes TOML text, rejects unknown keys and fills in defaults. The
+// Rust noid's keys (Legacy) are accepted, mapped and named in c.Warnings.
 func Parse(data []byte) (*Config, error) {
 	c := &Config{}
 	dec := toml.NewDecoder(bytes.NewReader(data))
@@ -522,6 +528,7 @@ func Parse(data []byte) (*Config, error) {
 		}
 		return nil, fmt.Errorf("%w: parsing config: %v", errdefs.ErrInvalidArgument, err)
 	}
+	c.applyLegacy()
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err

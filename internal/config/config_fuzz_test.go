@@ -50,6 +50,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("data_dir = \"/var/lib/noid\"\nlisten = \"127.0.0.1:7070\"\n[network]\npool = \"10.9.0.0/16\"\ngateway_tcp_ports = [3128]\n[quota]\nmax_vms = 3\n[sandbox]\nuser = \"auto\"\nuid_base = 3000000000\nmemory_overhead = \"1G\"\n"))
 	f.Add([]byte("vmm = \"qemu\"\naccel = \"tcg\"\ndefault_memory_mib = 256\ndefault_disk_size = \"2G\"\n[storage]\nreflink_image_size = \"100G\"\n"))
 	f.Add([]byte("unknown_key = 1\n"))
+	f.Add([]byte("trust_forwarded_for = true\nmax_ws_sessions = 64\nexec_timeout_secs = 30\nconsole_timeout_secs = 3600\n"))
 	f.Add([]byte("[network]\nenabled = false\nblocked_nets = [\"192.168.0.0/16\"]\n[sandbox]\nseccomp = false\ncgroups = false\ncgroup_parent = \"a/b\"\npids_max = 10\n"))
 	f.Add([]byte("data_dir = \"relative\"\n"))
 	f.Add([]byte("tls_cert = \"/c\"\n"))

@@ -93,6 +93,7 @@ func (s *Server) routes() []route {
 		{"GET", "/v1/openapi.json", false, false, s.hOpenAPI},
 		{"GET", "/metrics", true, false, s.hMetrics},
 		{"GET", "/v1/whoami", true, false, s.hWhoAmI},
+		{"GET", "/v1/capabilities", true, false, s.hCapabilities},
 		{"GET", "/v1/vms", true, false, s.hListVMs},
 		{"POST", "/v1/vms", true, true, s.hCreateVM},
 		{"GET", "/v1/vms/{name}", true, false, s.hGetVM},
@@ -332,6 +333,15 @@ func (s *Server) hVersion(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) hWhoAmI(w http.ResponseWriter, r *http.Request) error {
 	id := r.Context().Value(keyIdentity).(*identity)
 	return writeJSON(w, 200, api.WhoAmI{User: id.user.Name, Admin: id.user.IsAdmin, Via: id.via, Version: Version})
+}
+
+func (s *Server) hCapabilities(w http.ResponseWriter, r *http.Request) error {
+	c, err := s.mgr.Capabilities(r.Context(), userOf(r.Context()))
+	if err != nil {
+		return err
+	}
+	c.Server = Version
+	return writeJSON(w, 200, c)
 }
 
 // vmRef is the VM a request names: {name}, or with ?user=U (admins only;

@@ -136,6 +136,8 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"Checkpoint": api.Checkpoint{}, "Golden": api.Golden{}, "StreamMsg": api.StreamMsg{},
 		"PutFilesResult": api.PutFilesResult{}, "FileInfo": api.FileInfo{},
 		"User": api.User{}, "Quota": api.Quota{}, "UserToken": api.UserToken{},
+		"Capabilities": api.Capabilities{}, "CapabilityDefaults": api.CapabilityDefaults{},
+		"CapabilityLimits": api.CapabilityLimits{}, "CapabilityQuota": api.CapabilityQuota{}, "QuotaUsage": api.QuotaUsage{},
 	}
 	requests := map[string]any{
 		"CreateVMRequest": api.CreateVMRequest{}, "CheckpointRequest": api.CheckpointRequest{},

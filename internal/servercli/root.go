@@ -22,10 +22,44 @@ import (
 type env struct {
 	stdout, stderr io.Writer
 	configPath     string
+	// defaultConfigs are the files looked for, in order, when --config is
+	// not given (Main: ours, then the Rust noid's); empty means the
+	// built-in defaults.
+	defaultConfigs []string
+	// configRead is the file config() read, "" for the built-in defaults.
+	configRead string
 }
 
 func (e *env) config() (*config.Config, error) {
-	return config.Load(e.configPath)
+	path, err := e.configFile()
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, err
+	}
+	e.configRead = path
+	return cfg, nil
+}
+
+// configFile is the file to read: --config, or without it the first of
+// defaultConfigs that exists. A --config naming the first default (as the
+// systemd unit does) that does not exist falls back to a later default
+// that does, so a host set up for the Rust noid, with only
+// /etc/noid/server.toml, starts.
+func (e *env) configFile() (string, error) {
+	if e.configPath == "" {
+		return config.FindDefault(e.defaultConfigs...)
+	}
+	if len(e.defaultConfigs) > 0 && e.configPath == e.defaultConfigs[0] {
+		p, err := config.FindDefault(e.defaultConfigs...)
+		if err != nil || p == "" {
+			return e.configPath, err
+		}
+		return p, nil
+	}
+	return e.configPath, nil
 }
 
 func (e *env) logger(cfg *config.Config) *slog.Logger {
@@ -49,7 +83,7 @@ func newRoot(e *env) *cobra.Command {
 	}
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
-	root.PersistentFlags().StringVar(&e.configPath, "config", "", "config file (TOML); default: built-in defaults")
+	root.PersistentFlags().StringVar(&e.configPath, "config", "", "config file (TOML); default: "+config.SystemConfigPath+", else "+config.LegacyConfigPath+" (the Rust noid's), else built-in defaults")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return &usageError{err} })
 	root.AddCommand(newServeCmd(e), newImageCmd(e), newAddUserCmd(e), newListUsersCmd(e), newRotateTokenCmd(e),
 		newRemoveUserCmd(e), newStorageCmd(e), newImportCmd(e), newVersionCmd(e), newAuditCmd(e), newSetQuotaCmd(e), newDoctorCmd(e))
@@ -58,7 +92,7 @@ func newRoot(e *env) *cobra.Command {
 
 // Main runs noid-server with os.Args and returns the exit code.
 func Main() int {
-	e := &env{stdout: os.Stdout, stderr: os.Stderr}
+	e := &env{stdout: os.Stdout, stderr: os.Stderr, defaultConfigs: []string{config.SystemConfigPath, config.LegacyConfigPath}}
 	root := newRoot(e)
 	err := root.ExecuteContext(context.Background())
 	if err == nil {

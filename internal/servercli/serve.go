@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/manager"
 	"github.com/noid-vm/noid/internal/server"
@@ -74,6 +76,9 @@ refused whatever its bridge and pool.`,
 			// Deferred first, so released last: after the manager has
 			// closed and nothing touches the data dir any more.
 			defer lock.Close()
+			// Logged once the data dir is ours: a refused second server
+			// logs nothing.
+			logConfig(log, e.configRead, cfg)
 			mgr, err := manager.New(ctx, manager.Options{Config: cfg, Logger: log})
 			if err != nil {
 				return err
@@ -88,5 +93,18 @@ refused whatever its bridge and pool.`,
 			}
 			return nil
 		},
+	}
+}
+
+// logConfig says at start-up which config file was read (or that none
+// was) and logs its deprecation warnings, one line each.
+func logConfig(log *slog.Logger, path string, cfg *config.Config) {
+	if path == "" {
+		log.Info("config: built-in defaults (no --config, and no " + config.SystemConfigPath + " or " + config.LegacyConfigPath + ")")
+	} else {
+		log.Info("config: read "+path, "file", path)
+	}
+	for _, w := range cfg.Warnings {
+		log.Warn("config: "+w, "file", path)
 	}
 }
