@@ -84,7 +84,8 @@ func (s *streamer) short(pkg string) string {
 	return pkg
 }
 
-func appendTo(m map[string]*strings.Builder, k, text string) {
+// appendTo appends text to m[k], creating it.
+func appendTo[K comparable](m map[K]*strings.Builder, k K, text string) {
 	b := m[k]
 	if b == nil {
 		b = &strings.Builder{}
@@ -176,12 +177,7 @@ func (s *streamer) handle(e event) {
 			appendTo(s.pkgOut, e.Package, e.Output)
 			return
 		}
-		b := s.out[k]
-		if b == nil {
-			b = &strings.Builder{}
-			s.out[k] = b
-		}
-		b.WriteString(e.Output)
+		appendTo(s.out, k, e.Output)
 		if s.verbose && progressLine.MatchString(e.Output) {
 			io.WriteString(s.console, e.Output)
 		}
@@ -300,12 +296,7 @@ func readSkips(r io.Reader, label string) ([]skip, error) {
 		k := testKey{e.Package, e.Test}
 		switch e.Action {
 		case "output":
-			b := out[k]
-			if b == nil {
-				b = &strings.Builder{}
-				out[k] = b
-			}
-			b.WriteString(e.Output)
+			appendTo(out, k, e.Output)
 		case "skip":
 			reason := ""
 			if b := out[k]; b != nil {
