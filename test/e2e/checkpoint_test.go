@@ -78,6 +78,7 @@ func TestCheckpointRewind(t *testing.T) {
 	e.WaitCloneSpare(2 * time.Minute)
 	before, _ := e.Client.GetVM(ctx(t), "rw")
 	for round := 1; round <= 2; round++ {
+		restoreStart := time.Now()
 		vm, err := e.Client.Restore(ctx(t), "rw", "c1")
 		if err != nil {
 			t.Fatalf("rewind %d: %v", round, err)
@@ -95,10 +96,23 @@ func TestCheckpointRewind(t *testing.T) {
 				t.Errorf("the console log lost the boot before the rewind (%v): %d bytes", err, len(logs))
 			}
 		}
-		host := time.Now().Unix()
-		guest, _ := strconv.ParseInt(strings.TrimSpace(e.MustExec("rw", "date", "+%s")), 10, 64)
-		if d := guest - host; d < -2 || d > 2 {
-			t.Errorf("rewind %d: guest clock is %d s off the host's", round, d)
+		// The restore set the guest's clock from the host's clock read
+		// during the Restore call, and it runs on from there, so when date
+		// runs it reads between restoreStart and the host's clock after
+		// the exec returned, however loaded the machine. A stale clock
+		// would be the 10 s sleep behind. date +%s truncates to the
+		// second, hence the bounds' truncation; the 1 s slack is for the
+		// guest's own clocksource rate under TCG, not for any latency.
+		out := strings.TrimSpace(e.MustExec("rw", "date", "+%s"))
+		execEnd := time.Now()
+		guest, err := strconv.ParseInt(out, 10, 64)
+		if err != nil {
+			t.Fatalf("rewind %d: guest date +%%s: %q", round, out)
+		}
+		const slack = 1
+		if lo, hi := restoreStart.Unix()-slack, execEnd.Unix()+slack; guest < lo || guest > hi {
+			t.Errorf("rewind %d: guest clock %d s, want within [%d, %d] (restore started at %d, the exec returned at %d, %d s slack)",
+				round, guest, lo, hi, restoreStart.Unix(), execEnd.Unix(), slack)
 		}
 		got := counter(t, e, "rw")
 		if got < c0 || got >= later {

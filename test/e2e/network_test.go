@@ -542,11 +542,16 @@ func resolve(t *testing.T, c *client.Client, vm, name string) []string {
 // Timeouts of connectivity checks: long where success is expected (they
 // return as soon as they succeed), short where a block is expected (they
 // always take that long), and "at once" where a stale neighbour entry
-// would delay success by several seconds.
+// would delay success: a Linux neighbour entry with the old MAC is used
+// until it is reachable no more (15–45 s after it was confirmed), then
+// waits delay_first_probe_time (5 s) and 3 unicast probes of 1 s before
+// the address is resolved again, and TCP's SYN retries at 1, 3, 7 and
+// 15 s; so success at once is within 6 s, which leaves a loaded machine
+// room for wget's own start in a TCG guest.
 const (
 	okSecs      = 10
 	blockedSecs = 4
-	onceSecs    = 3
+	onceSecs    = 6
 	okWait      = okSecs * time.Second
 	onceWait    = onceSecs * time.Second
 )

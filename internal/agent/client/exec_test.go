@@ -362,15 +362,14 @@ func TestExecSignalReachesProcessGroup(t *testing.T) {
 	}
 }
 
+// TestExecTimeout: a process past its timeout is killed and reported as
+// timed out (code 124); sleep 100 could only end otherwise after run's own
+// testTimeout, which fails the test.
 func TestExecTimeout(t *testing.T) {
 	c, _ := newClient(t)
-	start := time.Now()
 	r := run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", "echo started; sleep 100"}, TimeoutMS: 300}, nil)
 	if r.err != nil || r.exit.Code != 124 || !r.exit.TimedOut || r.stdout != "started\n" {
 		t.Fatalf("timeout: %+v", r)
-	}
-	if d := time.Since(start); d > 10*time.Second {
-		t.Fatalf("timeout took %v", d)
 	}
 	r = run(t, c, proto.ExecRequest{Argv: []string{"true"}, TimeoutMS: 10000}, nil)
 	if r.exit.Code != 0 || r.exit.TimedOut {
@@ -378,10 +377,11 @@ func TestExecTimeout(t *testing.T) {
 	}
 }
 
-// A background child that keeps stdout open must not hold the exec open.
+// A background child that keeps stdout open must not hold the exec open:
+// the exec ends (within run's testTimeout, a guard against a hang) while
+// the child still runs.
 func TestExecBackgroundChildDoesNotHold(t *testing.T) {
 	c, _ := newClient(t)
-	start := time.Now()
 	r := run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", "sleep 100 & echo $!"}}, nil)
 	if r.err != nil || r.exit.Code != 0 {
 		t.Fatalf("bg: %+v", r)
@@ -391,9 +391,6 @@ func TestExecBackgroundChildDoesNotHold(t *testing.T) {
 		t.Fatalf("bg output %q", r.stdout)
 	}
 	defer syscall.Kill(pid, syscall.SIGKILL)
-	if d := time.Since(start); d > 5*time.Second {
-		t.Fatalf("exec with a background child took %v", d)
-	}
 	if processGone(pid) {
 		t.Fatal("background child should still run")
 	}
@@ -538,10 +535,10 @@ func TestSync(t *testing.T) {
 }
 
 // With a terminal too, a background child that keeps the terminal open
-// (and ignores the hangup) does not hold the exec open.
+// (and ignores the hangup) does not hold the exec open: the exec ends
+// while the child still runs.
 func TestExecTTYBackgroundChildDoesNotHold(t *testing.T) {
 	c, _ := newClient(t)
-	start := time.Now()
 	r := run(t, c, proto.ExecRequest{Argv: []string{"sh", "-c", "trap '' HUP; sleep 100 & echo $!"}, TTY: true}, nil)
 	if r.err != nil || r.exit.Code != 0 {
 		t.Fatalf("bg: %+v", r)
@@ -551,7 +548,7 @@ func TestExecTTYBackgroundChildDoesNotHold(t *testing.T) {
 		t.Fatalf("bg output %q", r.stdout)
 	}
 	defer syscall.Kill(pid, syscall.SIGKILL)
-	if d := time.Since(start); d > 5*time.Second {
-		t.Fatalf("tty exec with a background child took %v", d)
+	if processGone(pid) {
+		t.Fatal("background child should still run")
 	}
 }

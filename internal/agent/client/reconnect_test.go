@@ -302,13 +302,14 @@ func TestConnectDeadline(t *testing.T) {
 	go func() { _, _ = io.Copy(io.Discard, peer) }() // reads, never answers
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	start := time.Now()
-	_, err := client.Connect(ctx, host, client.Options{})
-	if !errors.Is(err, context.DeadlineExceeded) {
+	errc := make(chan error, 1)
+	go func() {
+		_, err := client.Connect(ctx, host, client.Options{})
+		errc <- err
+	}()
+	// The peer never answers: only the deadline can end Connect.
+	if err := waitTimeout(t, errc, "Connect to give up at its deadline"); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Connect error %v", err)
-	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Fatalf("Connect took %v past its deadline", d)
 	}
 }
 
@@ -430,12 +431,10 @@ func TestResyncMidFrameOnLiveConnection(t *testing.T) {
 				pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
 				return err == nil
 			})
-			start := time.Now()
+			// connect bounds the handshake by testTimeout (a guard against
+			// a hang); how long a resync takes is not asserted.
 			c := connect(t, host)
 			checkNewWorks(t, c)
-			if d := time.Since(start); d > 5*time.Second {
-				t.Fatalf("resync took %v", d)
-			}
 			eventually(t, "old process killed", func() bool { return processGone(pid) })
 		})
 	}
