@@ -61,3 +61,8 @@ gotest e2e -v -count=1 -tags e2e -timeout 40m -p 1 ./test/e2e/...
 
 step "Go client examples against a real noid-server (QEMU)"
 gotest client -v -count=1 -tags e2e -timeout 15m ./client/
+
+step "bounded load: 12 clients of 3 users for 30 s, then the consistency and leak checks (noid-bench load)"
+./scripts/bench.sh load --clients 12 --users 3 --duration 30s --cache "$NOID_TEST_CACHE/bench" >"$logs/load.log" 2>&1 ||
+	{ tail -n 60 "$logs/load.log"; echo "bounded load failed; its log: $logs/load.log"; exit 1; }
+grep -E '^  (cycles:|create |rewind |clone )|^    (ok|FAIL) ' "$logs/load.log" || true

@@ -224,6 +224,10 @@ func Main(args []string) int {
 		}
 		o.Only[s] = true
 	}
+	if load {
+		// The load run uses the tiny image only: no default image to build.
+		o.Only = map[string]bool{}
+	}
 	for _, s := range strings.Split(*storages, ",") {
 		s = strings.TrimSpace(s)
 		if s != "copy" && s != "reflink" {
