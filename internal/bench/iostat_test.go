@@ -77,8 +77,10 @@ func TestSpareSnapshot(t *testing.T) {
 	if got := spareSnapshot(line); got != "checkpoints/e8157ba4" {
 		t.Errorf("spareSnapshot = %q", got)
 	}
+	if got := spareSnapshot(`time=… level=DEBUG msg="warm pool: golden spare running" spare=x golden=1x2048`); got != "golden/1x2048" {
+		t.Errorf("a golden's running spare counts as %q", got)
+	}
 	for _, l := range []string{
-		`time=… level=DEBUG msg="warm pool: golden spare running" spare=x golden=y`,
 		`time=… level=INFO msg="checkpoint taken" snapshot=checkpoints/x`,
 		`time=… level=DEBUG msg="warm pool: spare prepared" spare=x`,
 	} {
@@ -86,8 +88,8 @@ func TestSpareSnapshot(t *testing.T) {
 			t.Errorf("spareSnapshot(%q) = %q, want none", l, got)
 		}
 	}
-	s := &Server{prepared: map[string]int{"checkpoints/ab": 2}}
-	if s.SparesPrepared("ab") != 2 || s.SparesPrepared("cd") != 0 {
+	s := &Server{prepared: map[string]int{"checkpoints/ab": 2, "golden/1x2048": 1}}
+	if s.SparesPrepared("ab") != 2 || s.SparesPrepared("cd") != 0 || s.GoldenSparesRunning("1x2048") != 1 || s.SparesPrepared("1x2048") != 0 {
 		t.Error("SparesPrepared")
 	}
 }

@@ -416,12 +416,19 @@ func (s *Server) checkpointDir(id string) string {
 // spareSnapshot returns the snapshot of a "warm pool: spare prepared" log
 // line (logged at debug level), or "".
 func spareSnapshot(line string) string {
-	if !strings.Contains(line, `msg="warm pool: spare prepared"`) {
+	field := "snapshot="
+	prefix := ""
+	switch {
+	case strings.Contains(line, `msg="warm pool: spare prepared"`):
+	case strings.Contains(line, `msg="warm pool: golden spare running"`):
+		// A running spare of a golden: counted as "golden/<spec>".
+		field, prefix = "golden=", "golden/"
+	default:
 		return ""
 	}
 	for _, f := range strings.Fields(line) {
-		if v, ok := strings.CutPrefix(f, "snapshot="); ok {
-			return strings.Trim(v, `"`)
+		if v, ok := strings.CutPrefix(f, field); ok {
+			return prefix + strings.Trim(v, `"`)
 		}
 	}
 	return ""
@@ -429,10 +436,16 @@ func spareSnapshot(line string) string {
 
 // SparesPrepared is how many warm spares the server has prepared for the
 // checkpoint with id cpID (it must run with log_level "debug").
-func (s *Server) SparesPrepared(cpID string) int {
+func (s *Server) SparesPrepared(cpID string) int { return s.sparesFor("checkpoints/" + cpID) }
+
+// GoldenSparesRunning is how many running spares the server has started
+// for the system golden of spec ("1x2048").
+func (s *Server) GoldenSparesRunning(spec string) int { return s.sparesFor("golden/" + spec) }
+
+func (s *Server) sparesFor(key string) int {
 	s.logMu.Lock()
 	defer s.logMu.Unlock()
-	return s.prepared["checkpoints/"+cpID]
+	return s.prepared[key]
 }
 
 // WaitSparesPrepared waits until the server has prepared n warm spares in
