@@ -98,6 +98,7 @@ type runner struct {
 	violations []string
 	history    []string
 	checkSeq   int
+	seen       map[string]bool // problems reported so far
 	cloneSeq   int
 }
 
@@ -142,7 +143,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.ServerBin == "" || o.Image == nil {
 		return nil, fmt.Errorf("chaos run: the server binary and the image are required")
 	}
-	r := &runner{o: o, rng: mrand.New(mrand.NewSource(o.Seed)), led: &ledger{vms: map[string]*vmRec{}}, start: time.Now()}
+	r := &runner{o: o, rng: mrand.New(mrand.NewSource(o.Seed)), led: &ledger{vms: map[string]*vmRec{}}, start: time.Now(), seen: map[string]bool{}}
 	r.resume = sync.NewCond(&r.heldMu)
 	res := &Result{Seed: o.Seed, Ops: map[string]int{}, Failed: map[string]int{}}
 	fmt.Fprintf(o.Out, "noid-chaos: seed %d (replay with --seed %d): %d server kills, %d VMM kills, %d clients\n",

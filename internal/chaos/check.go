@@ -32,12 +32,19 @@ func (r *runner) check(ctx context.Context, when string, sample bool) {
 	var problems []string
 	deadline := time.Now().Add(settleTimeout)
 	for {
+		// A problem reported by an earlier check (a leak that stays) is
+		// reported again but not waited for.
 		problems = r.inspect(ctx)
-		if len(problems) == 0 || time.Now().After(deadline) || ctx.Err() != nil {
+		if len(r.fresh(problems)) == 0 || time.Now().After(deadline) || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	r.mu.Lock()
+	for _, p := range problems {
+		r.seen[p] = true
+	}
+	r.mu.Unlock()
 	for _, p := range problems {
 		r.violate("%s: %s", when, p)
 	}
@@ -54,6 +61,19 @@ func (r *runner) check(ctx context.Context, when string, sample bool) {
 		state = fmt.Sprintf("%d violated", len(problems))
 	}
 	r.logf("check %d %s: invariants %s (%s; %.1fs, of which inspecting %.1fs)", n, when, state, r.census(ctx), time.Since(t0).Seconds(), tInspect.Seconds())
+}
+
+// fresh is the problems no earlier check reported.
+func (r *runner) fresh(problems []string) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, p := range problems {
+		if !r.seen[p] {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // census is a one-line count of the VMs and checkpoints.
