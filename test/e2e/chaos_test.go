@@ -15,8 +15,9 @@ import (
 // TestChaosBounded is the bounded form of the chaos soak (issue 16): two
 // clients create, exec, checkpoint, rewind, clone and destroy VMs on a real
 // noid-server while it is killed with SIGKILL 30 times (and restarted on
-// the same data dir) and random VMMs 6 times; after every fault and at the
-// end every invariant must hold (internal/chaos says which). The seed is in
+// the same data dir) and random VMMs 4 times; after every fault and at the
+// end every invariant must hold (internal/chaos says which; a sample of
+// checkpoints is restored after every fifth fault). The seed is in
 // the log; `noid-chaos --seed N` replays its choices, and the long form is
 // `noid-chaos --server-kills 200 --vmm-kills 50` (RELIABILITY.md).
 func TestChaosBounded(t *testing.T) {
@@ -27,9 +28,10 @@ func TestChaosBounded(t *testing.T) {
 	defer cancel()
 	res, err := chaos.Run(ctx, chaos.Options{
 		ServerKills: 30,
-		VMMKills:    6,
+		VMMKills:    4,
 		Clients:     2,
-		MaxGap:      4 * time.Second,
+		MaxGap:      3 * time.Second,
+		SampleEvery: 5,
 		ServerBin:   bins.Server,
 		Image:       img,
 		Out:         &testLogWriter{t: t},
@@ -41,8 +43,8 @@ func TestChaosBounded(t *testing.T) {
 		t.Errorf("the run killed noid-server %d times, want 30", res.ServerKills)
 	}
 	// A run whose clients never got anything done checks nothing.
-	if res.Ops["ack-write"] == 0 || res.Ops["rewind"]+res.Ops["rewind-dead"] == 0 {
-		t.Errorf("the clients acknowledged %d writes and rewound %d times; want some of each: %v", res.Ops["ack-write"], res.Ops["rewind"]+res.Ops["rewind-dead"], res.Ops)
+	if res.Ops["ack-write"] == 0 {
+		t.Errorf("the clients acknowledged no write: %v", res.Ops)
 	}
 }
 
