@@ -47,8 +47,8 @@ var _ vmm.Instance = (*Instance)(nil)
 // attach watches pid and connects to its QMP socket. b and cg (either may
 // be nil) are the backend and cgroup whose sandbox the instance releases
 // once the process has exited; if attach fails, the caller cleans up.
-func attach(ctx context.Context, spec vmm.Spec, pid int, b *Backend, cg *sandbox.Cgroup) (inst *Instance, err error) {
-	inst = &Instance{spec: spec, pid: pid, done: make(chan struct{}), b: b, cg: cg}
+func attach(ctx context.Context, spec vmm.Spec, pid int, b *Backend, cg *sandbox.Cgroup) (_ *Instance, err error) {
+	inst := &Instance{spec: spec, pid: pid, done: make(chan struct{}), b: b, cg: cg}
 	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
 	if err != nil {
 		return nil, fmt.Errorf("watching qemu pid %d: %w", pid, err)
