@@ -422,9 +422,7 @@ func (m *Manager) releaseSpareResources(ctx context.Context, id, dir string) {
 	if m.net != nil {
 		m.net.RemoveVM(ctx, id)
 	}
-	if m.uids != nil {
-		m.uids.Release(id)
-	}
+	m.releaseSandbox(ctx, id)
 	os.RemoveAll(dir)
 	os.Remove(filepath.Join(m.runDir(), id+".qmp"))
 	os.Remove(filepath.Join(m.runDir(), id+".agent"))

@@ -74,6 +74,9 @@ func (m *Manager) recover(ctx context.Context) error {
 				}
 				if !errors.Is(err, vmm.ErrGone) {
 					reason = "could not re-adopt vmm process: " + err.Error()
+				} else {
+					// Its VMM died while no server watched it.
+					m.releaseSandbox(ctx, v.Runtime())
 				}
 				log.Warn("vm is dead", "reason", reason)
 				m.store.SetVMState(ctx, v.ID, store.StateDead, reason, 0)

@@ -27,6 +27,8 @@ type sandboxState struct {
 	perVM bool
 	// cgroupParent is the parent of VMM cgroups ("" when cgroups are off).
 	cgroupParent string
+	// cgroups manages the VMM cgroups (nil when cgroups are off).
+	cgroups *sandbox.Manager
 	// refused, when set, is why no VMM may start: confinement that
 	// [sandbox] asks for is impossible here and [sandbox] require is on.
 	refused error
@@ -96,6 +98,7 @@ func (m *Manager) qemuOptions(ctx context.Context) qemu.Options {
 				m.log.Info("sandbox: removed cgroups of VMMs that are gone", "count", n, "err", err)
 			}
 			opts.Cgroups = cg
+			m.sandbox.cgroups = cg
 			m.sandbox.cgroupParent = cg.Parent()
 			m.log.Info("sandbox: each VMM gets a cgroup with memory and pids limits", "cgroups", l.String(), "parent", cg.Parent())
 		}
@@ -203,4 +206,24 @@ func refuseVMMs(b vmm.Backend, err error) vmm.Backend {
 		return refusingPreparer{refusingBackend{b, err}}
 	}
 	return refusingBackend{b, err}
+}
+
+// releaseSandbox removes the cgroup of the VMM runtime id (killing what is
+// left in it) and releases its uid lease, for a VMM that has no instance
+// to do it: one that died or was started by an earlier server and could
+// not be re-adopted, or a spare an earlier server left. Both are no-ops
+// when there is nothing.
+func (m *Manager) releaseSandbox(ctx context.Context, id string) {
+	if m.sandbox.cgroups != nil {
+		if cg, err := m.sandbox.cgroups.Open(id); err == nil {
+			if err := cg.Remove(ctx); err != nil {
+				m.log.Warn("removing the cgroup of a vmm that is gone", "runtime_id", id, "err", err)
+			}
+		}
+	}
+	if m.uids != nil {
+		if err := m.uids.Release(id); err != nil {
+			m.log.Warn("releasing the uid of a vmm that is gone", "runtime_id", id, "err", err)
+		}
+	}
 }

@@ -541,6 +541,9 @@ func (m *Manager) destroyVM(ctx context.Context, v *store.VM) (int, error) {
 		return 0, fmt.Errorf("stopping vmm of %s: %w", v.Name, err)
 	}
 	crashpoint("destroy.after-kill")
+	// A VMM that died (or a start that a crash cut short) left no instance
+	// to remove its cgroup and uid lease.
+	m.releaseSandbox(ctx, v.Runtime())
 	m.detachNetwork(ctx, v)
 	cps, _ := m.store.ListCheckpoints(ctx, v.UserID, v.ID)
 	for _, c := range cps {

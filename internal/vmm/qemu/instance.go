@@ -44,14 +44,21 @@ type Instance struct {
 
 var _ vmm.Instance = (*Instance)(nil)
 
-// attach watches pid and connects to its QMP socket.
-func attach(ctx context.Context, spec vmm.Spec, pid int) (*Instance, error) {
-	inst := &Instance{spec: spec, pid: pid, done: make(chan struct{})}
+// attach watches pid and connects to its QMP socket. b and cg (either may
+// be nil) are the backend and cgroup whose sandbox the instance releases
+// once the process has exited; if attach fails, the caller cleans up.
+func attach(ctx context.Context, spec vmm.Spec, pid int, b *Backend, cg *sandbox.Cgroup) (_ *Instance, err error) {
+	inst := &Instance{spec: spec, pid: pid, done: make(chan struct{}), b: b, cg: cg}
 	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
 	if err != nil {
 		return nil, fmt.Errorf("watching qemu pid %d: %w", pid, err)
 	}
 	inst.pidfd = os.NewFile(uintptr(fd), "pidfd")
+	defer func() {
+		if err != nil {
+			inst.sbOnce.Do(func() {}) // the caller's to clean up, not the watcher's
+		}
+	}()
 	go inst.watch()
 
 	// The QMP socket was created before QEMU started, so connecting never
@@ -79,8 +86,11 @@ func attach(ctx context.Context, spec vmm.Spec, pid int) (*Instance, error) {
 	return inst, nil
 }
 
-// watch closes done when the process exits. The pidfd is pollable, so this
-// waits in the runtime's poller rather than on an OS thread.
+// watch closes done when the process exits, then removes its cgroup and
+// releases its uid: a QEMU that died on its own (killed, crashed) must not
+// keep them until its VM is destroyed or rewound, and an adopted one has no
+// other watcher. The pidfd is pollable, so this waits in the runtime's
+// poller rather than on an OS thread.
 func (i *Instance) watch() {
 	rc, err := i.pidfd.SyscallConn()
 	if err != nil {
@@ -97,6 +107,7 @@ func (i *Instance) watch() {
 	})
 	close(i.done)
 	i.pidfd.Close()
+	i.cleanupSandbox()
 }
 
 // preparedState is the snapshot a prepared VMM waits for.

@@ -460,14 +460,11 @@ func (b *Backend) spawn(ctx context.Context, spec vmm.Spec, incoming bool) (*Ins
 	// while it sets up the chardev, so a restored guest never sees its host
 	// side go away and the first HELLO is delivered the moment it runs.
 	pre, preErr := net.Dial("unix", agentPath(spec))
-	inst, err := attach(ctx, spec, pid)
+	inst, err := attach(ctx, spec, pid, b, conf.cg)
 	if err == nil && preErr == nil {
 		inst.preconn = pre
 	} else if pre != nil {
 		pre.Close()
-	}
-	if err == nil {
-		inst.b, inst.cg = b, conf.cg
 	}
 	if err != nil {
 		killPid(pid)
@@ -596,14 +593,13 @@ func (b *Backend) Adopt(ctx context.Context, spec vmm.Spec, pid int) (vmm.Instan
 	if pid <= 0 || !isOurs(pid, spec) {
 		return nil, vmm.ErrGone
 	}
-	inst, err := attach(ctx, spec, pid)
+	inst, err := attach(ctx, spec, pid, b, b.sandboxOf(spec))
 	if err != nil {
 		if !isOurs(pid, spec) {
 			return nil, vmm.ErrGone
 		}
 		return nil, err
 	}
-	inst.b, inst.cg = b, b.sandboxOf(spec)
 	if err := inst.ensureRunning(ctx); err != nil {
 		inst.Kill(context.Background())
 		return nil, err

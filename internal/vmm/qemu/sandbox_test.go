@@ -397,6 +397,48 @@ func TestConfinement(t *testing.T) {
 			t.Error("uid lease of b left after kill")
 		}
 	})
+
+	// A QEMU that dies on its own (here SIGKILL from outside, after a
+	// server restart re-adopted it) releases its cgroup and uid without a
+	// Kill: found by the chaos soak (issue 16), where a dead VM kept both
+	// until it was destroyed or rewound.
+	t.Run("unexpected exit releases", func(t *testing.T) {
+		cg, _ := m.Open("confa")
+		pid := a.Pid()
+		a.Close() // as a server that stops: the VMM runs on
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		adopted, err := b.Adopt(ctx, specA, pid)
+		if err != nil {
+			t.Fatalf("adopting a: %v", err)
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-adopted.Done():
+		case <-ctx.Done():
+			t.Fatal("the adopted instance did not see its VMM exit")
+		}
+		var left []string
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			left = nil
+			for _, d := range cg.Dirs() {
+				if _, err := os.Stat(d); !os.IsNotExist(err) {
+					left = append(left, d)
+				}
+			}
+			if _, ok := pool.Lookup("confa"); ok {
+				left = append(left, "uid lease of confa")
+			}
+			if len(left) == 0 || time.Now().After(deadline) {
+				break
+			}
+		}
+		if len(left) > 0 {
+			t.Errorf("30s after its VMM was killed from outside, still there: %v", left)
+		}
+	})
 }
 
 // TestArgsConfined checks the command line of a confined QEMU: no -runas

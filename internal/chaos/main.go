@@ -1,0 +1,74 @@
+package chaos
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/noid-vm/noid/internal/image"
+)
+
+// Main is noid-chaos: it parses args, runs and returns the exit code (0
+// all invariants held, 1 one broke, 2 the run could not proceed).
+func Main(args []string) int {
+	fset := flag.NewFlagSet("noid-chaos", flag.ContinueOnError)
+	var o Options
+	var imageData string
+	fset.Int64Var(&o.Seed, "seed", 0, "seed of every random choice (0: a new one, printed)")
+	fset.IntVar(&o.ServerKills, "server-kills", 30, "how many times noid-server is killed (SIGKILL) and restarted")
+	fset.IntVar(&o.VMMKills, "vmm-kills", 10, "how many times a random VMM process is killed (SIGKILL)")
+	fset.IntVar(&o.Clients, "clients", 2, "concurrent clients")
+	fset.DurationVar(&o.MaxGap, "max-gap", 0, "longest random wait between faults (default 6s)")
+	fset.IntVar(&o.SampleEvery, "sample-every", 1, "restore a sample of checkpoints after every Nth fault (and at the end)")
+	fset.StringVar(&o.ServerBin, "server", "", "noid-server binary (default: next to noid-chaos, else on PATH)")
+	fset.StringVar(&imageData, "image-data", "/var/tmp/noid-test-cache/data", "data dir holding the tiny image (images/tiny), as `noid-server image build --tiny` or the tests make it")
+	fset.StringVar(&o.TempDir, "tmp", "", "where the run's data dir is made (default $TMPDIR)")
+	fset.BoolVar(&o.Keep, "keep", false, "keep the run's data dir")
+	fset.BoolVar(&o.Verbose, "v", false, "print every failed client operation too")
+	if err := fset.Parse(args); err != nil {
+		return 2
+	}
+	if o.ServerBin == "" {
+		o.ServerBin = findServer()
+	}
+	img, err := image.Load(imageData, true)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "noid-chaos: %v\n", err)
+		return 2
+	}
+	o.Image = img
+	o.Out = os.Stdout
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	_, err = Run(ctx, o)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, ErrViolated):
+		fmt.Fprintf(os.Stderr, "noid-chaos: %v\n", err)
+		return 1
+	default:
+		fmt.Fprintf(os.Stderr, "noid-chaos: %v\n", err)
+		return 2
+	}
+}
+
+// findServer looks for noid-server next to this executable, then on PATH.
+func findServer() string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "noid-server")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	if p, err := exec.LookPath("noid-server"); err == nil {
+		return p
+	}
+	return "noid-server"
+}
