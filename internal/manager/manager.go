@@ -171,6 +171,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, err
 	}
 	s.sweepPool(ctx)
+	s.sweepOrphanVMMs(ctx)
 	spares := cfg.PoolSpares()
 	if s.sandbox.refused != nil {
 		spares = 0 // no VMM may start

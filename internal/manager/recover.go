@@ -1,12 +1,16 @@
 package manager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -161,5 +165,89 @@ func (m *Manager) sweepVMDirs(ctx context.Context, dir string) {
 		}
 		m.log.Warn("removing orphaned vm directory", "dir", filepath.Join(dir, e.Name()))
 		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+
+// sweepOrphanVMMs kills the VMM processes of this storage root that no VM
+// in the store owns, and frees their sandbox. A server killed between
+// starting a VMM and recording it (a cold restore's new process, a spare
+// whose files had already left the pool directory) leaves one: it runs
+// under its own runtime id, which no row names. A VMM is this root's when
+// its command line names a path in a VM's or a spare's directory under the
+// root (its files, the inert object naming its directory, its console log)
+// and its process name is noid-<id>. Only one server runs per data dir
+// (the data dir lock), so none of these can be another server's, and a
+// server elsewhere that boots a kernel from this data dir's images does
+// not match. It runs at start-up, after recovery adopted every VM and
+// before any spare starts.
+func (m *Manager) sweepOrphanVMMs(ctx context.Context) {
+	vms, err := m.store.ListVMs(ctx, -1)
+	if err != nil {
+		return
+	}
+	owned := map[string]bool{}
+	for _, v := range vms {
+		owned[v.Runtime()] = true
+		owned[v.ID] = true
+	}
+	root := filepath.Clean(m.cfg.StorageDir())
+	vmsDir, poolDir := []byte(root+"/users/"), []byte(root+"/pool/")
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !(bytes.Contains(cmd, vmsDir) || bytes.Contains(cmd, poolDir)) {
+			continue
+		}
+		id := vmmProcessID(cmd)
+		if id == "" || owned[id] {
+			continue
+		}
+		m.log.Warn("killing a vmm no vm owns (left by a server that stopped before recording it)", "runtime_id", id, "pid", pid)
+		syscall.Kill(pid, syscall.SIGKILL)
+		waitExit(pid, 5*time.Second)
+		m.releaseSandbox(ctx, id)
+		if m.net != nil {
+			m.net.RemoveVM(ctx, id)
+		}
+	}
+}
+
+// vmmProcessID returns the runtime id in a VMM's command line (argv
+// separated by NULs): the value of -name noid-<id>[,...], or "".
+func vmmProcessID(cmdline []byte) string {
+	args := bytes.Split(cmdline, []byte{0})
+	for i := 0; i+1 < len(args); i++ {
+		if string(args[i]) != "-name" {
+			continue
+		}
+		v, ok := bytes.CutPrefix(args[i+1], []byte("noid-"))
+		if !ok {
+			return ""
+		}
+		if j := bytes.IndexByte(v, ','); j >= 0 {
+			v = v[:j]
+		}
+		return string(v)
+	}
+	return ""
+}
+
+// waitExit waits up to d for pid to be gone (or a zombie).
+func waitExit(pid int, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'Z' {
+				return
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
