@@ -256,7 +256,10 @@ func (b *Bench) runLoad(ctx context.Context) error {
 	rep.ServerFDs[1] = fdsAfter
 	rep.ServerThreads[1] = threads(s.Pid)
 	rep.ServerRSSMiB[1] = rssMiB(s.Pid)
-	rep.Checks = append(rep.Checks, Check{Name: "server fds back to baseline", OK: fdsAfter <= rep.ServerFDs[0]+2,
+	// A few sockets the server opens on first use (netlink, nftables, the
+	// DNS forwarder's) are allowed; a leak per cycle, with tens of cycles,
+	// is not.
+	rep.Checks = append(rep.Checks, Check{Name: "server fds back to baseline", OK: fdsAfter <= rep.ServerFDs[0]+4,
 		Detail: fmt.Sprintf("%d before, %d after (%v)", rep.ServerFDs[0], fdsAfter, kinds)})
 	// Each VMM the server watches holds one pidfd; with no VMs left only
 	// the spares' should remain.
