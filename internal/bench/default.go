@@ -431,7 +431,11 @@ func (ds *defSeries) run(ctx context.Context, kind string, waitSpare bool, n int
 			wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 			ready := func() bool { return s.SparesPrepared(ds.cpID) > ds.used }
 			if ds.golden != "" {
-				ready = func() bool { return s.GoldenSparesRunning(ds.golden) > ds.used }
+				// Running spares waiting now, from the server's own gauge:
+				// spares prepared on the spot for a create that found none
+				// also log "golden spare running", so counting those runs
+				// ahead of the pool.
+				ready = func() bool { return goldenSparesWaiting(wctx, s, ds.golden) > 0 }
 			}
 			for !ready() && wctx.Err() == nil {
 				time.Sleep(10 * time.Millisecond)
@@ -489,6 +493,32 @@ func (ds *defSeries) run(ctx context.Context, kind string, waitSpare bool, n int
 	b.add(&Figure{Section: ds.section, Storage: ds.st, Name: label + ", agent part", Unit: "ms", Stats: agent.Stats(),
 		Note: "from the VM resuming until its agent answered and applied the sync (clock, entropy, identity and network for a clone): guest code under TCG"})
 	return seriesResult{vmm: vmmSide.Stats().P50, total: total.Stats().P50}, nil
+}
+
+// goldenSparesWaiting reads noid_warm_spares{kind="golden"} of the shape
+// spec ("1x2048") from the server's /metrics (0 when it cannot).
+func goldenSparesWaiting(ctx context.Context, s *Server, spec string) int {
+	text, err := s.Client.Metrics(ctx)
+	if err != nil {
+		return 0
+	}
+	return goldenSparesIn(text, spec)
+}
+
+// goldenSparesIn reads the golden spares of shape spec from a /metrics
+// exposition.
+func goldenSparesIn(text, spec string) int {
+	vcpus, mem, _ := strings.Cut(spec, "x")
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, "noid_warm_spares{") || !strings.Contains(line, `kind="golden"`) ||
+			!strings.Contains(line, `vcpus="`+vcpus+`"`) || !strings.Contains(line, `memory_mib="`+mem+`"`) {
+			continue
+		}
+		f := strings.Fields(line)
+		n, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		return int(n)
+	}
+	return 0
 }
 
 // syncHost flushes every filesystem's dirty pages.

@@ -55,3 +55,19 @@ func TestLoadMemoryBudget(t *testing.T) {
 		}
 	}
 }
+
+// TestGoldenSparesIn reads the running spares of one golden shape from a
+// /metrics exposition, ignoring blank spares and other shapes.
+func TestGoldenSparesIn(t *testing.T) {
+	text := `# HELP noid_warm_spares VMMs prepared ahead of time
+noid_warm_spares{disk_bytes="2147483648",kind="clone",memory_mib="2048",network="default",vcpus="1"} 3
+noid_warm_spares{disk_bytes="2147483648",kind="golden",memory_mib="256",network="default",vcpus="1"} 5
+noid_warm_spares{disk_bytes="2147483648",kind="golden",memory_mib="2048",network="default",vcpus="1"} 1
+`
+	if n := goldenSparesIn(text, "1x2048"); n != 1 {
+		t.Errorf("1x2048: %d, want 1", n)
+	}
+	if n := goldenSparesIn(text, "2x2048"); n != 0 {
+		t.Errorf("2x2048: %d, want 0", n)
+	}
+}
