@@ -1,7 +1,6 @@
 package manager
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -882,11 +881,8 @@ func (m *Manager) sweepPoolDir(ctx context.Context, dir string) {
 		if err != nil {
 			continue
 		}
-		if i := bytes.Index(cmd, []byte("noid-")); i >= 0 {
-			rest := cmd[i+len("noid-"):]
-			if j := bytes.IndexByte(rest, ','); j > 0 && ids[string(rest[:j])] {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
+		if id := vmmProcessID(cmd); id != "" && ids[id] {
+			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
 	for id := range ids {
