@@ -120,16 +120,34 @@ func statID(path string) (fileID, error) {
 	return fileID{dev: uint64(st.Dev), ino: st.Ino, size: st.Size, mtime: st.Mtim, ctime: st.Ctim}, nil
 }
 
+// verifiedID is what Verifier remembers a file by: fileID without ctime.
+// Any write moves mtime (a write through a shared mapping too) and a rename
+// over the file gives another inode, but a hard link moves ctime alone, and
+// noid links snapshot files into every clone and spare: keying on ctime made
+// every clone read its whole snapshot again (30 to 230 ms on the default
+// image). What this misses is a write followed by setting mtime back on
+// purpose, which only root can do to noid's snapshot files (ContentIDs,
+// which guards an operator's own images against exactly that, keeps ctime).
+type verifiedID struct {
+	dev, ino uint64
+	size     int64
+	mtime    unix.Timespec
+}
+
+func (id fileID) verified() verifiedID {
+	return verifiedID{dev: id.dev, ino: id.ino, size: id.size, mtime: id.mtime}
+}
+
 // Verifier checks files against the size and checksum recorded when they
 // were written, and remembers the files it has seen intact: a file whose
-// inode, size, mtime and ctime have not changed since it was checksummed
-// is not read again. So a snapshot is read whole at most once per server
+// inode, size and mtime have not changed since it was checksummed is not
+// read again (see verifiedID). So a snapshot is read whole at most once per server
 // run (at its creation, or on its first use after a restart), and every
 // later check is a stat. The zero value is ready; it is safe for
 // concurrent use.
 type Verifier struct {
 	mu   sync.Mutex
-	seen map[fileID]string // the sum each unchanged file had
+	seen map[verifiedID]string // the sum each unchanged file had
 }
 
 // Sum checksums the file at path (see Checksum) and remembers it as intact.
@@ -160,7 +178,7 @@ func (v *Verifier) Verify(ctx context.Context, path string, size int64, sum stri
 		return nil
 	}
 	v.mu.Lock()
-	known, ok := v.seen[id]
+	known, ok := v.seen[id.verified()]
 	v.mu.Unlock()
 	if ok && known == sum {
 		return nil
@@ -180,16 +198,16 @@ func (v *Verifier) Verify(ctx context.Context, path string, size int64, sum stri
 // when it is still unchanged now (it was not written while being read).
 func (v *Verifier) remember(path string, before fileID, sum string) {
 	after, err := statID(path)
-	if err != nil || after != before {
+	if err != nil || after.verified() != before.verified() {
 		return
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.seen == nil {
-		v.seen = map[fileID]string{}
+		v.seen = map[verifiedID]string{}
 	}
 	if len(v.seen) > 1<<16 {
 		clear(v.seen) // bound the memory; the cost is one re-read each
 	}
-	v.seen[after] = sum
+	v.seen[after.verified()] = sum
 }
