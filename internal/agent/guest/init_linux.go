@@ -93,6 +93,9 @@ func SetupPID1(log *slog.Logger, level *slog.LevelVar) (InitResult, error) {
 	}
 
 	mountLate(log)
+	if res.RootSwitched {
+		BindEtcFiles(log, "/etc", "/run/noid/etc")
+	}
 	if lo, err := netlink.LinkByName("lo"); err == nil {
 		if err := netlink.LinkSetUp(lo); err != nil {
 			log.Warn("cannot bring up lo", "err", err)
@@ -109,6 +112,46 @@ func SetupPID1(log *slog.Logger, level *slog.LevelVar) (InitResult, error) {
 	log.Info("init done", "root_switched", res.RootSwitched, "root", res.Root, "modules", res.Modules,
 		"took", res.Took.Round(time.Millisecond))
 	return res, nil
+}
+
+// etcInMemory are the files of /etc that the agent rewrites on every clone
+// (see BindEtcFiles).
+var etcInMemory = []string{"hostname", "hosts"}
+
+// BindEtcFiles keeps the files of etcInMemory in memory: each one that is a
+// regular file in etc is copied to the tmpfs directory mem and bind-mounted
+// over itself, as container runtimes do with /etc/hosts. The sync after a
+// clone then writes no file on the guest's disk; on a fresh QEMU that
+// first disk write is slow (ext4 and its journal run on a cold translation
+// cache under TCG). The copies live in the VM's memory, so checkpoints,
+// rewinds and clones keep edits to them; a cold boot starts again from the
+// disk's files. A file already mounted over, a symlink or a missing file
+// is left alone.
+func BindEtcFiles(log *slog.Logger, etc, mem string) {
+	if err := os.MkdirAll(mem, 0o755); err != nil {
+		log.Warn("cannot keep /etc files in memory", "dir", mem, "err", err)
+		return
+	}
+	for _, name := range etcInMemory {
+		disk := filepath.Join(etc, name)
+		fi, err := os.Lstat(disk)
+		if err != nil || !fi.Mode().IsRegular() || mountedFile(disk) {
+			continue
+		}
+		b, err := os.ReadFile(disk)
+		if err != nil {
+			log.Warn("cannot keep an /etc file in memory", "path", disk, "err", err)
+			continue
+		}
+		copyPath := filepath.Join(mem, name)
+		if err := os.WriteFile(copyPath, b, fi.Mode().Perm()); err != nil {
+			log.Warn("cannot keep an /etc file in memory", "path", disk, "err", err)
+			continue
+		}
+		if err := unix.Mount(copyPath, disk, "", unix.MS_BIND, ""); err != nil {
+			log.Warn("cannot keep an /etc file in memory", "path", disk, "err", err)
+		}
+	}
 }
 
 type mnt struct {

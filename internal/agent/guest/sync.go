@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/noid-vm/noid/internal/agent/proto"
@@ -153,6 +154,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 	}
 	if id.MAC != "" || ip != "" || id.Gateway != "" {
 		cur, err := sys.NetState(netIf)
+		lap("net.read")
 		if err != nil {
 			fail("reading %s: %v", netIf, err)
 		} else {
@@ -168,6 +170,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 					}
 				}
 			}
+			lap("net.mac")
 			if ip != "" && !(len(cur.IPv4) == 1 && sameCIDR(cur.IPv4[0], id.IPv4)) {
 				if err := sys.SetIPv4(netIf, id.IPv4); err != nil {
 					fail("setting ipv4: %v", err)
@@ -175,6 +178,7 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 					changed("ipv4")
 				}
 			}
+			lap("net.ipv4")
 			if id.Gateway != "" {
 				gw := net.ParseIP(id.Gateway)
 				if gw == nil || gw.To4() == nil {
@@ -188,11 +192,12 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 					}
 				}
 			}
+			lap("net.gateway")
 			if ip != "" && (slices.Contains(res.Changed, "ipv4") || slices.Contains(res.Changed, "mac")) {
 				a.announce(ip)
 			}
+			lap("net.announce")
 		}
-		lap("net")
 	}
 	if len(id.DNS) > 0 {
 		var b bytes.Buffer
@@ -275,13 +280,21 @@ func hostsWithIdentity(old []byte, hostname, ip string) []byte {
 }
 
 // writeIfChanged atomically replaces path with data unless it already holds
-// exactly that. A symlink at path is replaced by a regular file. It reports
+// exactly that. A symlink at path is replaced by a regular file. A file
+// mounted over path (init binds /etc/hostname and /etc/hosts from /run, see
+// BindEtcFiles) cannot be renamed over, and is written in place. It reports
 // whether it wrote.
 func writeIfChanged(path string, data []byte) (bool, error) {
 	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
 		if fi, err := os.Lstat(path); err == nil && fi.Mode().IsRegular() {
 			return false, nil
 		}
+	}
+	if mountedFile(path) {
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			return false, err
+		}
+		return true, nil
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return false, err
@@ -306,4 +319,17 @@ func writeIfChanged(path string, data []byte) (bool, error) {
 		return false, err
 	}
 	return true, nil
+}
+
+// mountedFile reports whether path is a regular file on another filesystem
+// than its directory: a file mounted over it.
+func mountedFile(path string) bool {
+	var f, d syscall.Stat_t
+	if syscall.Lstat(path, &f) != nil || f.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		return false
+	}
+	if syscall.Stat(filepath.Dir(path), &d) != nil {
+		return false
+	}
+	return f.Dev != d.Dev
 }

@@ -252,8 +252,16 @@ func (i *Instance) Resume(ctx context.Context) error {
 }
 
 // setMigrationCaps sets the migration capabilities this QEMU uses next,
-// each on or off, and lifts the bandwidth limit (a migration here never
-// leaves the host).
+// each on or off, and its migration parameters: no bandwidth limit (a
+// migration here never leaves the host) and no announcements after an
+// incoming one. QEMU otherwise has the guest's virtio-net announce itself
+// five times in the first second after a load (a config interrupt each,
+// and the guest kernel sends gratuitous ARP and neighbour advertisements):
+// guest work on a cold translation cache, in the window where the agent
+// syncs and the user's first command runs, announcing an identity that a
+// clone's sync then replaces. The agent announces the address itself once
+// it changed it, and a bridge learns a rewound VM's new TAP port from its
+// first frame.
 func (i *Instance) setMigrationCaps(ctx context.Context, caps map[string]bool) error {
 	var list []map[string]any
 	for name, on := range caps {
@@ -262,7 +270,7 @@ func (i *Instance) setMigrationCaps(ctx context.Context, caps map[string]bool) e
 	if err := i.qmp.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil); err != nil {
 		return err
 	}
-	return i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil)
+	return i.qmp.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40, "announce-rounds": 0}, nil)
 }
 
 // incomingPaused loads the device state stream at path into a QEMU
