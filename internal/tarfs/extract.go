@@ -11,6 +11,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 // Options tune Extract. The zero value extracts every entry below the
@@ -354,10 +355,16 @@ func (x *extraction) dir(name string, hdr *tar.Header) error {
 // file writes the regular file name from the stream. A file cut short is
 // removed.
 func (x *extraction) file(name string, hdr *tar.Header) error {
-	if err := x.clear(name, hdr); err != nil {
+	flags := os.O_WRONLY | os.O_CREATE | os.O_EXCL
+	inPlace := false
+	if err := x.clear(name, hdr); errors.Is(err, errMountedFile) {
+		// Something is mounted over the file (the guest's init keeps
+		// /etc/hosts in memory so): it cannot be replaced, only rewritten.
+		flags, inPlace = os.O_WRONLY|os.O_TRUNC, true
+	} else if err != nil {
 		return err
 	}
-	f, err := x.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := x.root.OpenFile(name, flags, 0o600)
 	if err != nil {
 		return fmt.Errorf("entry %q: %w", hdr.Name, err)
 	}
@@ -377,7 +384,9 @@ func (x *extraction) file(name string, hdr *tar.Header) error {
 		err = x.root.Chtimes(name, hdr.ModTime, hdr.ModTime)
 	}
 	if err != nil {
-		_ = x.root.Remove(name)
+		if !inPlace {
+			_ = x.root.Remove(name)
+		}
 		return fmt.Errorf("entry %q: %w", hdr.Name, err)
 	}
 	return nil
@@ -440,11 +449,18 @@ func (x *extraction) clear(name string, hdr *tar.Header) error {
 		return fmt.Errorf("entry %q: a directory is in the way", hdr.Name)
 	}
 	if err := x.root.Remove(name); err != nil {
+		if errors.Is(err, syscall.EBUSY) && fi.Mode().IsRegular() {
+			return fmt.Errorf("entry %q: %w", hdr.Name, errMountedFile)
+		}
 		return fmt.Errorf("entry %q: replacing: %w", hdr.Name, err)
 	}
 	delete(x.links, name)
 	return nil
 }
+
+// errMountedFile is clear's error for a regular file that cannot be
+// removed because something is mounted over it.
+var errMountedFile = errors.New("a file is mounted over it")
 
 // finishDirs gives the directory entries their owners, modes and times,
 // deepest last-listed first: entries made inside a directory change its

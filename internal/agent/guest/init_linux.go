@@ -114,16 +114,16 @@ func SetupPID1(log *slog.Logger, level *slog.LevelVar) (InitResult, error) {
 	return res, nil
 }
 
-// etcInMemory are the files of /etc that the agent rewrites on every clone
-// (see BindEtcFiles).
-var etcInMemory = []string{"hostname", "hosts"}
+// etcInMemory are the files of /etc that the agent's sync writes (see
+// BindEtcFiles).
+var etcInMemory = []string{"hostname", "hosts", "resolv.conf"}
 
 // BindEtcFiles keeps the files of etcInMemory in memory: each one that is a
 // regular file in etc is copied to the tmpfs directory mem and bind-mounted
 // over itself, as container runtimes do with /etc/hosts. The sync after a
-// clone then writes no file on the guest's disk; on a fresh QEMU that
-// first disk write is slow (ext4 and its journal run on a cold translation
-// cache under TCG). The copies live in the VM's memory, so checkpoints,
+// clone then neither writes nor reads a file on the guest's disk; on a
+// fresh QEMU that first disk access is slow (ext4 and its journal run on a
+// cold translation cache under TCG). The copies live in the VM's memory, so checkpoints,
 // rewinds and clones keep edits to them; a cold boot starts again from the
 // disk's files. A file already mounted over, a symlink or a missing file
 // is left alone.
