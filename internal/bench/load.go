@@ -10,13 +10,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/network"
+	"github.com/noid-vm/noid/internal/procfs"
 )
 
 // LoadOptions configure `noid-bench load`.
@@ -611,7 +611,7 @@ func (l *loadRun) verifyGone(ctx context.Context, c *client.Client, vm *client.V
 	}
 }
 
-func alive(pid int) bool { return syscall.Kill(pid, 0) == nil && !isZombie(pid) }
+func alive(pid int) bool { return !procfs.Exited(pid) }
 
 // isOurVMM guards against pid reuse: QEMU runs with -name noid-<id>.
 func isOurVMM(pid int, id string) bool {
@@ -897,15 +897,5 @@ func firstLine(s string) string {
 // hostMemAvailableMiB reads MemAvailable from the host's /proc/meminfo, in
 // MiB (0 if it cannot).
 func hostMemAvailableMiB() int {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		var kb int
-		if n, _ := fmt.Sscanf(line, "MemAvailable: %d kB", &kb); n == 1 {
-			return kb / 1024
-		}
-	}
-	return 0
+	return max(procfs.MeminfoMiB("MemAvailable"), 0)
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/storage"
 )
 
@@ -293,7 +294,7 @@ func pidsUsing(dir string) []int {
 		if err != nil || !bytes.Contains(b, []byte(dir+"/")) {
 			continue
 		}
-		if isZombie(pid) {
+		if procfs.Exited(pid) {
 			continue
 		}
 		out = append(out, pid)
@@ -301,20 +302,11 @@ func pidsUsing(dir string) []int {
 	return out
 }
 
-func isZombie(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return true
-	}
-	i := bytes.LastIndexByte(b, ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
-}
-
 func waitGone(pids []int, d time.Duration) {
 	deadline := time.Now().Add(d)
 	for _, p := range pids {
 		for time.Now().Before(deadline) {
-			if syscall.Kill(p, 0) != nil || isZombie(p) {
+			if procfs.Exited(p) {
 				break
 			}
 			time.Sleep(20 * time.Millisecond)

@@ -20,12 +20,12 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 
 	"github.com/noid-vm/noid/internal/config"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/network"
+	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/store"
@@ -348,33 +348,18 @@ func privateDir(dir string, log *slog.Logger) error {
 // hostLimits are the ranges accepted for vcpus and memory.
 func hostLimits() (maxVCPUs int, maxMemMiB int) {
 	maxVCPUs = runtime.NumCPU()
-	maxMemMiB = meminfoMiB("MemTotal")
+	maxMemMiB = procfs.MeminfoMiB("MemTotal")
 	if maxMemMiB <= 0 {
 		maxMemMiB = 1 << 20
 	}
 	return
 }
 
-// meminfoMiB reads one field of /proc/meminfo, in MiB (-1 if absent).
-func meminfoMiB(field string) int {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return -1
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		var kb int
-		if n, _ := fmt.Sscanf(line, field+": %d kB", &kb); n == 1 {
-			return kb / 1024
-		}
-	}
-	return -1
-}
-
 // checkHostMemory refuses to start a VM the host has no memory for: guest
 // RAM is allocated lazily, so up to [quota] host_memory_overcommit times
 // the host's available memory may be promised to one new VM.
 func (m *Manager) checkHostMemory(memMiB int) error {
-	avail := meminfoMiB("MemAvailable")
+	avail := procfs.MeminfoMiB("MemAvailable")
 	if avail < 0 {
 		return nil
 	}

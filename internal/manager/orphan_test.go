@@ -1,24 +1,12 @@
 package manager
 
 import (
-	"bytes"
-	"fmt"
-	"os"
 	"syscall"
 	"testing"
 	"time"
-)
 
-// isZombiePid reports whether pid has exited and waits to be reaped (the
-// test process started it).
-func isZombiePid(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	i := bytes.LastIndexByte(b, ')')
-	return i > 0 && i+2 < len(b) && b[i+2] == 'Z'
-}
+	"github.com/noid-vm/noid/internal/procfs"
+)
 
 // TestOrphanVMMKilledAtStart: a VMM of this data dir that no VM row owns
 // (a server killed between starting it and recording it, as the chaos
@@ -37,7 +25,7 @@ func TestOrphanVMMKilledAtStart(t *testing.T) {
 	e.close()
 	e.open()
 	deadline := time.Now().Add(30 * time.Second)
-	for syscall.Kill(orphan.PID, 0) == nil && !isZombiePid(orphan.PID) {
+	for syscall.Kill(orphan.PID, 0) == nil && !procfs.Exited(orphan.PID) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the orphaned VMM (pid %d) still runs after the restart\n%s", orphan.PID, lastLines(e.logs.String(), 20))
 		}

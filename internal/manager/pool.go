@@ -19,6 +19,7 @@ import (
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/network"
+	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
 )
@@ -230,7 +231,7 @@ var errOverBudget = errors.New("over the memory budget")
 // promoting goldens cannot run VMMs beyond what the user may run.
 func (wp *warmPool) admitRunning(ctx context.Context, dir string) error {
 	m := wp.m
-	budget := m.cfg.PoolMemoryBudgetMiB(meminfoMiB("MemTotal"))
+	budget := m.cfg.PoolMemoryBudgetMiB(procfs.MeminfoMiB("MemTotal"))
 	wp.mu.Lock()
 	me := wp.running[dir]
 	var total, owners int

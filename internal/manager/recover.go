@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/vmm"
 )
@@ -240,13 +241,8 @@ func vmmProcessID(cmdline []byte) string {
 func waitExit(pid int, d time.Duration) {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		if syscall.Kill(pid, 0) != nil {
+		if procfs.Exited(pid) {
 			return
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'Z' {
-				return
-			}
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

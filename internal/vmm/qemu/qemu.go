@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/noid-vm/noid/internal/errdefs"
+	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/vmm"
 )
@@ -613,18 +614,5 @@ func isOurs(pid int, spec vmm.Spec) bool {
 	if err != nil {
 		return false
 	}
-	return bytes.Contains(b, []byte(processName(spec)+",")) && !isZombie(pid)
-}
-
-func isZombie(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return true
-	}
-	// pid (comm) S ...; comm may contain spaces, so find the last ')'.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		return true
-	}
-	return b[i+2] == 'Z' || b[i+2] == 'X'
+	return bytes.Contains(b, []byte(processName(spec)+",")) && !procfs.Exited(pid)
 }
