@@ -64,6 +64,18 @@ if [ $need_go = 1 ]; then
 	rm -rf "$tmp"
 fi
 
+# A real S3-compatible server for the remote-store tests (issue 13):
+# versitygw, built from its Go module once and kept in /usr/local/bin. The
+# tests start it themselves, on loopback, serving a temporary directory.
+VERSITYGW_VERSION=v1.8.0
+stamp=/usr/local/share/noid/versitygw.version
+if [ ! -x /usr/local/bin/versitygw ] || [ "$(cat "$stamp" 2>/dev/null)" != "$VERSITYGW_VERSION" ]; then
+	echo "setup: building versitygw $VERSITYGW_VERSION (S3 server for the tests) into /usr/local/bin (about a minute)"
+	GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+	mkdir -p "$(dirname "$stamp")"
+	echo "$VERSITYGW_VERSION" >"$stamp"
+fi
+
 echo "setup: building noid ($(go version | cut -d' ' -f3))"
 make -s build
 echo "setup: binaries in $(pwd)/bin"

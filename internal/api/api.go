@@ -99,6 +99,8 @@ type VM struct {
 	Warnings []string `json:"warnings,omitempty"`
 	// Timings of the operation that returned this VM, when it was a create or restore.
 	Timings *Timings `json:"timings,omitempty"`
+	// Pulled says what a clone from the remote store fetched.
+	Pulled *RemoteTransfer `json:"pulled,omitempty"`
 }
 
 // Timings reports where an operation spent its time, in milliseconds.
@@ -163,6 +165,10 @@ type Golden struct {
 	KernelHash string    `json:"kernel_sha256,omitempty"`
 	// Spares is the number of VMMs prepared from it and waiting (warm pool).
 	Spares int `json:"spares"`
+	// Remote names the remote golden it was pulled from, if it was.
+	Remote string `json:"remote,omitempty"`
+	// Pulled says what the pull that returned it fetched.
+	Pulled *RemoteTransfer `json:"pulled,omitempty"`
 }
 
 // GoldenPromoteRequest is the body of POST /v1/golden.

@@ -25,7 +25,8 @@ With no argument, the active VM is checkpointed under a short id.
 		Example: `  noid checkpoint dev
   noid checkpoint dev before-upgrade --label "clean install"
   noid checkpoint --name clean          # the active VM
-  noid checkpoint rm dev before-upgrade`,
+  noid checkpoint rm dev before-upgrade
+  noid checkpoint push dev before-upgrade`,
 		Args:              rangeArgs(0, 2, "an optional VM name and an optional checkpoint name"),
 		ValidArgsFunction: completeVMs(e, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -98,5 +99,58 @@ VM; with one, it is a checkpoint of the active VM.
 			return nil
 		},
 	})
+	cmd.AddCommand(newCheckpointPushCmd(e))
+	return cmd
+}
+
+func newCheckpointPushCmd(e *env) *cobra.Command {
+	var key string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "push [<vm>] <checkpoint> [--key KEY]",
+		Short: "Upload a checkpoint to the server's remote store, for any host sharing it",
+		Long: `Upload a checkpoint (memory, disk, device state and a manifest) to the remote
+object store the server is configured with ([remote]). Only the non-zero data
+moves, compressed, and what the store has already (the base image, memory that
+did not change since an earlier push) is not sent again. The key defaults to
+<vm>/<checkpoint>, in your own space of the store; clone it on any host that
+shares the store with ` + "`noid restore --from remote:KEY --as NEW`" + `.
+With two arguments the first is the VM; with one, it is a checkpoint of the
+active VM.
+` + activeHelp,
+		Example: `  noid checkpoint push dev clean
+  noid checkpoint push dev clean --key builders/ready
+  noid restore --from remote:dev/clean --as dev2   # on another host`,
+		Args:              rangeArgs(1, 2, "an optional VM name and a checkpoint"),
+		ValidArgsFunction: completeCheckpoints(e),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			explicit, cp := "", args[0]
+			if len(args) == 2 {
+				explicit, cp = args[0], args[1]
+			}
+			vm, err := e.vmName(cmd, explicit)
+			if err != nil {
+				return err
+			}
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			stop := e.spin("pushing " + vm + "/" + cp)
+			r, err := c.PushCheckpoint(cmd.Context(), vm, cp, key)
+			stop()
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(e.stdout, r)
+			}
+			fmt.Fprintf(e.stdout, "pushed %s/%s as remote:%s: %s of data, %s sent (%d of %d chunks, the rest already stored) in %.1f s\n",
+				vm, cp, r.Key, bytesHuman(r.DataBytes), bytesHuman(r.Pushed.BytesMoved), r.Pushed.ChunksMoved, r.Pushed.Chunks, r.Pushed.Ms/1000)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&key, "key", "", "key in your space of the store (default <vm>/<checkpoint>)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }

@@ -116,6 +116,76 @@ the API (GET /v1/golden); its field names are stable.`,
 	}
 	rm.Flags().IntVar(&vcpus, "vcpus", 0, "vCPUs of the golden to remove")
 	rm.Flags().IntVar(&mem, "memory", 0, "memory (MiB) of the golden to remove")
-	cmd.AddCommand(promote, list, rm)
+	var pvcpus, pmem int
+	var pjson bool
+	push := &cobra.Command{
+		Use:   "push [--vcpus N --memory MiB]",
+		Short: "Upload your golden snapshot for a spec to the server's remote store",
+		Long: `Upload your golden snapshot for a spec (default: the server's default spec) to
+the remote object store ([remote]). Root's (the system golden) is published for
+every user of every host sharing the store; a user's stays theirs. Pull it on
+another host with ` + "`noid golden pull`" + `.`,
+		Example: `  noid golden push
+  noid golden push --vcpus 2 --memory 4096`,
+		Args: exactArgs(0, "no arguments (use --vcpus and --memory)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			stop := e.spin("pushing the golden snapshot")
+			r, err := c.PushGolden(cmd.Context(), pvcpus, pmem)
+			stop()
+			if err != nil {
+				return err
+			}
+			if pjson {
+				return printJSON(e.stdout, r)
+			}
+			fmt.Fprintf(e.stdout, "pushed the golden snapshot for %d vCPU/%d MiB (owner %s): %s of data, %s sent in %.1f s\n",
+				r.VCPUs, r.MemoryMiB, r.Owner, bytesHuman(r.DataBytes), bytesHuman(r.Pushed.BytesMoved), r.Pushed.Ms/1000)
+			return nil
+		},
+	}
+	push.Flags().IntVar(&pvcpus, "vcpus", 0, "vCPUs of the golden to push")
+	push.Flags().IntVar(&pmem, "memory", 0, "memory (MiB) of the golden to push")
+	push.Flags().BoolVar(&pjson, "json", false, "print JSON")
+	pull := &cobra.Command{
+		Use:   "pull [--vcpus N --memory MiB]",
+		Short: "Make the remote golden snapshot for a spec this server's golden",
+		Long: `Download the golden snapshot for a spec (default: the server's default spec)
+from the remote object store and make it this server's: your own pushed golden
+if there is one, else the system one. It is refused when it cannot serve creates
+here (another backend, QEMU, kernel, initramfs or base rootfs). Pulling the one
+installed already downloads nothing.`,
+		Example: `  noid golden pull
+  noid golden pull --vcpus 2 --memory 4096`,
+		Args: exactArgs(0, "no arguments (use --vcpus and --memory)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := e.client()
+			if err != nil {
+				return err
+			}
+			stop := e.spin("pulling the golden snapshot")
+			g, err := c.PullGolden(cmd.Context(), pvcpus, pmem)
+			stop()
+			if err != nil {
+				return err
+			}
+			if pjson {
+				return printJSON(e.stdout, g)
+			}
+			moved := "already here, nothing downloaded"
+			if p := g.Pulled; p != nil && !p.Cached {
+				moved = bytesHuman(p.BytesMoved) + " downloaded"
+			}
+			fmt.Fprintf(e.stdout, "golden snapshot for %d vCPU/%d MiB pulled from %s (%s)\n", g.VCPUs, g.MemoryMiB, g.Remote, moved)
+			return nil
+		},
+	}
+	pull.Flags().IntVar(&pvcpus, "vcpus", 0, "vCPUs of the golden to pull")
+	pull.Flags().IntVar(&pmem, "memory", 0, "memory (MiB) of the golden to pull")
+	pull.Flags().BoolVar(&pjson, "json", false, "print JSON")
+	cmd.AddCommand(promote, list, rm, push, pull)
 	return cmd
 }

@@ -133,7 +133,7 @@ with a token (NOID_URL and NOID_TOKEN, or ` + "`noid auth setup`" + `).`,
 	root.AddCommand(
 		newCreateCmd(e), newExecCmd(e), newConsoleCmd(e), newListCmd(e), newInfoCmd(e), newDestroyCmd(e),
 		newLogsCmd(e), newCheckpointCmd(e), newCheckpointsCmd(e), newRestoreCmd(e), newWhoamiCmd(e),
-		newAuthCmd(e), newVersionCmd(e), newGoldenCmd(e), newUseCmd(e), newCurrentCmd(e), newCpCmd(e),
+		newAuthCmd(e), newVersionCmd(e), newGoldenCmd(e), newRemoteCmd(e), newUseCmd(e), newCurrentCmd(e), newCpCmd(e),
 		newCompletionCmd(e),
 	)
 	// cobra's help command, with an example like every other command.

@@ -83,6 +83,9 @@ type Config struct {
 	Exec Exec `toml:"exec"`
 	// Limits bounds what one VM or user can make the server hold.
 	Limits Limits `toml:"limits"`
+	// Remote is the optional S3-compatible object store that checkpoints
+	// and golden snapshots are pushed to and pulled from (remote.go).
+	Remote Remote `toml:"remote"`
 	// Legacy accepts the Rust noid's server.toml keys (deprecated).
 	Legacy
 	// Warnings are the deprecation warnings of the file read (one line
@@ -699,6 +702,9 @@ func (c *Config) Validate() error {
 		return bad("%v", err)
 	}
 	if err := c.HTTP.validate(); err != nil {
+		return bad("%v", err)
+	}
+	if err := c.Remote.validate(); err != nil {
 		return bad("%v", err)
 	}
 	return nil

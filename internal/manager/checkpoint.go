@@ -382,7 +382,13 @@ func (m *Manager) clone(ctx context.Context, u *store.User, src *store.VM, c *st
 		}
 		src = owner
 	}
-	what := "checkpoint " + c.Name
+	return m.cloneFrom(ctx, u, src, dir, "checkpoint "+c.Name, src.Name+"/"+c.Name, newName, start)
+}
+
+// cloneFrom starts newName from the snapshot in dir (what names it in
+// errors, source in the VM's record), with src's spec: a VM of the
+// snapshot's shape, whose boot files the clone uses.
+func (m *Manager) cloneFrom(ctx context.Context, u *store.User, src *store.VM, dir, what, source, newName string, start time.Time) (*api.VM, error) {
 	meta, err := m.readSnapshotMeta(dir, what)
 	if err != nil {
 		return nil, err
@@ -396,7 +402,7 @@ func (m *Manager) clone(ctx context.Context, u *store.User, src *store.VM, c *st
 	v := &store.VM{
 		ID: newID(6), UserID: u.ID, Name: newName, State: store.StateCreating, VCPUs: src.VCPUs, MemoryMiB: src.MemoryMiB,
 		DiskBytes: src.DiskBytes, VMM: m.backend.Name(), Accel: src.Accel, BootPath: "clone", Kernel: src.Kernel, Initrd: src.Initrd,
-		Network: src.Network, AllowPeers: src.AllowPeers, Source: src.Name + "/" + c.Name,
+		Network: src.Network, AllowPeers: src.AllowPeers, Source: source,
 	}
 	if _, ok := m.backend.(vmm.Preparer); !ok {
 		return m.startFromSnapshot(ctx, u, v, dir, start)

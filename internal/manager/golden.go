@@ -43,8 +43,12 @@ type goldenConfig struct {
 	RootfsFingerprint string `json:"rootfs_fingerprint"`
 	// Source names the VM and checkpoint it was promoted from (informational).
 	Source string `json:"source"`
-	// PromotedAt is when it was promoted.
+	// PromotedAt is when it was promoted (or pulled).
 	PromotedAt time.Time `json:"promoted_at"`
+	// Remote names the remote golden it was pulled from and the digest
+	// of that manifest ("system/golden/1x256@<sha256>"), so a pull of the
+	// same one again moves nothing.
+	Remote string `json:"remote,omitempty"`
 }
 
 const goldenBackups = 3
@@ -387,6 +391,20 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	if err := syncTree(tmp); err != nil {
 		return nil, classifyIOErr("syncing golden snapshot", err)
 	}
+	if err := m.publishGolden(root, tmp, final); err != nil {
+		return nil, err
+	}
+	ok = true
+	// A golden is promoted to be used: prepare its spares now.
+	defer m.pool.refill(final)
+	m.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
+	return m.apiGolden(ctx, final, &gc, u, bf), nil
+}
+
+// publishGolden makes the complete, synced golden directory tmp the golden
+// final of root, moving the one there to root/.backup. The caller refills
+// final's spares.
+func (m *Manager) publishGolden(root, tmp, final string) error {
 	l := m.goldenLock(final)
 	l.Lock()
 	defer l.Unlock()
@@ -394,21 +412,17 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 		bdir := filepath.Join(root, ".backup")
 		os.MkdirAll(bdir, 0o700)
 		if err := os.Rename(final, filepath.Join(bdir, filepath.Base(final)+"-"+time.Now().UTC().Format("20060102T150405.000"))); err != nil {
-			return nil, fmt.Errorf("backing up the previous golden snapshot: %w", err)
+			return fmt.Errorf("backing up the previous golden snapshot: %w", err)
 		}
 		m.pruneBackups(bdir, filepath.Base(final))
 	}
 	if err := os.Rename(tmp, final); err != nil {
-		return nil, fmt.Errorf("publishing golden snapshot: %w", err)
+		return fmt.Errorf("publishing golden snapshot: %w", err)
 	}
-	ok = true
 	m.pool.drain(final)
 	m.kickGoldenView()
-	// A golden is promoted to be used: prepare its spares now.
-	defer m.pool.refill(final)
 	storage.FsyncDir(root)
-	m.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
-	return m.apiGolden(ctx, final, &gc, u, bf), nil
+	return nil
 }
 
 func (m *Manager) pruneBackups(bdir, spec string) {

@@ -26,6 +26,7 @@ import (
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/network"
 	"github.com/noid-vm/noid/internal/procfs"
+	"github.com/noid-vm/noid/internal/remote"
 	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/store"
@@ -45,6 +46,8 @@ type Options struct {
 	// WrapBackend, when set, wraps the backend that was chosen (tests use
 	// it to hide a backend's optional interfaces, such as vmm.Preparer).
 	WrapBackend func(vmm.Backend) vmm.Backend
+	// Remote overrides the object store [remote] configures (tests).
+	Remote remote.Store
 }
 
 // Server is the VM lifecycle of one data dir: it owns the VMs' runtimes,
@@ -88,6 +91,11 @@ type Manager struct {
 	quota quotaState
 
 	sandbox sandboxState
+
+	// remote is the [remote] object store, nil without one; remoteErr
+	// says why a configured one cannot be used (remote.go).
+	remote    remote.Store
+	remoteErr error
 }
 
 // New opens the store, sets up storage (moving golden snapshots over when
@@ -176,6 +184,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 	if s.sandbox.refused != nil {
 		spares = 0 // no VMM may start
 	}
+	s.setupRemote(opts.Remote)
 	s.bg.Add(1)
 	go s.primeBootFileIDs()
 	s.pool = newWarmPool(s, spares)

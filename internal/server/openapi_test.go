@@ -138,11 +138,13 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"User": api.User{}, "Quota": api.Quota{}, "UserToken": api.UserToken{},
 		"Capabilities": api.Capabilities{}, "CapabilityDefaults": api.CapabilityDefaults{},
 		"CapabilityLimits": api.CapabilityLimits{}, "CapabilityQuota": api.CapabilityQuota{}, "QuotaUsage": api.QuotaUsage{},
+		"RemoteSnapshot": api.RemoteSnapshot{}, "RemoteTransfer": api.RemoteTransfer{},
 	}
 	requests := map[string]any{
 		"CreateVMRequest": api.CreateVMRequest{}, "CheckpointRequest": api.CheckpointRequest{},
 		"RestoreRequest": api.RestoreRequest{}, "GoldenPromoteRequest": api.GoldenPromoteRequest{},
 		"ExecRequest": api.ExecRequest{}, "CreateUserRequest": api.CreateUserRequest{},
+		"RemotePushRequest": api.RemotePushRequest{}, "RemoteCloneRequest": api.RemoteCloneRequest{}, "GoldenRemoteRequest": api.GoldenRemoteRequest{},
 	}
 	check := func(name string, v any, response bool) {
 		s := d.Components.Schemas[name]

@@ -264,3 +264,10 @@ func rwCopy(ctx context.Context, in, out *os.File, off, end int64) error {
 	}
 	return nil
 }
+
+// ForEachExtent calls fn for each data extent [off, end) of f (of size
+// bytes), in order, skipping holes (SEEK_DATA/SEEK_HOLE). On a filesystem
+// without SEEK_DATA the whole file is one extent.
+func ForEachExtent(ctx context.Context, f *os.File, size int64, fn func(off, end int64) error) error {
+	return forEachExtent(ctx, f, size, fn)
+}
