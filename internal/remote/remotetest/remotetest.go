@@ -54,9 +54,9 @@ type Server struct {
 	// cmd.Start (to start it in another network namespace, say).
 	StartCmd func(*exec.Cmd) error
 	bin      string
-	cmd   *exec.Cmd
-	done  chan struct{}
-	t     testing.TB
+	cmd      *exec.Cmd
+	done     chan struct{}
+	t        testing.TB
 }
 
 // Start starts a server on 127.0.0.1 with the bucket Bucket created.
