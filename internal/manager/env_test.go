@@ -16,6 +16,7 @@ import (
 
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/remote"
 	"github.com/noid-vm/noid/internal/store"
 	"github.com/noid-vm/noid/internal/testutil"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -38,6 +39,7 @@ type env struct {
 	cfgPath string
 	cfg     *config.Config
 	backend vmm.Backend // nil: the one the config selects
+	remote  remote.Store // nil: the one [remote] configures
 	mgr     *Manager
 	user    *store.User
 	logs    *logBuf
@@ -79,7 +81,7 @@ func newEnv(t *testing.T, extra string) *env {
 func (e *env) open() {
 	e.t.Helper()
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	m, err := New(context.Background(), Options{Config: e.cfg, Logger: log, Backend: e.backend})
+	m, err := New(context.Background(), Options{Config: e.cfg, Logger: log, Backend: e.backend, Remote: e.remote})
 	if err != nil {
 		e.t.Fatalf("opening the manager: %v\n%s", err, lastLines(e.logs.String(), 30))
 	}
