@@ -38,7 +38,7 @@ type env struct {
 	dir     string
 	cfgPath string
 	cfg     *config.Config
-	backend vmm.Backend // nil: the one the config selects
+	backend vmm.Backend  // nil: the one the config selects
 	remote  remote.Store // nil: the one [remote] configures
 	mgr     *Manager
 	user    *store.User
