@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -41,7 +42,7 @@ func (c *cutStore) Get(ctx context.Context, key string) ([]byte, error) {
 
 // remoteEntries lists what the pull cache holds.
 func remoteEntries(e *env) []string {
-	ents, _ := os.ReadDir(e.mgr.remoteDir())
+	ents, _ := os.ReadDir(filepath.Join(e.cfg.StorageDir(), "remote"))
 	var out []string
 	for _, en := range ents {
 		out = append(out, en.Name())
@@ -221,5 +222,50 @@ func TestRemoteTwoHosts(t *testing.T) {
 		if strings.Contains(e.logs.String(), remotetest.SecretKey) {
 			t.Error("the store's secret is in the manager's log")
 		}
+	}
+}
+
+// TestRemoteCrashMidPull: a server killed (SIGKILL) once a clone's pull
+// has written every file, before the pulled snapshot is renamed into
+// place, leaves nothing after its restart: no pulled snapshot, no VM; a
+// clone then pulls it whole.
+func TestRemoteCrashMidPull(t *testing.T) {
+	srv := remotetest.Start(t)
+	e := newEnv(t, remoteSection(t, srv))
+	ctx := tctx(t)
+	e.create("src")
+	e.mustExec("src", "sh", "-c", "echo crash > /root/mark; sync")
+	if _, err := e.mgr.Checkpoint(ctx, e.user, "src", api.CheckpointRequest{Name: "one"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{Key: "k"}); err != nil {
+		t.Fatal(err)
+	}
+	e.crashChild("remote.after-pull", childOp{Op: "remote-clone", Checkpoint: "k", Name: "copy"}, e.cfgPath)
+	var tmp []string
+	for _, n := range remoteEntries(e) {
+		if strings.HasPrefix(n, ".tmp-") {
+			tmp = append(tmp, n)
+		}
+	}
+	if len(tmp) != 1 {
+		t.Fatalf("after the kill the pull cache holds %v, want one unfinished .tmp- dir", remoteEntries(e))
+	}
+	e.open()
+	if left := remoteEntries(e); len(left) != 0 {
+		t.Errorf("after the restart the pull cache holds %v", left)
+	}
+	if _, err := e.mgr.GetVM(ctx, e.user, "copy"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("the killed clone is listed: %v", err)
+	}
+	cl, err := e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "k", As: "copy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cl.Pulled.Cached {
+		t.Error("the clone after the crash found a pulled snapshot")
+	}
+	if got := e.mustExec("copy", "cat", "/root/mark"); got != "crash\n" {
+		t.Errorf("clone: %q", got)
 	}
 }
