@@ -20,9 +20,7 @@ import (
 
 // remoteSection is a [remote] section for the test store srv.
 func remoteSection(t *testing.T, srv *remotetest.Server) string {
-	c := srv.Config(t, srv.Addr, "fleet")
-	return fmt.Sprintf("[remote]\nendpoint = %q\nbucket = %q\nprefix = %q\ntls = false\npath_style = true\ncredentials_file = %q\n",
-		"http://"+c.Endpoint, c.Bucket, c.Prefix, c.CredentialsFile)
+	return srv.TOML(t, srv.Addr, "fleet")
 }
 
 // cutStore fails every chunk read after the first n, as a store that went

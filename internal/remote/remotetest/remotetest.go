@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -46,17 +47,21 @@ func Binary() (string, error) {
 
 // Server is a running S3 server.
 type Server struct {
-	// Addr is host:port it listens on.
+	// Addr is host:port it listens on (and the test's client uses).
 	Addr string
+	// Extra are more addresses it listens on.
+	Extra []string
 	// Dir is the directory it serves (one subdirectory per bucket).
 	Dir string
 	// StartCmd, when set, starts the server's process instead of
 	// cmd.Start (to start it in another network namespace, say).
 	StartCmd func(*exec.Cmd) error
-	bin      string
-	cmd      *exec.Cmd
-	done     chan struct{}
-	t        testing.TB
+	// Dial, when set, is how the test's client connects to Addr.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	bin  string
+	cmd  *exec.Cmd
+	done chan struct{}
+	t    testing.TB
 }
 
 // Start starts a server on 127.0.0.1 with the bucket Bucket created.
@@ -69,11 +74,18 @@ func Start(t testing.TB) *Server {
 // startCmd when that is not nil (see Server.StartCmd).
 func StartAt(t testing.TB, addr string, startCmd func(*exec.Cmd) error) *Server {
 	t.Helper()
+	return StartWith(t, &Server{Addr: addr, StartCmd: startCmd})
+}
+
+// StartWith starts the server s describes (Addr, and optionally Extra,
+// StartCmd and Dial) with the bucket Bucket created.
+func StartWith(t testing.TB, s *Server) *Server {
+	t.Helper()
 	bin, err := Binary()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Addr: addr, Dir: t.TempDir(), StartCmd: startCmd, bin: bin, t: t}
+	s.Dir, s.bin, s.t = t.TempDir(), bin, t
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +110,11 @@ func FreePort(t testing.TB) int {
 
 // Start (re)starts the server process and waits until it answers.
 func (s *Server) Start() error {
-	cmd := exec.Command(s.bin, "--access", AccessKey, "--secret", SecretKey, "--port", s.Addr, "posix", s.Dir)
+	args := []string{"--access", AccessKey, "--secret", SecretKey, "--port", s.Addr}
+	for _, a := range s.Extra {
+		args = append(args, "--port", a)
+	}
+	cmd := exec.Command(s.bin, append(args, "posix", s.Dir)...)
 	log, err := os.Create(s.Dir + ".log")
 	if err != nil {
 		return err
@@ -149,7 +165,11 @@ func (s *Server) Kill() {
 
 // Client is an S3 client of the server, for tests to look at the bucket.
 func (s *Server) Client() *minio.Client {
-	c, err := minio.New(s.Addr, &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""), Secure: false, MaxRetries: 1, BucketLookup: minio.BucketLookupPath})
+	opts := &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""), Secure: false, MaxRetries: 1, BucketLookup: minio.BucketLookupPath}
+	if s.Dial != nil {
+		opts.Transport = &http.Transport{DialContext: s.Dial}
+	}
+	c, err := minio.New(s.Addr, opts)
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -166,4 +186,13 @@ func (s *Server) Config(t testing.TB, endpoint, prefix string) config.Remote {
 	}
 	no := false
 	return config.Remote{Endpoint: endpoint, Bucket: Bucket, Prefix: prefix, TLS: &no, PathStyle: true, CredentialsFile: f}
+}
+
+// TOML is a [remote] section for this server at endpoint (Addr, another
+// of its addresses, or a proxy in front of it), with credentials in a 0600
+// file.
+func (s *Server) TOML(t testing.TB, endpoint, prefix string) string {
+	c := s.Config(t, endpoint, prefix)
+	return fmt.Sprintf("[remote]\nendpoint = %q\nbucket = %q\nprefix = %q\ntls = false\npath_style = true\ncredentials_file = %q\n",
+		"http://"+c.Endpoint, c.Bucket, c.Prefix, c.CredentialsFile)
 }
