@@ -350,20 +350,13 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 		return nil, err
 	}
 	root := m.goldenRoot(u)
-	if err := os.MkdirAll(root, 0o700); err != nil {
+	final := filepath.Join(root, specDirName(c.VCPUs, c.MemoryMiB))
+	td, err := newTempDir(root, "golden dir")
+	if err != nil {
 		return nil, err
 	}
-	final := filepath.Join(root, specDirName(c.VCPUs, c.MemoryMiB))
-	tmp := filepath.Join(root, ".tmp-"+newID(4))
-	if err := os.Mkdir(tmp, 0o700); err != nil {
-		return nil, classifyIOErr("creating golden dir", err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			os.RemoveAll(tmp)
-		}
-	}()
+	defer td.cleanup()
+	tmp := td.path
 	// Hold the checkpoint still while copying it.
 	rt := m.rt(c.VMID)
 	rt.op.Lock()
@@ -384,27 +377,28 @@ func (m *Manager) PromoteGolden(ctx context.Context, u *store.User, req api.Gold
 	if gc.InitrdSHA256 == "" {
 		gc.InitrdSHA256 = initrd.ID
 	}
-	b, _ := json.MarshalIndent(gc, "", "  ")
-	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {
-		return nil, classifyIOErr("writing golden config", err)
-	}
-	if err := syncTree(tmp); err != nil {
-		return nil, classifyIOErr("syncing golden snapshot", err)
-	}
-	if err := m.publishGolden(root, tmp, final); err != nil {
+	if err := m.publishGolden(root, tmp, final, &gc); err != nil {
 		return nil, err
 	}
-	ok = true
+	td.keep()
 	// A golden is promoted to be used: prepare its spares now.
 	defer m.pool.refill(final)
 	m.log.Info("golden snapshot promoted", "user", u.Name, "source", gc.Source, "spec", filepath.Base(final))
 	return m.apiGolden(ctx, final, &gc, u, bf), nil
 }
 
-// publishGolden makes the complete, synced golden directory tmp the golden
+// publishGolden writes gc as the config of the golden directory tmp
+// (which holds the snapshot's files), syncs it and makes it the golden
 // final of root, moving the one there to root/.backup. The caller refills
 // final's spares.
-func (m *Manager) publishGolden(root, tmp, final string) error {
+func (m *Manager) publishGolden(root, tmp, final string, gc *goldenConfig) error {
+	b, _ := json.MarshalIndent(gc, "", "  ")
+	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {
+		return classifyIOErr("writing golden config", err)
+	}
+	if err := syncTree(tmp); err != nil {
+		return classifyIOErr("syncing golden snapshot", err)
+	}
 	l := m.goldenLock(final)
 	l.Lock()
 	defer l.Unlock()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -305,19 +304,12 @@ func (m *Manager) pullCached(ctx context.Context, st remote.Store, ns string, ma
 	if err := m.checkFreeSpace("pulling " + what); err != nil {
 		return "", nil, err
 	}
-	if err := os.MkdirAll(m.remoteDir(), 0o700); err != nil {
+	td, err := newTempDir(m.remoteDir(), "the pull's directory")
+	if err != nil {
 		return "", nil, err
 	}
-	tmp := filepath.Join(m.remoteDir(), ".tmp-"+newID(4))
-	if err := os.Mkdir(tmp, 0o700); err != nil {
-		return "", nil, classifyIOErr("creating "+tmp, err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			os.RemoveAll(tmp)
-		}
-	}()
+	defer td.cleanup()
+	tmp := td.path
 	s, err := remote.Pull(ctx, st, ns, man, tmp, remote.PullOptions{Parallel: m.cfg.Remote.ParallelOrDefault(), Local: m.localFile(bf)})
 	if err != nil {
 		return "", nil, classifyIOErr("pulling "+what, err)
@@ -333,7 +325,7 @@ func (m *Manager) pullCached(ctx context.Context, st remote.Store, ns string, ma
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", nil, classifyIOErr("publishing "+what, err)
 	}
-	ok = true
+	td.keep()
 	storage.FsyncDir(m.remoteDir())
 	m.log.Info("remote snapshot pulled", "kind", man.Kind, "key", man.Key, "owner", man.Owner, "bytes_moved", s.BytesMoved,
 		"chunks", s.Chunks, "local_files", s.LocalFiles, "ms", ms(s.Took))
@@ -417,9 +409,13 @@ func (m *Manager) ListRemote(ctx context.Context, u *store.User) ([]*api.RemoteS
 	return out, nil
 }
 
-// goldenSpec is req's spec, the server's defaults filling zeros.
-func (m *Manager) goldenSpec(req api.GoldenRemoteRequest) (int, int, error) {
-	vcpus, mem := req.VCPUs, req.MemoryMiB
+// remoteGolden returns the store and the spec of a golden push or pull
+// (the server's defaults filling zeros in req).
+func (m *Manager) remoteGolden(req api.GoldenRemoteRequest) (st remote.Store, vcpus, mem int, spec string, err error) {
+	if st, err = m.remoteStore(); err != nil {
+		return nil, 0, 0, "", err
+	}
+	vcpus, mem = req.VCPUs, req.MemoryMiB
 	if vcpus == 0 {
 		vcpus = m.cfg.DefaultVCPUs
 	}
@@ -427,9 +423,9 @@ func (m *Manager) goldenSpec(req api.GoldenRemoteRequest) (int, int, error) {
 		mem = m.cfg.DefaultMemoryMiB
 	}
 	if vcpus < 0 || mem < 0 {
-		return 0, 0, fmt.Errorf("%w: vcpus and memory_mib must be positive", errdefs.ErrInvalidArgument)
+		return nil, 0, 0, "", fmt.Errorf("%w: vcpus and memory_mib must be positive", errdefs.ErrInvalidArgument)
 	}
-	return vcpus, mem, nil
+	return st, vcpus, mem, specDirName(vcpus, mem), nil
 }
 
 // goldenNS is where u's golden pushes go: admins publish for everyone.
@@ -443,15 +439,10 @@ func goldenNS(u *store.User) string {
 // PushGolden uploads u's golden snapshot for a spec (an admin's: the
 // system one, published for every user).
 func (m *Manager) PushGolden(ctx context.Context, u *store.User, req api.GoldenRemoteRequest) (*api.RemoteSnapshot, error) {
-	st, err := m.remoteStore()
+	st, vcpus, mem, spec, err := m.remoteGolden(req)
 	if err != nil {
 		return nil, err
 	}
-	vcpus, mem, err := m.goldenSpec(req)
-	if err != nil {
-		return nil, err
-	}
-	spec := specDirName(vcpus, mem)
 	dir := filepath.Join(m.goldenRoot(u), spec)
 	l := m.goldenLock(dir)
 	l.RLock()
@@ -491,15 +482,10 @@ func (m *Manager) PushGolden(ctx context.Context, u *store.User, req api.GoldenR
 // own pushed golden if there is one, else the system one (for an admin,
 // the system one, which becomes this host's system golden).
 func (m *Manager) PullGolden(ctx context.Context, u *store.User, req api.GoldenRemoteRequest) (*api.Golden, error) {
-	st, err := m.remoteStore()
+	st, vcpus, mem, spec, err := m.remoteGolden(req)
 	if err != nil {
 		return nil, err
 	}
-	vcpus, mem, err := m.goldenSpec(req)
-	if err != nil {
-		return nil, err
-	}
-	spec := specDirName(vcpus, mem)
 	nss := []string{remote.SystemNS}
 	if !u.IsAdmin {
 		nss = []string{remoteNS(u), remote.SystemNS}
@@ -549,19 +535,12 @@ func (m *Manager) PullGolden(ctx context.Context, u *store.User, req api.GoldenR
 	if err := m.checkFreeSpace("pulling the golden snapshot " + spec); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(root, 0o700); err != nil {
+	td, err := newTempDir(root, "golden dir")
+	if err != nil {
 		return nil, err
 	}
-	tmp := filepath.Join(root, ".tmp-"+newID(4))
-	if err := os.Mkdir(tmp, 0o700); err != nil {
-		return nil, classifyIOErr("creating golden dir", err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			os.RemoveAll(tmp)
-		}
-	}()
+	defer td.cleanup()
+	tmp := td.path
 	s, err := remote.Pull(ctx, st, ns, man, tmp, remote.PullOptions{Parallel: m.cfg.Remote.ParallelOrDefault(), Local: m.localFile(bf)})
 	if err != nil {
 		return nil, classifyIOErr("pulling the golden snapshot "+spec, err)
@@ -576,17 +555,10 @@ func (m *Manager) PullGolden(ctx context.Context, u *store.User, req api.GoldenR
 	// A new golden here: new spares, its origin recorded.
 	gc.PromotedAt, gc.Remote = time.Now().UTC(), origin
 	gc.Source = "remote " + ns + " (" + gc.Source + ", pushed from " + man.Host + ")"
-	b, _ := json.MarshalIndent(gc, "", "  ")
-	if err := os.WriteFile(filepath.Join(tmp, vmm.GoldenConfig), b, 0o600); err != nil {
-		return nil, classifyIOErr("writing golden config", err)
-	}
-	if err := syncTree(tmp); err != nil {
-		return nil, classifyIOErr("syncing golden snapshot", err)
-	}
-	if err := m.publishGolden(root, tmp, final); err != nil {
+	if err := m.publishGolden(root, tmp, final, gc); err != nil {
 		return nil, err
 	}
-	ok = true
+	td.keep()
 	defer m.pool.refill(final)
 	m.log.Info("golden snapshot pulled", "user", u.Name, "spec", spec, "from", ns, "bytes_moved", s.BytesMoved, "chunks", s.Chunks, "local_files", s.LocalFiles, "ms", ms(s.Took))
 	g := m.apiGolden(ctx, final, gc, u, bf)

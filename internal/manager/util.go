@@ -56,3 +56,33 @@ func loadImage(cfg *config.Config) (*image.Image, error) {
 	}
 	return img, nil
 }
+
+// tempDir is a directory being filled under a temporary name, removed
+// unless kept (renamed into place).
+type tempDir struct {
+	path string
+	kept bool
+}
+
+// newTempDir makes a private directory .tmp-<id> in parent, creating
+// parent if needed; what names it in errors.
+func newTempDir(parent, what string) (*tempDir, error) {
+	if err := os.MkdirAll(parent, 0o700); err != nil {
+		return nil, classifyIOErr("creating "+what, err)
+	}
+	t := &tempDir{path: filepath.Join(parent, ".tmp-"+newID(4))}
+	if err := os.Mkdir(t.path, 0o700); err != nil {
+		return nil, classifyIOErr("creating "+what, err)
+	}
+	return t, nil
+}
+
+// keep marks the directory as moved into place: cleanup leaves it.
+func (t *tempDir) keep() { t.kept = true }
+
+// cleanup removes the directory unless it was kept.
+func (t *tempDir) cleanup() {
+	if !t.kept {
+		os.RemoveAll(t.path)
+	}
+}

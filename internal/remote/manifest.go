@@ -153,32 +153,24 @@ func (m *Manifest) check() error {
 	return nil
 }
 
-// DataBytes is the non-zero content of the snapshot's files.
-func (m *Manifest) DataBytes() int64 {
-	var n int64
+// totals sums its files' sizes, non-zero content and stored chunks.
+func (m *Manifest) totals() (size, data, stored int64) {
 	for _, f := range m.Files {
-		n += f.DataBytes
+		size += f.Size
+		data += f.DataBytes
+		for _, c := range f.Chunks {
+			stored += c.Stored
+		}
 	}
-	return n
+	return size, data, stored
 }
+
+// DataBytes is the non-zero content of the snapshot's files.
+func (m *Manifest) DataBytes() int64 { _, d, _ := m.totals(); return d }
 
 // StoredBytes is what its chunks take in the store (shared chunks count
 // in each snapshot).
-func (m *Manifest) StoredBytes() int64 {
-	var n int64
-	for _, f := range m.Files {
-		for _, c := range f.Chunks {
-			n += c.Stored
-		}
-	}
-	return n
-}
+func (m *Manifest) StoredBytes() int64 { _, _, s := m.totals(); return s }
 
 // Size is the logical size of its files, holes included.
-func (m *Manifest) Size() int64 {
-	var n int64
-	for _, f := range m.Files {
-		n += f.Size
-	}
-	return n
-}
+func (m *Manifest) Size() int64 { s, _, _ := m.totals(); return s }

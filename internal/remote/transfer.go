@@ -226,7 +226,7 @@ func readChunks(ctx context.Context, path string, emit func(idx int64, enc []byt
 				return fmt.Errorf("reading at %d: %w", b*blockSize, err)
 			}
 			next = b + 1
-			if n == 0 || zero(buf[:n]) {
+			if n == 0 || storage.AllZero(buf[:n]) {
 				continue
 			}
 			hashBlock(h, b, buf[:n])
@@ -269,21 +269,6 @@ func finishSum(h hash.Hash, size int64) string {
 	binary.LittleEndian.PutUint64(sz[:], uint64(size))
 	h.Write(sz[:])
 	return storage.ContentIDPrefix + hex.EncodeToString(h.Sum(nil))
-}
-
-func zero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // ReadManifest reads and checks the manifest at key.

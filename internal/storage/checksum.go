@@ -87,6 +87,9 @@ func sumBlocks(ctx context.Context, path string, h hash.Hash) (int64, []byte, er
 	return size, h.Sum(nil), nil
 }
 
+// AllZero reports whether b holds only zero bytes.
+func AllZero(b []byte) bool { return allZero(b) }
+
 // allZero reports whether b holds only zero bytes.
 func allZero(b []byte) bool {
 	for len(b) >= 8 {
