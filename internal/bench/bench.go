@@ -71,6 +71,11 @@ type Options struct {
 	// default section's checkpoints.
 	SyncBetweenCheckpoints bool
 
+	// The remote section (issue 13): runs, and the image ("debian" or
+	// "tiny").
+	RemoteRuns  int
+	RemoteImage string
+
 	Load LoadOptions
 
 	logw io.Writer
@@ -135,12 +140,12 @@ func (b *Bench) failf(format string, a ...any) {
 	b.logf("ERROR: %s", msg)
 }
 
-var allSections = []string{"default", "core", "checkpoint", "golden", "network"}
+var allSections = []string{"default", "core", "checkpoint", "golden", "network", "remote"}
 
 const usage = `noid-bench measures noid on this host (run as root, from the noid source tree).
 
 Usage:
-  noid-bench [flags]          default, core, checkpoint, golden and network sections
+  noid-bench [flags]          default, core, checkpoint, golden, network and remote sections
   noid-bench load [flags]     50 concurrent clients for 2 minutes (issue 6)
   noid-bench report FILE.json...       the figures of --json files as Markdown tables
   noid-bench report --update FILE.md   regenerate the marked tables of FILE.md
@@ -201,6 +206,8 @@ func Main(args []string) int {
 	fs.IntVar(&o.PeerRuns, "peer-runs", 5, "default section: runs of each of QEMU's own ways (savevm/loadvm, migrate to a file)")
 	fs.BoolVar(&o.NoPeers, "no-peers", false, "default section: skip QEMU's own ways and the comparison")
 	fs.BoolVar(&o.SyncBetweenCheckpoints, "sync-between-checkpoints", true, "default section: flush the host's page cache (sync) between checkpoints, so that a pause does not wait behind the write-back of the previous checkpoint's spare")
+	fs.IntVar(&o.RemoteRuns, "remote-runs", 3, "remote section: push/clone rounds per VM (idle, 512 MiB touched)")
+	fs.StringVar(&o.RemoteImage, "remote-image", "debian", "remote section: the image of its VMs: debian (the default image, 2048 MiB) or tiny (512 MiB, for a quick check)")
 	o.Load.flags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -330,7 +337,7 @@ func (b *Bench) runSections(ctx context.Context) error {
 		name string
 		fn   func(context.Context) error
 	}
-	for _, s := range []sec{{"default", b.runDefault}, {"core", b.runCore}, {"checkpoint", b.runCheckpoint}, {"golden", b.runGolden}, {"network", b.runNetwork}} {
+	for _, s := range []sec{{"default", b.runDefault}, {"core", b.runCore}, {"checkpoint", b.runCheckpoint}, {"golden", b.runGolden}, {"network", b.runNetwork}, {"remote", b.runRemote}} {
 		if !b.opts.Only[s.name] {
 			continue
 		}

@@ -114,7 +114,7 @@ func buildArtifacts(ctx context.Context, o *Options) (*Artifacts, error) {
 	}
 	a.Image = img
 	o.logf("tiny image ready in %.1fs (%s)", time.Since(start).Seconds(), img.Dir)
-	if o.Only["default"] {
+	if o.Only["default"] || (o.Only["remote"] && o.RemoteImage != "tiny") {
 		// The default image, as `noid-server image build` makes it for
 		// the quickstart: Debian from debootstrap (a minute or more the
 		// first time; cached like the tiny one).

@@ -81,21 +81,38 @@ func StartAt(t testing.TB, addr string, startCmd func(*exec.Cmd) error) *Server 
 // StartCmd and Dial) with the bucket Bucket created.
 func StartWith(t testing.TB, s *Server) *Server {
 	t.Helper()
-	bin, err := Binary()
+	s.t = t
+	err := s.Launch(t.TempDir())
+	if s.cmd != nil {
+		t.Cleanup(s.Kill)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Dir, s.bin, s.t = t.TempDir(), bin, t
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
+	return s
+}
+
+// Launch starts the server s describes, serving dir, and creates the
+// bucket Bucket. The caller kills it (Kill).
+func (s *Server) Launch(dir string) error {
+	bin, err := Binary()
+	if err != nil {
+		return err
 	}
-	t.Cleanup(s.Kill)
+	s.Dir, s.bin = dir, bin
+	if err := s.Start(); err != nil {
+		return err
+	}
+	c, err := s.client()
+	if err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := s.Client().MakeBucket(ctx, Bucket, minio.MakeBucketOptions{}); err != nil {
-		t.Fatalf("creating bucket %s: %v", Bucket, err)
+	if err := c.MakeBucket(ctx, Bucket, minio.MakeBucketOptions{}); err != nil {
+		return fmt.Errorf("creating bucket %s: %w", Bucket, err)
 	}
-	return s
+	return nil
 }
 
 // FreePort returns a TCP port free on loopback now.
@@ -135,7 +152,11 @@ func (s *Server) Start() error {
 	go func() { cmd.Wait(); close(s.done) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c := s.Client()
+	c, err := s.client()
+	if err != nil {
+		s.Kill()
+		return err
+	}
 	for {
 		_, err := c.ListBuckets(ctx)
 		if err == nil {
@@ -165,34 +186,67 @@ func (s *Server) Kill() {
 
 // Client is an S3 client of the server, for tests to look at the bucket.
 func (s *Server) Client() *minio.Client {
-	opts := &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""), Secure: false, MaxRetries: 1, BucketLookup: minio.BucketLookupPath}
-	if s.Dial != nil {
-		opts.Transport = &http.Transport{DialContext: s.Dial}
-	}
-	c, err := minio.New(s.Addr, opts)
+	c, err := s.client()
 	if err != nil {
 		s.t.Fatal(err)
 	}
 	return c
 }
 
-// Config is a [remote] section for the server at endpoint (Addr, or a
-// proxy in front of it), with credentials in a 0600 file under dir.
-func (s *Server) Config(t testing.TB, endpoint, prefix string) config.Remote {
-	f := filepath.Join(t.TempDir(), "s3.credentials")
-	body := fmt.Sprintf("access_key_id = %q\nsecret_access_key = %q\n", AccessKey, SecretKey)
-	if err := os.WriteFile(f, []byte(body), 0o600); err != nil {
-		t.Fatal(err)
+func (s *Server) client() (*minio.Client, error) {
+	opts := &minio.Options{Creds: credentials.NewStaticV4(AccessKey, SecretKey, ""), Secure: false, MaxRetries: 1, BucketLookup: minio.BucketLookupPath}
+	if s.Dial != nil {
+		opts.Transport = &http.Transport{DialContext: s.Dial}
 	}
-	no := false
-	return config.Remote{Endpoint: endpoint, Bucket: Bucket, Prefix: prefix, TLS: &no, PathStyle: true, CredentialsFile: f}
+	return minio.New(s.Addr, opts)
 }
 
-// TOML is a [remote] section for this server at endpoint (Addr, another
+// Config is a [remote] section for the server at endpoint (Addr, another
 // of its addresses, or a proxy in front of it), with credentials in a 0600
-// file.
+// file in a temporary directory of the test.
+func (s *Server) Config(t testing.TB, endpoint, prefix string) config.Remote {
+	c, err := s.ConfigIn(t.TempDir(), endpoint, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// ConfigIn is Config with the credentials file in dir.
+func (s *Server) ConfigIn(dir, endpoint, prefix string) (config.Remote, error) {
+	f := filepath.Join(dir, "s3.credentials")
+	body := fmt.Sprintf("access_key_id = %q\nsecret_access_key = %q\n", AccessKey, SecretKey)
+	if err := os.WriteFile(f, []byte(body), 0o600); err != nil {
+		return config.Remote{}, err
+	}
+	no := false
+	return config.Remote{Endpoint: endpoint, Bucket: Bucket, Prefix: prefix, TLS: &no, PathStyle: true, CredentialsFile: f}, nil
+}
+
+// TOML is a [remote] section for this server at endpoint (see Config).
 func (s *Server) TOML(t testing.TB, endpoint, prefix string) string {
-	c := s.Config(t, endpoint, prefix)
+	return RemoteTOML(s.Config(t, endpoint, prefix))
+}
+
+// RemoteTOML writes c as a [remote] section.
+func RemoteTOML(c config.Remote) string {
 	return fmt.Sprintf("[remote]\nendpoint = %q\nbucket = %q\nprefix = %q\ntls = false\npath_style = true\ncredentials_file = %q\n",
 		"http://"+c.Endpoint, c.Bucket, c.Prefix, c.CredentialsFile)
+}
+
+// Empty removes every object of the bucket.
+func (s *Server) Empty(ctx context.Context) error {
+	c, err := s.client()
+	if err != nil {
+		return err
+	}
+	for o := range c.ListObjects(ctx, Bucket, minio.ListObjectsOptions{Recursive: true}) {
+		if o.Err != nil {
+			return o.Err
+		}
+		if err := c.RemoveObject(ctx, Bucket, o.Key, minio.RemoveObjectOptions{}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
