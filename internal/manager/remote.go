@@ -146,6 +146,16 @@ func transferOf(s *remote.Stats) *api.RemoteTransfer {
 	return &api.RemoteTransfer{BytesMoved: s.BytesMoved, Chunks: s.Chunks, ChunksMoved: s.Moved, ChunksReused: s.Reused, LocalFiles: s.LocalFiles, Ms: ms(s.Took)}
 }
 
+// cachedTransfer is the transfer of a pull that found man's snapshot on
+// this host already: no data moved.
+func cachedTransfer(man *remote.Manifest) *api.RemoteTransfer {
+	n := 0
+	for _, f := range man.Files {
+		n += len(f.Chunks)
+	}
+	return &api.RemoteTransfer{Chunks: n, ChunksReused: n, Cached: true}
+}
+
 func apiRemote(man *remote.Manifest) *api.RemoteSnapshot {
 	return &api.RemoteSnapshot{Key: man.Key, Kind: man.Kind, Owner: man.Owner, Host: man.Host, Source: man.Source, PushedAt: man.PushedAt,
 		Backend: man.Backend, VCPUs: man.VCPUs, MemoryMiB: man.MemoryMiB, SizeBytes: man.Size(), DataBytes: man.DataBytes(), StoredBytes: man.StoredBytes()}
@@ -295,7 +305,7 @@ func (m *Manager) pullCached(ctx context.Context, st remote.Store, ns string, ma
 	defer l.Unlock()
 	if _, err := os.Stat(filepath.Join(dir, man.MetaFile)); err == nil {
 		if _, err := m.verifySnapshot(ctx, dir, what); err == nil {
-			return dir, &api.RemoteTransfer{Chunks: len(man.Files), Cached: true}, nil
+			return dir, cachedTransfer(man), nil
 		}
 		m.log.Warn("a pulled snapshot is damaged; pulling it again", "dir", dir)
 		m.pool.drain(dir)
@@ -522,7 +532,7 @@ func (m *Manager) PullGolden(ctx context.Context, u *store.User, req api.GoldenR
 	final := filepath.Join(root, spec)
 	if gc, err := readGoldenConfig(final); err == nil && gc.Remote == origin {
 		g := m.apiGolden(ctx, final, gc, u, bf)
-		g.Remote, g.Pulled = origin, &api.RemoteTransfer{Chunks: len(man.Files), Cached: true}
+		g.Remote, g.Pulled = origin, cachedTransfer(man)
 		return g, nil
 	}
 	use, err := m.store.UserUsage(ctx, u.ID)
