@@ -79,6 +79,7 @@ const (
 	FeatureNetwork    = api.FeatureNetwork
 	FeatureUsers      = api.FeatureUsers
 	FeatureMetrics    = api.FeatureMetrics
+	FeatureRemote     = api.FeatureRemote
 )
 
 // Sentinel errors that server errors unwrap to.

@@ -109,4 +109,7 @@ const (
 	FeatureUsers = "users"
 	// FeatureMetrics: Prometheus metrics at /metrics.
 	FeatureMetrics = "metrics"
+	// FeatureRemote: a remote object store ([remote]) to push checkpoints
+	// and goldens to and clone or pull them from.
+	FeatureRemote = "remote"
 )

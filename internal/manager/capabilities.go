@@ -34,6 +34,9 @@ func (m *Manager) Capabilities(ctx context.Context, u *store.User) (*api.Capabil
 	if cfg.NetworkEnabled() {
 		features = append(features, api.FeatureNetwork)
 	}
+	if m.remote != nil {
+		features = append(features, api.FeatureRemote)
+	}
 	c := &api.Capabilities{
 		API: api.Version, VMM: m.BackendName(), Accel: string(m.Accel()),
 		Defaults: api.CapabilityDefaults{VCPUs: cfg.DefaultVCPUs, MemoryMiB: cfg.DefaultMemoryMiB, DiskSize: cfg.DefaultDiskSize,

@@ -231,10 +231,8 @@ func (m *Manager) remoteFits(ctx context.Context, man *remote.Manifest, bf bootF
 		KernelSHA256: man.KernelSHA256, InitrdSHA256: man.InitrdSHA256}, RootfsFingerprint: man.RootfsFingerprint}
 	if man.Kind == remote.KindCheckpoint {
 		// A checkpoint carries its whole disk: the local rootfs is not used.
+		now.Rootfs = bootFileID{ID: storage.ContentIDPrefix + "unused"}
 		gc.RootfsFingerprint = now.Rootfs.ID
-		if now.Rootfs.Err != nil {
-			now.Rootfs.Err = nil
-		}
 	}
 	why := staleWhy(gc, now)
 	if why == "" && man.HasNet && !m.cfg.NetworkEnabled() {

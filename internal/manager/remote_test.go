@@ -4,6 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/minio/minio-go/v7"
 
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
@@ -264,6 +272,158 @@ func TestRemoteCrashMidPull(t *testing.T) {
 		t.Error("the clone after the crash found a pulled snapshot")
 	}
 	if got := e.mustExec("copy", "cat", "/root/mark"); got != "crash\n" {
+		t.Errorf("clone: %q", got)
+	}
+}
+
+// TestRemoteFaults drives pushes and clones through a proxy in front of a
+// real store that fails on cue: the store killed in the middle of a push
+// and of a pull, a 503 storm, a damaged chunk. Each ends in a clear error
+// with nothing visible in the store or imported on the host (no pulled
+// snapshot, no VM), and a retry works.
+func TestRemoteFaults(t *testing.T) {
+	srv := remotetest.Start(t)
+	target, _ := url.Parse("http://" + srv.Addr)
+	const (
+		pass = iota
+		killAtPut
+		killAtGet
+		storm
+	)
+	var mode, n atomic.Int32
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.ErrorLog = log.New(io.Discard, "", 0)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := strings.Contains(r.URL.Path, "/chunks/")
+		switch mode.Load() {
+		case killAtPut:
+			if chunk && r.Method == http.MethodPut && n.Add(1) == 3 {
+				srv.Kill()
+			}
+		case killAtGet:
+			if chunk && r.Method == http.MethodGet && n.Add(1) == 3 {
+				srv.Kill()
+			}
+		case storm:
+			if chunk {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				w.Write([]byte(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>`))
+				return
+			}
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	defer proxy.Close()
+	e := newEnv(t, srv.TOML(t, strings.TrimPrefix(proxy.URL, "http://"), "fleet"))
+	ctx := tctx(t)
+	e.create("src")
+	e.mustExec("src", "sh", "-c", "echo faults > /root/mark; sync")
+	if _, err := e.mgr.Checkpoint(ctx, e.user, "src", api.CheckpointRequest{Name: "one"}); err != nil {
+		t.Fatal(err)
+	}
+	manifestKey := "fleet/" + remote.CheckpointKey(remote.UserNS("root"), "src/one")
+	visible := func() bool {
+		_, err := srv.Client().StatObject(ctx, remotetest.Bucket, manifestKey, minio.StatObjectOptions{})
+		return err == nil
+	}
+	// nothingImported checks that a failed clone left no VM and nothing
+	// pulled.
+	nothingImported := func(when, vm string) {
+		t.Helper()
+		if left := remoteEntries(e); len(left) != 0 {
+			t.Errorf("%s: the host's pull directory holds %v", when, left)
+		}
+		if _, err := e.mgr.GetVM(ctx, e.user, vm); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Errorf("%s: vm %s exists: %v", when, vm, err)
+		}
+	}
+
+	// The store dies in the middle of the push.
+	mode.Store(killAtPut)
+	_, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{})
+	if !errors.Is(err, errdefs.ErrUnavailable) || errdefs.HintOf(err) == "" {
+		t.Fatalf("push with the store killed: %v (hint %q)", err, errdefs.HintOf(err))
+	}
+	t.Logf("push with the store killed: %v", err)
+	mode.Store(pass)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if visible() {
+		t.Fatal("the interrupted push left a manifest")
+	}
+	if left := remoteEntries(e); len(left) != 0 {
+		t.Errorf("the interrupted push left %v", left)
+	}
+	p, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{})
+	if err != nil {
+		t.Fatalf("push again: %v", err)
+	}
+	if p.Pushed.ChunksReused == 0 {
+		t.Errorf("the second push resent everything: %+v", *p.Pushed)
+	}
+
+	// The store dies in the middle of the clone's pull.
+	n.Store(0)
+	mode.Store(killAtGet)
+	if _, err := e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "src/one", As: "c1"}); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("clone with the store killed: %v", err)
+	}
+	mode.Store(pass)
+	nothingImported("store killed mid-pull", "c1")
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A 503 storm.
+	mode.Store(storm)
+	_, err = e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "src/one", As: "c1"})
+	if !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("clone in a 503 storm: %v", err)
+	}
+	t.Logf("clone in a 503 storm: %v (hint %q)", err, errdefs.HintOf(err))
+	mode.Store(pass)
+	nothingImported("503 storm", "c1")
+
+	// A damaged chunk: another chunk's bytes under its name.
+	man, _, err := remote.ReadManifest(ctx, e.mgr.remote, remote.CheckpointKey(remote.UserNS("root"), "src/one"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mem remote.File
+	for _, f := range man.Files {
+		if f.Name == "memory.snap" {
+			mem = f
+		}
+	}
+	if len(mem.Chunks) < 2 {
+		t.Fatalf("memory.snap has %d chunks", len(mem.Chunks))
+	}
+	chunkKey := func(c remote.Chunk) string { return remote.UserNS("root") + "/chunks/" + c.Sum[:2] + "/" + c.Sum }
+	other, err := e.mgr.remote.Get(ctx, chunkKey(mem.Chunks[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.mgr.remote.Put(ctx, chunkKey(mem.Chunks[0]), other); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "src/one", As: "c1"})
+	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), "checksum mismatch") || errdefs.HintOf(err) == "" {
+		t.Fatalf("clone of a damaged chunk: %v", err)
+	}
+	t.Logf("clone of a damaged chunk: %v", err)
+	nothingImported("damaged chunk", "c1")
+	// Remove the damaged object and push again: the chunk goes up again.
+	if err := e.mgr.remote.Delete(ctx, chunkKey(mem.Chunks[0])); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "src/one", As: "c1"}); err != nil {
+		t.Fatalf("clone after the faults: %v", err)
+	}
+	if got := e.mustExec("c1", "cat", "/root/mark"); got != "faults\n" {
 		t.Errorf("clone: %q", got)
 	}
 }

@@ -217,7 +217,7 @@ func (s *S3) classify(ctx context.Context, what string, err error) error {
 			"fix the access key and secret in [remote] credentials_file (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of noid-server), and that they may use bucket "+s.bucket)
 	case "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout":
 		return errdefs.WithHint(fmt.Errorf("%w: remote store: %s: the store kept answering %d %s", errdefs.ErrUnavailable, what, resp.StatusCode, resp.Code),
-			"the store is overloaded or failing; try again later (a retry skips what already arrived)")
+			"the store is overloaded or failing; try again later (a push that is retried sends only the chunks that did not arrive)")
 	}
 	switch {
 	case resp.StatusCode == http.StatusNotFound && resp.Code == "":
@@ -227,10 +227,10 @@ func (s *S3) classify(ctx context.Context, what string, err error) error {
 			"fix [remote] credentials_file, or the key's rights on bucket "+s.bucket)
 	case resp.StatusCode >= 500:
 		return errdefs.WithHint(fmt.Errorf("%w: remote store: %s: the store kept answering %d", errdefs.ErrUnavailable, what, resp.StatusCode),
-			"the store is overloaded or failing; try again later (a retry skips what already arrived)")
+			"the store is overloaded or failing; try again later (a push that is retried sends only the chunks that did not arrive)")
 	case resp.StatusCode != 0:
 		return fmt.Errorf("%w: remote store: %s: %d %s %s", errdefs.ErrUnavailable, what, resp.StatusCode, resp.Code, resp.Message)
 	}
 	return errdefs.WithHint(fmt.Errorf("%w: remote store: %s: cannot reach %s: %v", errdefs.ErrUnavailable, what, s.host, err),
-		"check [remote] endpoint and tls, and that the store is up; try again (a retry skips what already arrived)")
+		"check [remote] endpoint and tls, and that the store is up; try again (a push that is retried sends only the chunks that did not arrive)")
 }
