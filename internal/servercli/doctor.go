@@ -1,6 +1,7 @@
 package servercli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/spf13/cobra"
@@ -20,6 +22,7 @@ import (
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/image"
 	"github.com/noid-vm/noid/internal/lockfile"
+	"github.com/noid-vm/noid/internal/remote"
 	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/storage"
 	"github.com/noid-vm/noid/internal/vmm"
@@ -126,7 +129,7 @@ func newDoctor(cfg *config.Config) *doctor {
 // run prints every finding to w and returns how many failed.
 func (d *doctor) run(w io.Writer) int {
 	failed, warned := 0, 0
-	for _, check := range []func() []finding{d.root, d.kvmCheck, d.vmmBinary, d.guestImage, d.dataDir, d.freeSpace, d.storage, d.loop, d.cgroupsCheck, d.network, d.server} {
+	for _, check := range []func() []finding{d.root, d.kvmCheck, d.vmmBinary, d.guestImage, d.dataDir, d.freeSpace, d.storage, d.loop, d.cgroupsCheck, d.network, d.remoteStore, d.server} {
 		for _, f := range check() {
 			fmt.Fprintf(w, "%-5s %-10s %s\n", f.status, f.check, f.msg)
 			if f.fix != "" {
@@ -142,6 +145,30 @@ func (d *doctor) run(w io.Writer) int {
 	}
 	fmt.Fprintf(w, "%d failed, %d warnings\n", failed, warned)
 	return failed
+}
+
+// remoteStore checks the [remote] store: its credentials, that it answers
+// and that the bucket exists.
+func (d *doctor) remoteStore() []finding {
+	rc := d.cfg.Remote
+	if !rc.Enabled() {
+		return []finding{ok("remote", "no remote store ([remote] endpoint is empty): checkpoints and goldens stay on this host")}
+	}
+	creds, err := rc.LoadRemoteCredentials()
+	if err != nil {
+		return []finding{{check: "remote", status: statusFail, msg: err.Error(),
+			fix: "write the store's key to a file of mode 0600 named by [remote] credentials_file (access_key_id, secret_access_key), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for noid-server"}}
+	}
+	st, err := remote.NewS3(rc, creds)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		err = st.Check(ctx)
+		cancel()
+	}
+	if err != nil {
+		return []finding{{check: "remote", status: statusFail, msg: err.Error(), fix: errdefs.HintOf(err)}}
+	}
+	return []finding{ok("remote", "%s answers with %s, and the bucket exists", st, creds)}
 }
 
 func ok(check, format string, a ...any) finding {

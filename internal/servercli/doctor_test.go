@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/noid-vm/noid/internal/config"
+	"github.com/noid-vm/noid/internal/remote/remotetest"
 	"github.com/noid-vm/noid/internal/vmm"
 )
 
@@ -287,7 +288,7 @@ func TestDoctorCommand(t *testing.T) {
 	if err != nil {
 		t.Errorf("doctor on a usable config: %v\n%s", err, out)
 	}
-	for _, check := range []string{"kvm", "vmm", "image", "data dir", "disk", "storage", "loop", "cgroups", "network", "server"} {
+	for _, check := range []string{"kvm", "vmm", "image", "data dir", "disk", "storage", "loop", "cgroups", "network", "remote", "server"} {
 		if !strings.Contains(out, " "+check+" ") {
 			t.Errorf("doctor printed no %s line:\n%s", check, out)
 		}
@@ -295,5 +296,39 @@ func TestDoctorCommand(t *testing.T) {
 	out, err = run("qemu_binary = \"/nonexistent/qemu\"\n[network]\nenabled = false\n")
 	if err == nil || !strings.Contains(out, "FAIL  vmm") || !strings.Contains(out, "fix: apt-get install qemu-system-x86") {
 		t.Errorf("doctor with no QEMU: %v\n%s", err, out)
+	}
+}
+
+// TestDoctorRemote: the remote check against a real store: off, working,
+// wrong secret, missing bucket, a credentials file others may read.
+func TestDoctorRemote(t *testing.T) {
+	if f := testDoctor(t, "").remoteStore(); statusOf(t, f) != statusOK || !strings.Contains(f[0].msg, "no remote store") {
+		t.Errorf("no [remote]: %+v", f)
+	}
+	srv := remotetest.Start(t)
+	sec := srv.TOML(t, srv.Addr, "")
+	f := testDoctor(t, sec).remoteStore()
+	if statusOf(t, f) != statusOK || strings.Contains(f[0].msg, remotetest.SecretKey) {
+		t.Errorf("working store: %+v", f)
+	}
+	bad := filepath.Join(t.TempDir(), "bad")
+	os.WriteFile(bad, []byte("access_key_id = \"noidtestaccess\"\nsecret_access_key = \"nope\"\n"), 0o600)
+	c := srv.Config(t, srv.Addr, "")
+	c.CredentialsFile = bad
+	f = testDoctor(t, remotetest.RemoteTOML(c)).remoteStore()
+	if statusOf(t, f) != statusFail || !strings.Contains(f[0].msg, "refused the server's credentials") || !strings.Contains(f[0].fix, "credentials_file") {
+		t.Errorf("wrong secret: %+v", f)
+	}
+	c = srv.Config(t, srv.Addr, "")
+	c.Bucket = "missing"
+	f = testDoctor(t, remotetest.RemoteTOML(c)).remoteStore()
+	if statusOf(t, f) != statusFail || !strings.Contains(f[0].msg, `bucket "missing" does not exist`) || !strings.Contains(f[0].fix, "create the bucket") {
+		t.Errorf("missing bucket: %+v", f)
+	}
+	os.Chmod(bad, 0o644)
+	c.CredentialsFile = bad
+	f = testDoctor(t, remotetest.RemoteTOML(c)).remoteStore()
+	if statusOf(t, f) != statusFail || !strings.Contains(f[0].msg, "chmod 600") {
+		t.Errorf("credentials file of mode 0644: %+v", f)
 	}
 }
