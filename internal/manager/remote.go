@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -57,6 +58,12 @@ func (m *Manager) setupRemote(override remote.Store) {
 		old, _ := filepath.Glob(filepath.Join(m.remoteDir(), pat))
 		for _, d := range old {
 			os.RemoveAll(d)
+		}
+	}
+	mfs, _ := filepath.Glob(filepath.Join(m.remoteDir(), "*.json"))
+	for _, mf := range mfs {
+		if _, err := os.Stat(strings.TrimSuffix(mf, ".json")); err != nil {
+			os.Remove(mf)
 		}
 	}
 	if override != nil {
@@ -258,28 +265,51 @@ func readRemote(ctx context.Context, st remote.Store, key, what, hint string) (*
 }
 
 // localFile makes dst a file of this host with f's content, when there
-// is one: the base image a pushed disk chain starts from is usually the
-// rootfs this host has too (pinned, see bases.go), which is then linked
-// instead of downloaded.
+// is one, instead of a download: the base image a pushed disk chain starts
+// from is usually the rootfs this host has too (linked from its pinned
+// copy, see bases.go), and a later checkpoint of a VM shares its lower
+// disk layers with an earlier one this host pulled. What it links is
+// checked against f's identity after the pull like a download.
 func (m *Manager) localFile(bf bootFiles) func(ctx context.Context, f remote.File, dst string) bool {
 	return func(ctx context.Context, f remote.File, dst string) bool {
-		var cands []string
 		if fi, err := os.Stat(bf.Rootfs); err == nil && fi.Size() == f.Size {
 			if id, err := m.ids.Get(ctx, bf.Rootfs, storage.IDSparseSHA256); err == nil && id == f.SHA256 {
-				if p, err := m.pinBase(ctx, bf.Rootfs); err == nil {
-					cands = append(cands, p)
-				}
-			}
-		}
-		for _, p := range cands {
-			if id, err := m.ids.Get(ctx, p, storage.IDSparseSHA256); err == nil && id == f.SHA256 {
-				if linkOrCopyFile(ctx, m.copier, p, dst) == nil {
+				if p, err := m.pinBase(ctx, bf.Rootfs); err == nil && linkOrCopyFile(ctx, m.copier, p, dst) == nil {
 					return true
 				}
 			}
 		}
+		if p := m.pulledFile(f); p != "" && linkOrCopyFile(ctx, m.copier, p, dst) == nil {
+			return true
+		}
 		return false
 	}
+}
+
+// pulledFile finds a file with f's identity in the snapshots pulled
+// before, by their manifests (<remote>/<digest>.json beside each).
+func (m *Manager) pulledFile(f remote.File) string {
+	mfs, _ := filepath.Glob(filepath.Join(m.remoteDir(), "*.json"))
+	for _, mf := range mfs {
+		b, err := os.ReadFile(mf)
+		if err != nil {
+			continue
+		}
+		var man remote.Manifest
+		if json.Unmarshal(b, &man) != nil {
+			continue
+		}
+		for _, g := range man.Files {
+			if g.SHA256 != f.SHA256 || g.Size != f.Size {
+				continue
+			}
+			p := filepath.Join(strings.TrimSuffix(mf, ".json"), g.Name)
+			if fi, err := os.Stat(p); err == nil && fi.Size() == f.Size {
+				return p
+			}
+		}
+	}
+	return ""
 }
 
 // linkOrCopyFile makes dst the file src: a hard link, or a copy across
@@ -303,10 +333,14 @@ func (m *Manager) pullCached(ctx context.Context, st remote.Store, ns string, ma
 	defer l.Unlock()
 	if _, err := os.Stat(filepath.Join(dir, man.MetaFile)); err == nil {
 		if _, err := m.verifySnapshot(ctx, dir, what); err == nil {
+			if _, err := os.Stat(dir + ".json"); err != nil {
+				os.WriteFile(dir+".json", raw, 0o600)
+			}
 			return dir, cachedTransfer(man), nil
 		}
 		m.log.Warn("a pulled snapshot is damaged; pulling it again", "dir", dir)
 		m.pool.drain(dir)
+		os.Remove(dir + ".json")
 		os.RemoveAll(dir)
 	}
 	if err := m.checkFreeSpace("pulling " + what); err != nil {
@@ -334,6 +368,8 @@ func (m *Manager) pullCached(ctx context.Context, st remote.Store, ns string, ma
 		return "", nil, classifyIOErr("publishing "+what, err)
 	}
 	td.keep()
+	// Its manifest beside it lets later pulls find its files (localFile).
+	os.WriteFile(dir+".json", raw, 0o600)
 	storage.FsyncDir(m.remoteDir())
 	m.log.Info("remote snapshot pulled", "kind", man.Kind, "key", man.Key, "owner", man.Owner, "bytes_moved", s.BytesMoved,
 		"chunks", s.Chunks, "local_files", s.LocalFiles, "ms", ms(s.Took))

@@ -204,6 +204,10 @@ func TestRemoteTwoHosts(t *testing.T) {
 	if g.Stale || g.Owner != "system" || g.Pulled.Cached || !strings.HasPrefix(g.Remote, "system/golden/1x256@") {
 		t.Errorf("pulled golden: %+v %+v", *g, *g.Pulled)
 	}
+	// Its files are those of the checkpoint B pulled already: none moves.
+	if g.Pulled.ChunksMoved != 0 || g.Pulled.LocalFiles < 3 {
+		t.Errorf("the golden pull downloaded what B has: %+v", *g.Pulled)
+	}
 	gv := b.create("from-golden")
 	if gv.BootPath != "golden" {
 		t.Errorf("create on B after the pull booted %s (%s)", gv.BootPath, gv.BootReason)
