@@ -196,15 +196,14 @@ func (m *Manager) PushCheckpoint(ctx context.Context, u *store.User, vmName, cpN
 	}
 	dir := m.checkpointDir(c)
 	what := "checkpoint " + c.Name
+	meta, err := m.verifySnapshot(ctx, dir, what)
+	if err != nil {
+		return nil, err
+	}
 	// Hold the checkpoint still while its files are linked.
 	rt := m.rt(c.VMID)
 	rt.op.Lock()
-	meta, err := m.verifySnapshot(ctx, dir, what)
-	var stage string
-	var names []string
-	if err == nil {
-		stage, names, err = m.stageSnapshot(ctx, dir, vmm.SnapMeta, meta)
-	}
+	stage, names, err := m.stageSnapshot(ctx, dir, vmm.SnapMeta, meta)
 	rt.op.Unlock()
 	if err != nil {
 		return nil, classifyIOErr("staging "+what+" for the push", err)
