@@ -39,7 +39,7 @@ const (
 
 // childOp is one operation a child runs.
 type childOp struct {
-	Op         string `json:"op"` // open, open-spare, create, checkpoint, clone, rewind, destroy, promote, spare-clone, remote-clone
+	Op         string `json:"op"` // open, open-spare, create, checkpoint, clone, rewind, destroy, promote, spare-clone, remote-push, remote-clone
 	VM         string `json:"vm,omitempty"`
 	Checkpoint string `json:"checkpoint,omitempty"`
 	Name       string `json:"name,omitempty"`
@@ -122,6 +122,8 @@ func runChild(op string) int {
 		_, err = m.DestroyVM(ctx, u, o.VM)
 	case "promote":
 		_, err = m.PromoteGolden(ctx, u, api.GoldenPromoteRequest{VM: o.VM, Checkpoint: o.Checkpoint})
+	case "remote-push":
+		_, err = m.PushCheckpoint(ctx, u, o.VM, o.Checkpoint, api.RemotePushRequest{Key: o.Name})
 	case "remote-clone":
 		_, err = m.CloneRemote(ctx, u, api.RemoteCloneRequest{Key: o.Checkpoint, As: o.Name})
 	default:
@@ -420,7 +422,7 @@ func TestCrashPoints(t *testing.T) {
 
 	// Points that need more than this test's data dir are reached by
 	// tests of their own.
-	elsewhere := map[string]string{"storage.move-after-rename": "TestStorageSwitch", "remote.after-pull": "TestRemoteCrashMidPull"}
+	elsewhere := map[string]string{"storage.move-after-rename": "TestStorageSwitch", "remote.after-pull": "TestRemoteCrashMidPull", "remote.push-before-manifest": "TestRemoteCrashMidPull"}
 	for _, p := range points {
 		if !fired[p] && elsewhere[p] == "" {
 			t.Errorf("crash point %s is in the code but no test reached it", p)

@@ -215,7 +215,8 @@ func (m *Manager) PushCheckpoint(ctx context.Context, u *store.User, vmName, cpN
 		man.RootfsFingerprint, _ = m.ids.Get(ctx, bf.Rootfs, storage.IDSparseSHA256)
 	}
 	ns := remoteNS(owner)
-	s, err := remote.Push(ctx, st, ns, remote.CheckpointKey(ns, key), stage, names, man, remote.PushOptions{Parallel: m.cfg.Remote.ParallelOrDefault()})
+	s, err := remote.Push(ctx, st, ns, remote.CheckpointKey(ns, key), stage, names, man, remote.PushOptions{Parallel: m.cfg.Remote.ParallelOrDefault(),
+		BeforeManifest: func() { crashpoint("remote.push-before-manifest") }})
 	if err != nil {
 		m.log.Warn("checkpoint push failed", "user", u.Name, "vm", v.Name, "checkpoint", c.Name, "key", key, "err", err)
 		return nil, err

@@ -235,10 +235,12 @@ func TestRemoteTwoHosts(t *testing.T) {
 	}
 }
 
-// TestRemoteCrashMidPull: a server killed (SIGKILL) once a clone's pull
-// has written every file, before the pulled snapshot is renamed into
-// place, leaves nothing after its restart: no pulled snapshot, no VM; a
-// clone then pulls it whole.
+// TestRemoteCrashMidPull: a server killed (SIGKILL) in a push once every
+// chunk is stored, before the manifest, leaves nothing visible in the
+// store and no staging files, and a push again sends only the manifest. A
+// server killed once a clone's pull has written every file, before the
+// pulled snapshot is renamed into place, leaves nothing after its
+// restart: no pulled snapshot, no VM; a clone then pulls it whole.
 func TestRemoteCrashMidPull(t *testing.T) {
 	srv := remotetest.Start(t)
 	e := newEnv(t, remoteSection(t, srv))
@@ -248,8 +250,20 @@ func TestRemoteCrashMidPull(t *testing.T) {
 	if _, err := e.mgr.Checkpoint(ctx, e.user, "src", api.CheckpointRequest{Name: "one"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{Key: "k"}); err != nil {
+	e.crashChild("remote.push-before-manifest", childOp{Op: "remote-push", VM: "src", Checkpoint: "one", Name: "k"}, e.cfgPath)
+	e.open()
+	if left := remoteEntries(e); len(left) != 0 {
+		t.Errorf("after the restart the killed push left %v", left)
+	}
+	if _, ok, err := e.mgr.remote.Stat(ctx, remote.CheckpointKey(remote.UserNS("root"), "k")); ok || err != nil {
+		t.Fatalf("the killed push's manifest: there %v, %v", ok, err)
+	}
+	p, err := e.mgr.PushCheckpoint(ctx, e.user, "src", "one", api.RemotePushRequest{Key: "k"})
+	if err != nil {
 		t.Fatal(err)
+	}
+	if p.Pushed.ChunksMoved != 0 {
+		t.Errorf("the push after the crash sent %d chunks again: %+v", p.Pushed.ChunksMoved, *p.Pushed)
 	}
 	e.crashChild("remote.after-pull", childOp{Op: "remote-clone", Checkpoint: "k", Name: "copy"}, e.cfgPath)
 	var tmp []string

@@ -59,6 +59,9 @@ type Stats struct {
 type PushOptions struct {
 	// Parallel is how many chunks move at once (default 4).
 	Parallel int
+	// BeforeManifest, when set, runs once every chunk is stored, before
+	// the manifest is written (crash tests).
+	BeforeManifest func()
 }
 
 // Push uploads the files of the snapshot in dir (names) and its metadata
@@ -171,6 +174,9 @@ func Push(ctx context.Context, st Store, ns, manifestKey, dir string, names []st
 	b, err := json.MarshalIndent(m, "", " ")
 	if err != nil {
 		return nil, err
+	}
+	if opt.BeforeManifest != nil {
+		opt.BeforeManifest()
 	}
 	// Last: until the manifest is there, nothing of the push is visible.
 	if err := st.Put(ctx, manifestKey, b); err != nil {
