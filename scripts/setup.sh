@@ -71,7 +71,7 @@ VERSITYGW_VERSION=v1.8.0
 stamp=/usr/local/share/noid/versitygw.version
 if [ ! -x /usr/local/bin/versitygw ] || [ "$(cat "$stamp" 2>/dev/null)" != "$VERSITYGW_VERSION" ]; then
 	echo "setup: building versitygw $VERSITYGW_VERSION (S3 server for the tests) into /usr/local/bin (about a minute)"
-	GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+	GOBIN=/usr/local/bin go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
 	mkdir -p "$(dirname "$stamp")"
 	echo "$VERSITYGW_VERSION" >"$stamp"
 fi
