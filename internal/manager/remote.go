@@ -242,6 +242,9 @@ func (m *Manager) remoteFits(ctx context.Context, man *remote.Manifest, bf bootF
 		gc.RootfsFingerprint = now.Rootfs.ID
 	}
 	why := staleWhy(gc, now)
+	if why == "" {
+		why = cpuWhy(man.Accel, man.CPUModel, cpuModel())
+	}
 	if why == "" && man.HasNet && !m.cfg.NetworkEnabled() {
 		why = "it has a NIC and this host runs without networking"
 	}
@@ -253,6 +256,17 @@ func (m *Manager) remoteFits(ctx context.Context, man *remote.Manifest, bf bootF
 		hint = "pull it on a host whose server runs the " + man.Backend + " backend (vmm in the server's config)"
 	}
 	return errdefs.WithHint(fmt.Errorf("%w: remote %s %s (pushed from %s) cannot run on this host: %s", errdefs.ErrInvalidArgument, man.Kind, man.Key, man.Host, why), hint)
+}
+
+// cpuWhy says why a snapshot taken under accel on a host CPU named
+// taken cannot run on a host CPU named here, or "". Under KVM the guest
+// sees the host's CPU (QEMU's -cpu host), so the model must match; under
+// TCG it sees QEMU's own model, the same on every host.
+func cpuWhy(accel, taken, here string) string {
+	if vmm.Accel(accel) != vmm.AccelKVM || taken == "" || taken == here {
+		return ""
+	}
+	return fmt.Sprintf("it was taken under KVM on a %s CPU, this host has a %s (the guest sees the host's CPU model)", taken, here)
 }
 
 // readRemote reads a manifest and names a missing one clearly.

@@ -68,8 +68,9 @@ type Manifest struct {
 	Backend    string `json:"backend"`
 	VMMVersion string `json:"vmm_version"`
 	Accel      string `json:"accel"`
-	// CPUModel is the host CPU's model name (informational: noid's guests
-	// see a CPU model that QEMU chooses, the same on every host).
+	// CPUModel is the host CPU's model name: under KVM the guest sees it
+	// (QEMU's -cpu host), so a host of another model refuses the snapshot;
+	// under TCG the guest sees QEMU's own model and it is informational.
 	CPUModel string `json:"cpu_model,omitempty"`
 	// VCPUs, MemoryMiB and HasNet are the VM shape it needs.
 	VCPUs     int  `json:"vcpus"`
