@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Installs what noid needs on a Debian or Ubuntu host (as root) and builds it.
+# --test also builds what only the test suite needs (an S3 server).
 # Idempotent: re-running only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GO_VERSION=1.26.8
 APT_PACKAGES=(make qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static cpio xfsprogs iproute2 ca-certificates curl unzip binutils)
+
+with_test_tools=0
+for a in "$@"; do
+	case $a in
+	--test) with_test_tools=1 ;;
+	*) echo "setup.sh: unknown argument $a (usage: setup.sh [--test])" >&2; exit 2 ;;
+	esac
+done
 
 if [ "$(id -u)" != 0 ]; then
 	echo "setup.sh: run as root (it installs packages with apt)" >&2
@@ -64,12 +73,13 @@ if [ $need_go = 1 ]; then
 	rm -rf "$tmp"
 fi
 
-# A real S3-compatible server for the remote-store tests (issue 13):
-# versitygw, built from its Go module once and kept in /usr/local/bin. The
-# tests start it themselves, on loopback, serving a temporary directory.
+# With --test (scripts/test.sh passes it): a real S3-compatible server for
+# the remote-store tests (issue 13): versitygw, built from its Go module once
+# and kept in /usr/local/bin. The tests start it themselves, on loopback,
+# serving a temporary directory. A plain install does not need it.
 VERSITYGW_VERSION=v1.8.0
 stamp=/usr/local/share/noid/versitygw.version
-if [ ! -x /usr/local/bin/versitygw ] || [ "$(cat "$stamp" 2>/dev/null)" != "$VERSITYGW_VERSION" ]; then
+if [ "$with_test_tools" = 1 ] && { [ ! -x /usr/local/bin/versitygw ] || [ "$(cat "$stamp" 2>/dev/null)" != "$VERSITYGW_VERSION" ]; }; then
 	echo "setup: building versitygw $VERSITYGW_VERSION (S3 server for the tests) into /usr/local/bin (about a minute)"
 	GOBIN=/usr/local/bin go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
 	mkdir -p "$(dirname "$stamp")"

@@ -11,7 +11,7 @@
 # after a passing run (NOID_TEST_KEEP_LOGS=1 keeps it) and named otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --test
 export PATH=/usr/local/go/bin:$PATH
 export NOID_TEST_CACHE=${NOID_TEST_CACHE:-/var/tmp/noid-test-cache}
 start=$(date +%s)

@@ -42,7 +42,7 @@ func Binary() (string, error) {
 	if _, err := os.Stat("/usr/local/bin/versitygw"); err == nil {
 		return "/usr/local/bin/versitygw", nil
 	}
-	return "", errors.New("versitygw not found: run scripts/setup.sh (it builds it into /usr/local/bin)")
+	return "", errors.New("versitygw not found: run scripts/setup.sh --test (it builds it into /usr/local/bin)")
 }
 
 // Server is a running S3 server.
