@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,6 +18,27 @@ import (
 
 	"github.com/noid-vm/noid/internal/agent/proto"
 )
+
+// unignoreHangup makes sure, once, that the processes the agent starts do
+// not inherit an ignored SIGHUP (see catchHangup).
+var unignoreHangup sync.Once
+
+// catchHangup has the agent catch SIGHUP (and drop it) when it was started
+// with SIGHUP ignored, under nohup say: an ignored signal stays ignored
+// across exec, so every process of an exec would ignore the SIGHUP that
+// ends it when its host connection goes; a caught one is reset to the
+// default in the child.
+func catchHangup() {
+	if !signal.Ignored(syscall.SIGHUP) {
+		return
+	}
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGHUP)
+	go func() {
+		for range ch {
+		}
+	}()
+}
 
 // defaultEnv is the environment every process starts from; ExecRequest.Env
 // entries are added to it and override it.
@@ -203,6 +225,7 @@ func (s *session) runExec(h *handler, req proto.ExecRequest, console bool) {
 	a := s.a
 	st := h.st
 	start := time.Now()
+	unignoreHangup.Do(catchHangup)
 	if console {
 		req.Argv, req.TTY, req.Stdin = loginShell(), true, true
 	}
