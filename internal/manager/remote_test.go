@@ -308,19 +308,27 @@ func TestRemoteFaults(t *testing.T) {
 		killAtGet
 		storm
 	)
+	// n counts the chunk requests of the current mode that the store has
+	// answered: the store is killed at the first one after two of them, so
+	// that some chunks surely arrived (chunks move in parallel, and on a
+	// busy host a third request can start before the first two end).
 	var mode, n atomic.Int32
+	var killed atomic.Bool
 	rp := httputil.NewSingleHostReverseProxy(target)
 	rp.ErrorLog = log.New(io.Discard, "", 0)
 	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		chunk := strings.Contains(r.URL.Path, "/chunks/")
-		switch mode.Load() {
-		case killAtPut:
-			if chunk && r.Method == http.MethodPut && n.Add(1) == 3 {
-				srv.Kill()
+		switch m := mode.Load(); m {
+		case killAtPut, killAtGet:
+			method := http.MethodPut
+			if m == killAtGet {
+				method = http.MethodGet
 			}
-		case killAtGet:
-			if chunk && r.Method == http.MethodGet && n.Add(1) == 3 {
-				srv.Kill()
+			if chunk && r.Method == method {
+				if n.Load() >= 2 && killed.CompareAndSwap(false, true) {
+					srv.Kill()
+				}
+				defer n.Add(1)
 			}
 		case storm:
 			if chunk {
@@ -383,6 +391,7 @@ func TestRemoteFaults(t *testing.T) {
 
 	// The store dies in the middle of the clone's pull.
 	n.Store(0)
+	killed.Store(false)
 	mode.Store(killAtGet)
 	if _, err := e.mgr.CloneRemote(ctx, e.user, api.RemoteCloneRequest{Key: "src/one", As: "c1"}); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("clone with the store killed: %v", err)
