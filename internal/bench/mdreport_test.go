@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -180,5 +181,35 @@ func TestParsePorcelain(t *testing.T) {
 	}
 	if (&CodeInfo{Commit: "abc", Dirty: true}).String() != "abc+dirty" || (*CodeInfo)(nil).String() != "unknown" {
 		t.Error("CodeInfo.String")
+	}
+}
+
+// TestGitInfoDirtyFiles: the dirty files of a real repository are named in
+// full, also the first one, whose status line starts with a space.
+func TestGitInfoDirtyFiles(t *testing.T) {
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Fatalf("git: %v", err)
+	}
+	dir := t.TempDir()
+	git := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command("git", append([]string{"-c", "user.name=t", "-c", "user.email=t@t"}, args...)...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("git %v: %v\n%s", args, err, out)
+		}
+	}
+	git("init", "-q")
+	if err := os.WriteFile(filepath.Join(dir, "BENCH.md"), []byte("a\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	git("add", "BENCH.md")
+	git("commit", "-qm", "one")
+	if err := os.WriteFile(filepath.Join(dir, "BENCH.md"), []byte("b\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := gitInfo(dir)
+	if !c.Dirty || len(c.DirtyFiles) != 1 || c.DirtyFiles[0] != "BENCH.md" {
+		t.Fatalf("gitInfo = %+v, want BENCH.md dirty", c)
 	}
 }

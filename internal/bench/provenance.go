@@ -35,11 +35,15 @@ func (c *CodeInfo) String() string {
 func gitInfo(root string) *CodeInfo {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	run := func(args ...string) (string, error) {
+	output := func(args ...string) (string, error) {
 		cmd := exec.CommandContext(ctx, "git", args...)
 		cmd.Dir = root
 		out, err := cmd.Output()
-		return strings.TrimSpace(string(out)), err
+		return string(out), err
+	}
+	run := func(args ...string) (string, error) {
+		out, err := output(args...)
+		return strings.TrimSpace(out), err
 	}
 	c := &CodeInfo{Commit: "unknown"}
 	commit, err := run("rev-parse", "--short", "HEAD")
@@ -50,7 +54,8 @@ func gitInfo(root string) *CodeInfo {
 	if br, err := run("rev-parse", "--abbrev-ref", "HEAD"); err == nil && br != "HEAD" {
 		c.Branch = br
 	}
-	st, err := run("status", "--porcelain", "--untracked-files=no")
+	// Not trimmed: the first line's leading space is part of its status.
+	st, err := output("status", "--porcelain", "--untracked-files=no")
 	if err != nil {
 		return c
 	}
