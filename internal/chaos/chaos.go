@@ -21,6 +21,7 @@ import (
 	"io"
 	mrand "math/rand"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -38,6 +39,23 @@ type Options struct {
 	ServerKills int
 	// VMMKills is how many times a random VMM process is killed.
 	VMMKills int
+	// DiskFulls is how many full-disk phases run (diskPhase).
+	DiskFulls int
+	// Hostiles is how many hostile-guest phases run (hostilePhase).
+	Hostiles int
+	// HostileSeconds is how long each hostile mode runs (default 20).
+	HostileSeconds int
+	// HostileModes are the modes a hostile phase runs (default all of
+	// HostileModes).
+	HostileModes []string
+	// GuestTool is a static noid-chaos binary, copied into a VM by the
+	// hostile phase (required when Hostiles > 0).
+	GuestTool string
+	// DiskSize is the size of the run's own filesystem holding the data
+	// dir (default 3 GiB, sparse); DiskFS is its type, ext4 (default) or
+	// xfs.
+	DiskSize int64
+	DiskFS   string
 	// Clients is the number of concurrent clients (default 2).
 	Clients int
 	// MaxGap is the longest random wait between faults (default 6s); the
@@ -56,6 +74,9 @@ type Options struct {
 	TempDir string
 	// Keep leaves the data dir in place at the end.
 	Keep bool
+	// ServerLog, when set, receives the server's whole log (across its
+	// restarts).
+	ServerLog string
 	// Out receives the progress, the invariant reports and the summary.
 	Out io.Writer
 	// Verbose also prints every failed client operation (expected around
@@ -67,8 +88,10 @@ type Options struct {
 type Result struct {
 	Seed                  int64
 	ServerKills, VMMKills int
-	Checks                int
-	Duration              time.Duration
+	// DiskFulls and Hostiles count the phases that ran.
+	DiskFulls, Hostiles int
+	Checks              int
+	Duration            time.Duration
 	// Ops counts successful operations by name; Failed the failed ones.
 	Ops, Failed map[string]int
 	// Violations are the broken invariants (empty when the run passed).
@@ -84,7 +107,10 @@ type runner struct {
 	o    Options
 	rng  *mrand.Rand
 	srv  *server
+	disk *disk
 	led  *ledger
+	// pw does the phases' acknowledged writes (worker -1).
+	pw   *worker
 	gate sync.RWMutex // workers hold it shared per operation; checks hold it exclusively
 	// held stops workers from starting operations (from just before a
 	// fault until its check is done), so a check waits only for the
@@ -93,6 +119,8 @@ type runner struct {
 	heldMu sync.Mutex
 	resume *sync.Cond
 	start  time.Time
+	// tmp holds the clients' local files (for cp).
+	tmp string
 
 	mu         sync.Mutex
 	violations []string
@@ -101,6 +129,9 @@ type runner struct {
 	seen       map[string]bool // problems reported so far
 	cloneSeq   int
 }
+
+// since is the run's age in seconds.
+func (r *runner) since() float64 { return time.Since(r.start).Seconds() }
 
 func (r *runner) logf(format string, args ...any) {
 	line := fmt.Sprintf("[%7.1fs] ", time.Since(r.start).Seconds()) + fmt.Sprintf(format, args...)
@@ -140,14 +171,31 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Out == nil {
 		o.Out = io.Discard
 	}
+	if o.HostileSeconds <= 0 {
+		o.HostileSeconds = 20
+	}
+	if len(o.HostileModes) == 0 {
+		o.HostileModes = HostileModes
+	}
+	if o.DiskSize <= 0 {
+		o.DiskSize = 3 << 30
+	}
+	if o.DiskFS == "" {
+		o.DiskFS = "ext4"
+	}
 	if o.ServerBin == "" || o.Image == nil {
 		return nil, fmt.Errorf("chaos run: the server binary and the image are required")
+	}
+	if o.Hostiles > 0 {
+		if err := checkGuestTool(o.GuestTool); err != nil {
+			return nil, fmt.Errorf("chaos run: %w", err)
+		}
 	}
 	r := &runner{o: o, rng: mrand.New(mrand.NewSource(o.Seed)), led: &ledger{vms: map[string]*vmRec{}}, start: time.Now(), seen: map[string]bool{}}
 	r.resume = sync.NewCond(&r.heldMu)
 	res := &Result{Seed: o.Seed, Ops: map[string]int{}, Failed: map[string]int{}}
-	fmt.Fprintf(o.Out, "noid-chaos: seed %d (replay with --seed %d): %d server kills, %d VMM kills, %d clients\n",
-		o.Seed, o.Seed, o.ServerKills, o.VMMKills, o.Clients)
+	fmt.Fprintf(o.Out, "noid-chaos: seed %d (replay with --seed %d): %d server kills, %d VMM kills, %d full-disk and %d hostile-guest phases, %d clients\n",
+		o.Seed, o.Seed, o.ServerKills, o.VMMKills, o.DiskFulls, o.Hostiles, o.Clients)
 
 	dir, err := os.MkdirTemp(o.TempDir, "noid-chaos-")
 	if err != nil {
@@ -158,16 +206,35 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	tag := hex.EncodeToString(tagb[:])
 	// A uid range of its own, away from the default one other servers use.
 	uidBase := int64(2_100_000_000) + int64(r.rng.Intn(400))*4096
-	srv, err := newServer(dir, o.ServerBin, o.Image, tag, uidBase)
+	r.disk, err = setupDisk(ctx, dir, o.DiskFS, o.DiskSize)
 	if err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("chaos run: %w", err)
+	}
+	srv, err := newServer(dir, filepath.Join(r.disk.mnt, "data"), o.ServerBin, o.Image, tag, uidBase)
+	if err != nil {
+		r.disk.teardown()
+		os.RemoveAll(dir)
 		return nil, err
 	}
 	r.srv = srv
+	if o.ServerLog != "" {
+		if srv.logFile, err = os.Create(o.ServerLog); err != nil {
+			return nil, fmt.Errorf("chaos run: %w", err)
+		}
+		defer srv.logFile.Close()
+	}
+	r.tmp = filepath.Join(dir, "files")
+	if err := os.Mkdir(r.tmp, 0o700); err != nil {
+		return nil, fmt.Errorf("chaos run: %w", err)
+	}
+	r.pw = &worker{id: -1, rng: mrand.New(mrand.NewSource(o.Seed - 1)), c: srv.client, led: r.led, run: r,
+		stats: map[string]int{}, fails: map[string]int{}}
 	defer r.cleanup(dir)
 	if err := srv.start(ctx); err != nil {
 		return nil, err
 	}
-	r.logf("noid-server %d on %s", srv.pid(), srv.dataDir)
+	r.logf("noid-server %d on %s (%s, %d MiB, loop-mounted)", srv.pid(), srv.dataDir, o.DiskFS, o.DiskSize>>20)
 
 	wctx, stopWorkers := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -180,19 +247,23 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		go func() { defer wg.Done(); w.loop(wctx) }()
 	}
 
-	faults := make([]string, 0, o.ServerKills+o.VMMKills)
-	for i := 0; i < o.ServerKills; i++ {
-		faults = append(faults, "server")
+	faults := make([]string, 0, o.ServerKills+o.VMMKills+o.DiskFulls+o.Hostiles)
+	for kind, n := range map[string]int{"server": o.ServerKills, "vmm": o.VMMKills, "disk": o.DiskFulls, "hostile": o.Hostiles} {
+		for i := 0; i < n; i++ {
+			faults = append(faults, kind)
+		}
 	}
-	for i := 0; i < o.VMMKills; i++ {
-		faults = append(faults, "vmm")
-	}
+	sort.Strings(faults) // map order is random; the seed decides the order
 	r.rng.Shuffle(len(faults), func(i, j int) { faults[i], faults[j] = faults[j], faults[i] })
 	var runErr error
 	for i, f := range faults {
 		// Faults should hit operations on VMs, not only creates: under
 		// TCG a cold create takes longer than most gaps.
 		r.waitForVMs(ctx, o.Clients, 3*time.Minute)
+		if f == "disk" || f == "hostile" {
+			// The phases need a VM with an acknowledged checkpoint.
+			r.waitForAcks(ctx, 3*time.Minute)
+		}
 		gap := o.MaxGap/10 + time.Duration(r.rng.Int63n(int64(o.MaxGap-o.MaxGap/10)))
 		select {
 		case <-time.After(gap):
@@ -219,7 +290,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.Checks++
 		r.finalCheck(ctx)
 	}
-	for _, w := range workers {
+	for _, w := range append(workers, r.pw) {
 		for k, v := range w.stats {
 			res.Ops[k] += v
 		}
@@ -259,6 +330,23 @@ func (r *runner) waitForVMs(ctx context.Context, n int, d time.Duration) {
 	}
 }
 
+// waitForAcks waits (at most d) until a VM has an acknowledged write.
+func (r *runner) waitForAcks(ctx context.Context, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		r.led.mu.Lock()
+		n := 0
+		for _, v := range r.led.vms {
+			n += len(v.acks)
+		}
+		r.led.mu.Unlock()
+		if n > 0 {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // hold stops (or lets again) the workers start new operations.
 func (r *runner) hold(on bool) {
 	r.heldMu.Lock()
@@ -278,9 +366,16 @@ func (r *runner) waitHeld() {
 	r.heldMu.Unlock()
 }
 
-// inject performs fault n of kind "server" or "vmm".
+// inject performs fault n of kind "server", "vmm", "disk" (diskPhase) or
+// "hostile" (hostilePhase).
 func (r *runner) inject(ctx context.Context, n int, kind string, res *Result) error {
 	switch kind {
+	case "disk":
+		r.diskPhase(ctx, n)
+		res.DiskFulls++
+	case "hostile":
+		r.hostilePhase(ctx, n)
+		res.Hostiles++
 	case "server":
 		pid := r.srv.pid()
 		if err := r.srv.kill(); err != nil {
@@ -329,7 +424,8 @@ func vmmName(pid int) string {
 func (r *runner) summary(res *Result) {
 	out := r.o.Out
 	fmt.Fprintf(out, "\nnoid-chaos summary: seed %d, %s\n", res.Seed, res.Duration.Round(time.Second))
-	fmt.Fprintf(out, "  faults: %d server kills, %d VMM kills; %d invariant checks\n", res.ServerKills, res.VMMKills, res.Checks)
+	fmt.Fprintf(out, "  faults: %d server kills, %d VMM kills, %d full-disk phases, %d hostile-guest phases; %d invariant checks\n",
+		res.ServerKills, res.VMMKills, res.DiskFulls, res.Hostiles, res.Checks)
 	fmt.Fprintf(out, "  operations ok: %s\n", fmtCounts(res.Ops))
 	fmt.Fprintf(out, "  operations failed (around faults): %s\n", fmtCounts(res.Failed))
 	if len(res.Violations) == 0 {

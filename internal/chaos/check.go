@@ -88,7 +88,7 @@ func (r *runner) census(ctx context.Context) string {
 		states[v.State]++
 		cps += v.Checkpoints
 	}
-	return fmt.Sprintf("%d VMs (%s), %d checkpoints, %d VMMs", len(vms), fmtCounts(states), cps, len(r.srv.vmmPids()))
+	return fmt.Sprintf("%d VMs (%s), %d checkpoints, %d VMMs, %d MiB free", len(vms), fmtCounts(states), cps, len(r.srv.vmmPids()), r.disk.avail()>>20)
 }
 
 // inspect checks the invariants that only look (and exec `true`), and
@@ -112,7 +112,10 @@ func (r *runner) inspect(ctx context.Context) []string {
 	for _, v := range vms {
 		byName[v.Name] = v
 		vmIDs[v.ID] = true
-		cps, err := c.ListCheckpoints(lctx, v.Name)
+		// Each listing gets its own minute: an exec below may take one.
+		cctx, ccancel := context.WithTimeout(ctx, time.Minute)
+		cps, err := c.ListCheckpoints(cctx, v.Name)
+		ccancel()
 		if err != nil {
 			bad = append(bad, fmt.Sprintf("listing checkpoints of %s: %v", v.Name, err))
 		}
@@ -239,13 +242,18 @@ func (r *runner) checkCgroups(running map[string]bool) []string {
 }
 
 // checkLoops finds loop devices backed by a file of the run's directory
-// (the run uses no loop-mounted storage, so any is a leak).
+// other than the run's own data disk while it is mounted (the server makes
+// no loop mounts in this configuration, so any other is a leak).
 func (r *runner) checkLoops() []string {
 	var bad []string
 	ms, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, m := range ms {
 		b, err := os.ReadFile(m)
-		if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), r.srv.dir+"/") {
+		f := strings.TrimSpace(string(b))
+		if r.disk != nil && f == r.disk.image && r.disk.mounted() {
+			continue
+		}
+		if err == nil && strings.HasPrefix(f, r.srv.dir+"/") {
 			bad = append(bad, fmt.Sprintf("loop device %s is backed by %s", filepath.Base(filepath.Dir(filepath.Dir(m))), strings.TrimSpace(string(b))))
 		}
 	}
@@ -343,32 +351,15 @@ func (r *runner) sampleRestores(ctx context.Context, when string) {
 		}
 	}
 	r.led.mu.Unlock()
-	for i := 0; i < 1 && len(all) > 0; i++ {
-		j := r.rng.Intn(len(all))
-		cp := all[j]
-		all = append(all[:j], all[j+1:]...)
-		r.mu.Lock()
-		r.cloneSeq++
-		name := fmt.Sprintf("k-%d", r.cloneSeq)
-		r.mu.Unlock()
-		cctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-		_, err := c.Clone(cctx, cp.vm, cp.id, name)
-		cancel()
-		if err != nil {
-			r.violate("%s: listed checkpoint %s of VM %s does not restore (clone as %s): %v", when, cp.id, cp.vm, name, err)
-			continue
-		}
+	if len(all) > 0 {
+		cp := all[r.rng.Intn(len(all))]
 		if a, ok := acked[cp.id]; ok {
-			r.checkAck(ctx, name, a, when+", in a check's clone")
-		} else if _, err := execOut(ctx, c, name, "true"); err != nil {
-			r.violate("%s: the clone %s of checkpoint %s does not answer exec: %v", when, name, cp.id, err)
+			r.sampleClone(ctx, when, a)
+		} else {
+			r.sampleClone(ctx, when, ack{vm: cp.vm, checkpoint: cp.id})
 		}
-		dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		if _, err := c.DestroyVM(dctx, name); err != nil {
-			r.violate("%s: destroying the check's clone %s: %v", when, name, err)
-		}
-		cancel()
 	}
+	r.sampleGolden(ctx, when)
 	if len(acks) == 0 {
 		return
 	}
@@ -381,6 +372,75 @@ func (r *runner) sampleRestores(ctx context.Context, when string) {
 		return
 	}
 	r.checkAck(ctx, a.vm, a, when+", after the check's rewind")
+}
+
+// checkName is a new name for a VM the checks make (k-N; each check
+// destroys the ones an earlier one left).
+func (r *runner) checkName() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cloneSeq++
+	return fmt.Sprintf("k-%d", r.cloneSeq)
+}
+
+// sampleClone clones a's checkpoint, checks a's write in the clone (or
+// that it answers exec, for a checkpoint without one: a.path empty) and
+// destroys it; any failure is a violation.
+func (r *runner) sampleClone(ctx context.Context, when string, a ack) {
+	c := r.srv.client
+	name := r.checkName()
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	_, err := c.Clone(cctx, a.vm, a.checkpoint, name)
+	cancel()
+	if err != nil {
+		r.violate("%s: listed checkpoint %s of VM %s does not restore (clone as %s): %v", when, a.checkpoint, a.vm, name, err)
+		return
+	}
+	r.checkNew(ctx, when+", in a check's clone", name, a)
+}
+
+// checkNew checks a's write in the check's new VM name (or that it
+// answers exec when a.path is empty) and destroys it.
+func (r *runner) checkNew(ctx context.Context, how, name string, a ack) {
+	c := r.srv.client
+	if a.path != "" {
+		r.checkAck(ctx, name, a, how)
+	} else if _, err := execOut(ctx, c, name, "true"); err != nil {
+		r.violate("%s: %s does not answer exec: %v", how, name, err)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	if _, err := c.DestroyVM(dctx, name); err != nil {
+		r.violate("%s: destroying the check's VM %s: %v", how, name, err)
+	}
+	cancel()
+}
+
+// sampleGolden creates a VM when a golden snapshot was promoted: it must
+// start from the golden and, when the run knows which acknowledged write
+// the golden holds (the last promote answered), show it.
+func (r *runner) sampleGolden(ctx context.Context, when string) {
+	g, known, any := r.led.goldenState()
+	if !any {
+		return
+	}
+	name := r.checkName()
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	v, err := r.srv.client.CreateVM(cctx, client.CreateVMRequest{Name: name})
+	cancel()
+	if err != nil {
+		r.violate("%s: creating %s after a golden promote: %v", when, name, err)
+		return
+	}
+	how := when + ", in a VM created from the golden snapshot"
+	switch {
+	case v.BootPath != "golden" && known:
+		r.violate("%s: %s was created by a %s boot (%s), not from the promoted golden snapshot", when, name, v.BootPath, v.BootReason)
+		g = ack{}
+	case !known:
+		// A promote whose answer was lost: the golden is either one.
+		g = ack{}
+	}
+	r.checkNew(ctx, how, name, g)
 }
 
 // checkAck verifies a's file in vm with nothing else in flight: any
@@ -443,12 +503,16 @@ func (r *runner) finalCheck(ctx context.Context) {
 		bad = append(bad, r.checkFiles(nil, nil)...)
 		bad = append(bad, r.checkLeases(nil)...)
 		bad = append(bad, r.checkCgroups(nil)...)
-		bad = append(bad, r.checkLoops()...)
 		if len(bad) == 0 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	// Then the data disk goes, and with it the run's only loop device.
+	if err := r.disk.teardown(); err != nil {
+		bad = append(bad, err.Error())
+	}
+	bad = append(bad, r.checkLoops()...)
 	for _, b := range bad {
 		r.violate("after destroying everything and stopping the server: %s", b)
 	}
@@ -491,8 +555,11 @@ func (r *runner) cleanup(dir string) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	if err := r.disk.teardown(); err != nil {
+		fmt.Fprintf(r.o.Out, "%v\n", err)
+	}
 	if r.o.Keep {
-		fmt.Fprintf(r.o.Out, "kept %s (--keep)\n", dir)
+		fmt.Fprintf(r.o.Out, "kept %s (--keep; the data dir is in the image disk.img)\n", dir)
 		return
 	}
 	os.RemoveAll(dir)

@@ -30,18 +30,20 @@ type server struct {
 	cgroup  string // [sandbox] cgroup_parent, private to this run
 	client  *client.Client
 
-	cmd    *exec.Cmd
-	exited chan struct{}
-	logMu  sync.Mutex
-	log    bytes.Buffer // the last ~256 KiB
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	logMu   sync.Mutex
+	log     bytes.Buffer // the last ~256 KiB
+	logFile *os.File     // the whole log, when set
 }
 
-// newServer writes the config of a chaos server in dir: the tiny image
+// newServer writes the config of a chaos server in dir, with its data dir
+// at dataDir (on the run's own small filesystem): the tiny image
 // under TCG, no networking, no warm spares (every VMM of the data dir is
 // then a listed VM's), no quotas, a cgroup parent and a uid range of its
 // own so that leaks can be counted without seeing other servers'.
-func newServer(dir, bin string, img *image.Image, tag string, uidBase int64) (*server, error) {
-	s := &server{bin: bin, dir: dir, dataDir: filepath.Join(dir, "data"), socket: filepath.Join(dir, "noid.sock"),
+func newServer(dir, dataDir, bin string, img *image.Image, tag string, uidBase int64) (*server, error) {
+	s := &server{bin: bin, dir: dir, dataDir: dataDir, socket: filepath.Join(dir, "noid.sock"),
 		config: filepath.Join(dir, "config.toml"), cgroup: "noid-chaos-" + tag}
 	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
 		s.dataDir, s.socket, img.Kernel, img.Initrd, img.Rootfs)
@@ -49,6 +51,10 @@ func newServer(dir, bin string, img *image.Image, tag string, uidBase int64) (*s
 	cfg += "[pool]\nspares = 0\n"
 	cfg += fmt.Sprintf("[sandbox]\ncgroup_parent = %q\nuid_base = %d\nuid_count = 4096\n", s.cgroup, uidBase)
 	cfg += "[network]\nenabled = false\n"
+	// The full-disk phase runs the data dir's filesystem out of space:
+	// with the default reserve, every checkpoint would be refused up front
+	// and the paths that meet ENOSPC half-way would go untested.
+	cfg += "[storage]\nmin_free = \"0%\"\n"
 	if err := os.WriteFile(s.config, []byte(cfg), 0o600); err != nil {
 		return nil, fmt.Errorf("writing chaos server config %s: %w", s.config, err)
 	}
@@ -86,6 +92,9 @@ func (s *server) start(ctx context.Context) error {
 				s.log = *bytes.NewBuffer(append([]byte(nil), s.log.Bytes()[128<<10:]...))
 			}
 			s.log.WriteString(line + "\n")
+			if s.logFile != nil {
+				s.logFile.WriteString(line + "\n")
+			}
 			s.logMu.Unlock()
 			if strings.Contains(line, "msg=listening") {
 				once.Do(func() { close(ready) })
@@ -104,6 +113,16 @@ func (s *server) start(ctx context.Context) error {
 		return fmt.Errorf("noid-server did not start listening within 2 minutes:\n%s", s.logTail(40))
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// running reports whether the server process has not exited.
+func (s *server) running() bool {
+	select {
+	case <-s.exited:
+		return false
+	default:
+		return true
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -37,6 +39,29 @@ type vmRec struct {
 type ledger struct {
 	mu  sync.Mutex
 	vms map[string]*vmRec
+	// golden is the acknowledged write the golden snapshot holds, known
+	// when the last promote answered; goldenAny once any was tried.
+	golden                 ack
+	goldenKnown, goldenAny bool
+}
+
+// setGolden records a promote of a's checkpoint that answered; a nil a
+// records one whose answer was lost (the golden may be the old one).
+func (l *ledger) setGolden(a *ack) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.goldenAny = true
+	l.goldenKnown = a != nil
+	if a != nil {
+		l.golden = *a
+	}
+}
+
+// goldenState returns what the golden holds (see setGolden).
+func (l *ledger) goldenState() (a ack, known, any bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.golden, l.goldenKnown, l.goldenAny
 }
 
 func (l *ledger) add(name string, worker int) {
@@ -136,8 +161,14 @@ func (w *worker) step(ctx context.Context) {
 		return
 	}
 	switch p := w.rng.Intn(100); {
-	case p < 45:
+	case p < 35:
 		w.do("ack-write", func() error { return w.ackWrite(ctx, vm) })
+	case p < 45:
+		w.do("cp-ack", func() error { return w.cpAck(ctx, vm) })
+	case p < 48:
+		if a := w.led.acksOf(vm); len(a) > 0 {
+			w.do("golden-promote", func() error { return w.promote(ctx, a[w.rng.Intn(len(a))]) })
+		}
 	case p < 70:
 		if a := w.led.acksOf(vm); len(a) > 0 {
 			w.do("rewind", func() error { return w.rewind(ctx, a[w.rng.Intn(len(a))]) })
@@ -202,14 +233,19 @@ func (w *worker) create(ctx context.Context) error {
 	return nil
 }
 
+// fresh returns random content and a new file name for it.
+func (w *worker) fresh(prefix string) (content, name string) {
+	b := make([]byte, 16)
+	w.rng.Read(b)
+	w.seq++
+	return hex.EncodeToString(b), fmt.Sprintf("%s-%d-%d", prefix, w.id, w.seq)
+}
+
 // ackWrite writes a file with random content, syncs it, checkpoints the
 // VM and records the write as acknowledged once the checkpoint returns.
 func (w *worker) ackWrite(ctx context.Context, vm string) error {
-	b := make([]byte, 16)
-	w.rng.Read(b)
-	content := hex.EncodeToString(b)
-	w.seq++
-	path := fmt.Sprintf("/ack-%d-%d", w.id, w.seq)
+	content, name := w.fresh("ack")
+	path := "/" + name
 	if _, err := execOut(ctx, w.c, vm, "sh", "-c", "echo "+content+" > "+path+" && sync"); err != nil {
 		return err
 	}
@@ -220,6 +256,54 @@ func (w *worker) ackWrite(ctx context.Context, vm string) error {
 		return fmt.Errorf("checkpointing %s: %w", vm, err)
 	}
 	w.led.addAck(ack{vm: vm, checkpoint: cp.ID, path: path, content: content})
+	return nil
+}
+
+// cpAck copies a file with random content into vm (noid cp), reads it
+// back, checkpoints the VM and records the file as an acknowledged write.
+// A copy that succeeded and reads back otherwise is a violation.
+func (w *worker) cpAck(ctx context.Context, vm string) error {
+	content, name := w.fresh("cp")
+	local := filepath.Join(w.run.tmp, name)
+	if err := os.WriteFile(local, []byte(content+"\n"), 0o644); err != nil {
+		return err
+	}
+	defer os.Remove(local)
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if _, err := w.c.CopyToVM(cctx, vm, local, "/"+name, nil); err != nil {
+		return fmt.Errorf("copying %s into %s: %w", name, vm, err)
+	}
+	back := local + ".back"
+	defer os.Remove(back)
+	if _, err := w.c.CopyFromVM(cctx, vm, "/"+name, back, nil); err != nil {
+		return fmt.Errorf("copying %s back from %s: %w", name, vm, err)
+	}
+	if got, err := os.ReadFile(back); err != nil || strings.TrimSpace(string(got)) != content {
+		w.run.violate("noid cp into %s and back: /%s reads %q (%v), want %q", vm, name, got, err, content)
+		return errLost
+	}
+	if _, err := execOut(ctx, w.c, vm, "sync"); err != nil {
+		return err
+	}
+	cp, err := w.c.Checkpoint(cctx, vm, client.CheckpointRequest{})
+	if err != nil {
+		return fmt.Errorf("checkpointing %s: %w", vm, err)
+	}
+	w.led.addAck(ack{vm: vm, checkpoint: cp.ID, path: "/" + name, content: content})
+	return nil
+}
+
+// promote makes a's checkpoint the golden snapshot of its shape, which the
+// next creates start from.
+func (w *worker) promote(ctx context.Context, a ack) error {
+	pctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	if _, err := w.c.PromoteGolden(pctx, a.vm, a.checkpoint); err != nil {
+		w.led.setGolden(nil)
+		return fmt.Errorf("promoting %s/%s: %w", a.vm, a.checkpoint, err)
+	}
+	w.led.setGolden(&a)
 	return nil
 }
 
@@ -257,11 +341,15 @@ func (w *worker) destroy(ctx context.Context, vm string) error {
 	return nil
 }
 
-// execOut runs argv in vm (a minute at most) and returns its stdout; a
-// non-zero exit is an error carrying stderr.
+// execOut runs argv in vm (a minute at most, unless ctx has a deadline of
+// its own) and returns its stdout; a non-zero exit is an error carrying
+// stderr.
 func execOut(ctx context.Context, c *client.Client, vm string, argv ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+	}
 	var out, errb bytes.Buffer
 	st, err := c.Exec(ctx, vm, client.ExecRequest{Argv: argv}, client.ExecIO{Stdout: &out, Stderr: &errb})
 	if err != nil {

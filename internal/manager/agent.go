@@ -3,7 +3,9 @@ package manager
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -12,6 +14,13 @@ import (
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/store"
 )
+
+// agentAnswerTimeout bounds how long a create, restore or clone, or the
+// first exec after a server start, waits for the agent of a running guest
+// to answer: one that never does (stopped, wedged, or its port taken over
+// by a process in the guest) fails the operation with a clear error
+// instead of holding it (and the VM's lock) forever.
+const agentAnswerTimeout = 2 * time.Minute
 
 // agentClient returns a connected, synchronised agent client for the VM,
 // connecting (hello + sync) if there is none. A new connection always sends
@@ -36,8 +45,9 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 	if err != nil {
 		return nil, err
 	}
-	// Abort promptly if the VMM dies while we wait for the guest.
-	cctx, cancel := context.WithCancel(ctx)
+	// Abort promptly if the VMM dies while we wait for the guest, and
+	// give up on a guest that never answers.
+	cctx, cancel := context.WithTimeout(ctx, agentAnswerTimeout)
 	defer cancel()
 	go func() {
 		select {
@@ -46,18 +56,17 @@ func (rt *vmRT) agentClient(ctx context.Context, v *store.VM) (*client.Client, e
 		case <-cctx.Done():
 		}
 	}()
-	conn, err := inst.DialAgent(cctx)
-	if err != nil {
-		return nil, err
-	}
 	t0 := time.Now()
-	c, err = client.Connect(cctx, conn, client.Options{})
+	c, err = client.Dial(cctx, func(ctx context.Context) (io.ReadWriteCloser, error) { return inst.DialAgent(ctx) }, client.Options{Logger: rt.log})
 	if err != nil {
-		conn.Close()
 		select {
 		case <-inst.Done():
 			return nil, errdefs.ErrNotRunning
 		default:
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("%w: the agent did not answer within %s (no reply to the host's hello): the guest may be stopped or overloaded, or a process in it may have taken over the agent's port",
+				errdefs.ErrUnavailable, time.Since(t0).Round(time.Second))
 		}
 		return nil, fmt.Errorf("%w: connecting to agent: %v", errdefs.ErrUnavailable, err)
 	}

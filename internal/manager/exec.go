@@ -13,6 +13,7 @@ import (
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
 	"github.com/noid-vm/noid/internal/store"
+	"github.com/noid-vm/noid/internal/vmm"
 )
 
 // agentFor resolves the user's VM (see Owner) to a connected agent, failing
@@ -35,8 +36,12 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 	if rt == nil { // destroyed since it was read
 		return nil, nil, errdefs.WithHint(fmt.Errorf("vm %q: %w", name, errdefs.ErrNotFound), "noid list")
 	}
-	if _, err := rt.instance(); err != nil {
+	inst, err := rt.instance()
+	if err != nil {
 		return nil, nil, fmt.Errorf("vm %q: %w", name, err)
+	}
+	if err := waitingForSpace(inst, name); err != nil {
+		return nil, nil, err
 	}
 	actx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
@@ -50,10 +55,22 @@ func (m *Manager) agentFor(ctx context.Context, u *store.User, name string) (*st
 	return v, c, nil
 }
 
+// waitingForSpace is the error for a VM whose guest is paused until the
+// filesystem holding its disk has space again, nil otherwise.
+func waitingForSpace(inst vmm.Instance, name string) error {
+	if sw, ok := inst.(vmm.SpaceWaiter); !ok || !sw.WaitingForSpace() {
+		return nil
+	}
+	return errdefs.WithHint(fmt.Errorf("%w: vm %q is paused: a write of its disk found the filesystem of the data dir full; it resumes by itself once space is freed",
+		errdefs.ErrResourceExhausted, name), "free space on the host, or delete checkpoints (`noid checkpoint rm`) or VMs")
+}
+
 // Guest is a running VM's connected agent, ready to start processes.
 type Guest struct {
-	c *client.Client
-	m *metrics
+	c    *client.Client
+	inst vmm.Instance
+	name string
+	m    *metrics
 	// defaultUser is the guest user of requests that name none
 	// ([exec] default_user); empty means root.
 	defaultUser string
@@ -63,11 +80,28 @@ type Guest struct {
 // fast, with ErrNotFound or ErrNotRunning, before any process is asked
 // for, so a caller can report that before it commits to a stream.
 func (m *Manager) Guest(ctx context.Context, u *store.User, name string) (*Guest, error) {
-	_, c, err := m.agentFor(ctx, u, name)
+	v, c, err := m.agentFor(ctx, u, name)
 	if err != nil {
 		return nil, err
 	}
-	return &Guest{c: c, m: m.metrics, defaultUser: m.cfg.Exec.DefaultUser}, nil
+	g := &Guest{c: c, name: name, m: m.metrics, defaultUser: m.cfg.Exec.DefaultUser}
+	if rt := m.lookupRT(v.ID); rt != nil {
+		g.inst, _ = rt.instance()
+	}
+	return g, nil
+}
+
+// ExitMessage is the package's ExitMessage for a process of this guest:
+// a process lost because the guest was paused for lack of disk space says
+// so.
+func (g *Guest) ExitMessage(ex proto.Exit, err error) (api.StreamMsg, error) {
+	msg, err := ExitMessage(ex, err)
+	if errors.Is(err, errdefs.ErrUnavailable) && g.inst != nil {
+		if serr := waitingForSpace(g.inst, g.name); serr != nil {
+			return msg, serr
+		}
+	}
+	return msg, err
 }
 
 // Exec checks req and starts its command in the guest; with console, an

@@ -15,7 +15,6 @@ import (
 
 	"github.com/noid-vm/noid/internal/api"
 	"github.com/noid-vm/noid/internal/errdefs"
-	"github.com/noid-vm/noid/internal/manager"
 )
 
 func (s *Server) hExec(w http.ResponseWriter, r *http.Request) error {
@@ -218,7 +217,7 @@ func (s *Server) serveExec(w http.ResponseWriter, r *http.Request, console bool)
 		// agent connection.
 		return nil
 	}
-	msg, err := manager.ExitMessage(proc.Wait())
+	msg, err := g.ExitMessage(proc.Wait())
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil

@@ -208,6 +208,14 @@ type Instance interface {
 	Close() error
 }
 
+// SpaceWaiter is implemented by instances whose VMM pauses the guest when a
+// write of its disk meets a full host filesystem, and resumes it once
+// there is space again (QEMU: the guest sees no error).
+type SpaceWaiter interface {
+	// WaitingForSpace reports whether the guest is paused for that now.
+	WaitingForSpace() bool
+}
+
 // Layered is implemented by backends whose VMs run on a chain of disk
 // images kept in the VM's directory: a raw base at the bottom, the frozen
 // overlays of its checkpoints above it (never written again, and shared as

@@ -45,7 +45,58 @@ type Options struct {
 	// it (the first one may be lost or swallowed after a restore).
 	// Default 1s.
 	HelloInterval time.Duration
+	// KeepaliveInterval is how long the connection may go without a frame
+	// from the agent while a call is pending (an exec, a file copy, a
+	// unary request) before the host pings the agent. Default 5s.
+	KeepaliveInterval time.Duration
+	// KeepaliveTimeout is how long that ping may go unanswered before the
+	// connection is declared dead: every pending call then fails with an
+	// error wrapping ErrUnresponsive (and ErrClosed). A guest whose agent
+	// was stopped, or that wrote half a frame onto the port, cannot hold a
+	// call forever. Default 20s.
+	KeepaliveTimeout time.Duration
+	// RedialAfter is how long Dial waits for the agent to acknowledge a
+	// connection's hello before it drops that connection and dials a new
+	// one. Default 10s.
+	RedialAfter time.Duration
 }
+
+// Dial connects to an agent over connections made by dial, as Connect
+// does, but gives each connection only opts.RedialAfter to be
+// acknowledged before it closes it and dials again, until ctx ends. On
+// QEMU's virtio-serial, the first connection made after the host dropped
+// one while the guest was paused (a guest stopped for lack of disk space,
+// whose connection the keepalive closed) is never answered, while the
+// next one is at once; a fresh connection costs nothing otherwise.
+func Dial(ctx context.Context, dial func(context.Context) (io.ReadWriteCloser, error), opts Options) (*Client, error) {
+	if opts.RedialAfter <= 0 {
+		opts.RedialAfter = 10 * time.Second
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	for attempt := 1; ; attempt++ {
+		conn, err := dial(ctx)
+		if err != nil {
+			return nil, err
+		}
+		hctx, cancel := context.WithTimeout(ctx, opts.RedialAfter)
+		c, err := Connect(hctx, conn, opts)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+			if err != nil && ctx.Err() != nil {
+				err = fmt.Errorf("agent hello: %w", ctx.Err())
+			}
+			return c, err
+		}
+		log.Debug("agent hello not acknowledged; dialling a new connection", "after", opts.RedialAfter, "attempt", attempt)
+	}
+}
+
+// ErrUnresponsive is wrapped by the error of every call on a connection
+// closed because the agent did not answer a keepalive ping in time.
+var ErrUnresponsive = errors.New("the agent stopped answering")
 
 // Client is a connection to one guest agent. It is safe for concurrent use.
 type Client struct {
@@ -64,12 +115,19 @@ type Client struct {
 	done      chan struct{}
 	closeOnce sync.Once
 	err       error // set before done is closed
+
+	// lastFrame is when the read loop last received a whole frame (unix
+	// nanoseconds), for the keepalive.
+	lastFrame atomic.Int64
 }
 
 // call tracks one open stream until its EXIT arrives.
 type call struct {
 	st   *proto.Stream
 	exit chan proto.Exit // buffered, receives the EXIT payload once
+	// sent is set once the OPEN was written: a ping sent later reaches
+	// the agent after it.
+	sent atomic.Bool
 }
 
 // Connect performs the hello handshake on conn and returns a connected
@@ -81,6 +139,12 @@ type call struct {
 func Connect(ctx context.Context, conn io.ReadWriteCloser, opts Options) (*Client, error) {
 	if opts.HelloInterval <= 0 {
 		opts.HelloInterval = time.Second
+	}
+	if opts.KeepaliveInterval <= 0 {
+		opts.KeepaliveInterval = 5 * time.Second
+	}
+	if opts.KeepaliveTimeout <= 0 {
+		opts.KeepaliveTimeout = 20 * time.Second
 	}
 	log := opts.Logger
 	if log == nil {
@@ -186,8 +250,71 @@ func Connect(ctx context.Context, conn io.ReadWriteCloser, opts Options) (*Clien
 	c.ack = r.ack
 	c.mux = proto.NewMux(c.fw, proto.HostSide)
 	log.Debug("agent connected", "id", id, "agent_version", r.ack.AgentVersion, "skipped_bytes", r.skipped)
+	c.lastFrame.Store(time.Now().UnixNano())
 	go c.readLoop()
+	go c.keepalive(opts.KeepaliveInterval, opts.KeepaliveTimeout)
 	return c, nil
+}
+
+// keepalive pings the agent when a call is pending and no frame arrived
+// for interval, and closes the connection when the ping is not answered
+// within timeout. An idle connection is never pinged (a restored or
+// paused guest must not be woken for nothing); a dead one is found by the
+// next call.
+func (c *Client) keepalive(interval, timeout time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		pending := len(c.calls)
+		var sent []uint32
+		for id, cl := range c.calls {
+			if cl.sent.Load() {
+				sent = append(sent, id)
+			}
+		}
+		c.mu.Unlock()
+		if pending == 0 || time.Since(time.Unix(0, c.lastFrame.Load())) < interval {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		var res proto.PingResult
+		err := c.unary(ctx, proto.Open{Kind: proto.KindPing}, &res)
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			c.log.Warn("agent did not answer a keepalive ping; closing the connection", "timeout", timeout, "pending_calls", pending)
+			c.shutdown(fmt.Errorf("%w: no answer to a ping within %s while %d request(s) waited", ErrUnresponsive, timeout, pending))
+			return
+		}
+		if err == nil && c.HasFeature(proto.FeatureStreamList) {
+			c.failUnknown(sent, res.Streams)
+		}
+	}
+}
+
+// failUnknown fails the calls among sent (whose OPEN went out before the
+// ping) that the agent did not list in its answer and that got no EXIT
+// meanwhile: their OPEN never reached it (something else in the guest
+// read the agent's port), and no answer will ever come.
+func (c *Client) failUnknown(sent, known []uint32) {
+	k := make(map[uint32]bool, len(known))
+	for _, id := range known {
+		k[id] = true
+	}
+	for _, id := range sent {
+		if k[id] {
+			continue
+		}
+		if cl := c.takeCall(id); cl != nil {
+			c.log.Warn("the agent does not know a pending request; failing it", "stream", id)
+			cl.st.Abort(fmt.Errorf("%w: the request never reached it (stream %d is unknown to the agent; a process in the guest may be reading the agent's port)", ErrUnresponsive, id))
+		}
+	}
 }
 
 // Agent returns the agent's HELLO_ACK: its version, boot id and pid.
@@ -240,6 +367,7 @@ func (c *Client) readLoop() {
 			c.shutdown(fmt.Errorf("reading from agent: %w", err))
 			return
 		}
+		c.lastFrame.Store(time.Now().UnixNano())
 		switch f.Type {
 		case proto.TypeData, proto.TypeEOF, proto.TypeWindow:
 			if err := c.mux.Dispatch(f); err != nil {
@@ -301,6 +429,7 @@ func (c *Client) open(ctx context.Context, o proto.Open) (*call, error) {
 		st.Abort(err)
 		return nil, c.connErr(fmt.Errorf("sending %s request: %w", o.Kind, err))
 	}
+	cl.sent.Store(true)
 	return cl, nil
 }
 

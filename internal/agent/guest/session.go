@@ -173,7 +173,9 @@ func (s *session) open(f proto.Frame) {
 	case proto.KindInfo:
 		go s.finish(h, s.result(s.info()))
 	case proto.KindPing:
-		go s.finish(h, proto.Exit{})
+		// Streams stay in the mux until their EXIT is sent, so a stream
+		// missing here was never opened on this connection or is done.
+		go s.finish(h, s.result(proto.PingResult{Streams: s.mux.IDs()}))
 	case proto.KindPut:
 		if o.Put == nil {
 			s.finish(h, proto.Exit{Code: -1, Error: "put: missing request"})

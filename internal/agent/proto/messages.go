@@ -41,8 +41,19 @@ const (
 	FeatureExecUser = "exec_user"
 )
 
+// FeatureStreamList: the agent answers a ping with PingResult, the
+// streams of the connection it knows, so that a host can fail requests
+// whose OPEN never reached it.
+const FeatureStreamList = "stream_list"
+
 // Features are the features this package's agent implements.
-var Features = []string{FeatureExecUser}
+var Features = []string{FeatureExecUser, FeatureStreamList}
+
+// PingResult is the result of a ping (feature stream_list): the ids of the
+// streams of this connection the agent has open, listed when it answers.
+type PingResult struct {
+	Streams []uint32 `json:"streams"`
+}
 
 // Stream kinds carried in Open.Kind.
 const (

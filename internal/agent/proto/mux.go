@@ -109,6 +109,17 @@ func (m *Mux) Stream(id uint32) *Stream {
 	return m.streams[id]
 }
 
+// IDs returns the ids of the registered streams, in no order.
+func (m *Mux) IDs() []uint32 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ids := make([]uint32, 0, len(m.streams))
+	for id := range m.streams {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // Len returns the number of registered streams.
 func (m *Mux) Len() int {
 	m.mu.Lock()

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,9 +41,18 @@ type Instance struct {
 	sbOnce sync.Once
 
 	mu sync.Mutex // serialises state-changing operations (checkpoint, pause, resume)
+
+	// ioStopped is signalled when QEMU stopped the guest on a disk write
+	// error (BLOCK_IO_ERROR with action stop); nospace is set while the
+	// guest waits, paused, for space (see watchSpace).
+	ioStopped chan struct{}
+	nospace   atomic.Bool
 }
 
-var _ vmm.Instance = (*Instance)(nil)
+var (
+	_ vmm.Instance    = (*Instance)(nil)
+	_ vmm.SpaceWaiter = (*Instance)(nil)
+)
 
 // attach watches pid and connects to its QMP socket. b and cg (either may
 // be nil) are the backend and cgroup whose sandbox the instance releases
@@ -83,6 +93,9 @@ func attach(ctx context.Context, spec vmm.Spec, pid int, b *Backend, cg *sandbox
 		return nil, fmt.Errorf("connecting to qemu pid %d: %w", pid, err)
 	}
 	inst.qmp = q
+	inst.ioStopped = make(chan struct{}, 1)
+	q.OnEvent(inst.noteEvent)
+	go inst.watchSpace()
 	return inst, nil
 }
 

@@ -26,6 +26,9 @@ type QMP struct {
 	nextID  uint64
 	pending map[string]chan qmpResponse
 	waiters []*eventWaiter
+	// onEvent, when set, sees every event (after the waiters); it runs on
+	// the read loop and must not block nor call Execute.
+	onEvent func(Event)
 	err     error
 	done    chan struct{}
 }
@@ -142,6 +145,17 @@ func (q *QMP) dispatchEvent(ev Event) {
 		kept = append(kept, w)
 	}
 	q.waiters = kept
+	if q.onEvent != nil {
+		q.onEvent(ev)
+	}
+}
+
+// OnEvent makes f see every later event. f runs on the connection's read
+// loop: it must return promptly and must not call Execute.
+func (q *QMP) OnEvent(f func(Event)) {
+	q.mu.Lock()
+	q.onEvent = f
+	q.mu.Unlock()
 }
 
 // Execute runs a QMP command. args is marshalled as "arguments" when non-nil,
