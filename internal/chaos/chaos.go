@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/storage"
 )
 
 // Options configure a chaos run.
@@ -201,6 +202,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("chaos run: %w", err)
 	}
+	// The run's own copy of the image: a test elsewhere may replace the
+	// shared one (another agent), which would make goldens stale mid-run.
+	if o.Image, err = pinImage(ctx, o.Image, filepath.Join(dir, "image")); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("chaos run: %w", err)
+	}
 	var tagb [4]byte
 	rand.Read(tagb[:])
 	tag := hex.EncodeToString(tagb[:])
@@ -371,11 +378,13 @@ func (r *runner) waitHeld() {
 func (r *runner) inject(ctx context.Context, n int, kind string, res *Result) error {
 	switch kind {
 	case "disk":
-		r.diskPhase(ctx, n)
-		res.DiskFulls++
+		if r.diskPhase(ctx, n) {
+			res.DiskFulls++
+		}
 	case "hostile":
-		r.hostilePhase(ctx, n)
-		res.Hostiles++
+		if r.hostilePhase(ctx, n) {
+			res.Hostiles++
+		}
 	case "server":
 		pid := r.srv.pid()
 		if err := r.srv.kill(); err != nil {
@@ -457,4 +466,24 @@ func fmtCounts(m map[string]int) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// pinImage links (or copies) the kernel, initramfs and rootfs of img into
+// dir and returns the image that names them.
+func pinImage(ctx context.Context, img *image.Image, dir string) (*image.Image, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	pinned := *img
+	pinned.Dir = dir
+	for _, f := range []*string{&pinned.Kernel, &pinned.Initrd, &pinned.Rootfs} {
+		dst := filepath.Join(dir, filepath.Base(*f))
+		if err := os.Link(*f, dst); err != nil {
+			if err := (&storage.Copier{}).CopyFile(ctx, *f, dst); err != nil {
+				return nil, fmt.Errorf("pinning the image file %s: %w", *f, err)
+			}
+		}
+		*f = dst
+	}
+	return &pinned, nil
 }

@@ -173,18 +173,18 @@ func clearNoSpace(err error) bool {
 // that says the disk is full, leave no partial checkpoint or clone, and
 // leave the VM running (not paused); once the space is freed they must
 // work again. The check after the phase looks for leftovers.
-func (r *runner) diskPhase(ctx context.Context, n int) {
+func (r *runner) diskPhase(ctx context.Context, n int) bool {
 	r.gate.Lock()
 	defer r.gate.Unlock()
 	c := r.srv.client
 	vm, acks := r.pickAcked(ctx, n, "full disk")
 	if vm == "" {
-		return
+		return false
 	}
 	fl, err := r.disk.fill()
 	if err != nil {
 		r.violate("fault %d: %v", n, err)
-		return
+		return true
 	}
 	defer func() {
 		if fl != nil {
@@ -239,7 +239,7 @@ func (r *runner) diskPhase(ctx context.Context, n int) {
 	// VM must run again (below, and in the check after the phase).
 	if err := fl.top(); err != nil {
 		r.violate("fault %d: %v", n, err)
-		return
+		return true
 	}
 	if _, err := execOut(ctx, c, vm, "sh", "-c", "dd if=/dev/urandom of=/chaos-fill bs=64k count=512 conv=fsync </dev/null >/dev/null 2>&1 &"); err != nil {
 		r.logf("fault %d: starting a guest write of 32 MiB into the full disk: %v", n, err)
@@ -284,11 +284,12 @@ func (r *runner) diskPhase(ctx context.Context, n int) {
 	// clone of it must work again.
 	if err := r.pw.ackWrite(ctx, vm); err != nil {
 		r.violate("fault %d: after the space was freed, an acknowledged write on %s failed: %v", n, vm, err)
-		return
+		return true
 	}
 	a := r.led.acksOf(vm)
 	r.sampleClone(ctx, fmt.Sprintf("fault %d, after the space was freed", n), a[len(a)-1])
 	r.logf("fault %d: after the space was freed (%d MiB), checkpoint and clone work again", n, r.disk.avail()>>20)
+	return true
 }
 
 // pickAcked picks a running VM with acknowledged checkpoints for fault n's

@@ -40,13 +40,13 @@ func checkGuestTool(path string) error {
 // minutes). After a mode ends the victim must answer exec again (the host
 // recovers once the guest behaves). At the end the victim is rewound to
 // an acknowledged checkpoint, which must restore its write.
-func (r *runner) hostilePhase(ctx context.Context, n int) {
+func (r *runner) hostilePhase(ctx context.Context, n int) bool {
 	r.gate.Lock()
 	defer r.gate.Unlock()
 	c := r.srv.client
 	victim, acks := r.pickAcked(ctx, n, "hostile guest")
 	if victim == "" {
-		return
+		return false
 	}
 	bystander := ""
 	if vms, err := c.ListVMs(ctx); err == nil {
@@ -64,7 +64,7 @@ func (r *runner) hostilePhase(ctx context.Context, n int) {
 	cancel()
 	if err != nil {
 		r.violate("fault %d: copying the hostile program into %s: %v", n, victim, err)
-		return
+		return true
 	}
 	serverPid := r.srv.pid()
 	for _, mode := range r.o.HostileModes {
@@ -105,7 +105,7 @@ func (r *runner) hostilePhase(ctx context.Context, n int) {
 		}
 		if !r.srv.running() || r.srv.pid() != serverPid {
 			r.violate("%s: noid-server %d exited", what, serverPid)
-			return
+			return true
 		}
 		// Let the mode run out, then the victim must answer again.
 		time.Sleep(time.Until(end.Add(time.Second)))
@@ -131,9 +131,10 @@ func (r *runner) hostilePhase(ctx context.Context, n int) {
 	cancel()
 	if err != nil {
 		r.violate("fault %d: rewinding the hostile VM %s to %s: %v", n, victim, a.checkpoint, err)
-		return
+		return true
 	}
 	r.checkAck(ctx, victim, a, fmt.Sprintf("fault %d, after rewinding the hostile VM", n))
+	return true
 }
 
 // shortErr is the part of an exec error that says what the server
