@@ -80,6 +80,20 @@ func (l *ledger) addAck(a ack) {
 	}
 }
 
+// takeOldestAck removes vm's oldest acknowledged write from the ledger
+// (its checkpoint is about to be deleted) and returns it.
+func (l *ledger) takeOldestAck(vm string) (ack, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := l.vms[vm]
+	if r == nil || len(r.acks) == 0 {
+		return ack{}, false
+	}
+	a := r.acks[0]
+	r.acks = r.acks[1:]
+	return a, true
+}
+
 func (l *ledger) markDestroying(name string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -124,8 +138,12 @@ type worker struct {
 	fails map[string]int // op -> errors (expected around faults)
 }
 
-// maxVMsPerWorker bounds the VMs one worker keeps (each is a TCG QEMU).
-const maxVMsPerWorker = 2
+// maxVMsPerWorker bounds the VMs one worker keeps (each is a TCG QEMU),
+// maxAcksPerVM the acknowledged checkpoints it keeps of each.
+const (
+	maxVMsPerWorker = 2
+	maxAcksPerVM    = 4
+)
 
 // loop runs operations until ctx ends. Each operation holds the run's gate
 // shared, so the checker can wait for a quiet moment.
@@ -158,6 +176,12 @@ func (w *worker) step(ctx context.Context) {
 		return
 	}
 	if state != "running" {
+		return
+	}
+	// Checkpoints are real copies on ext4: keep each VM's few, so the
+	// run's data disk does not fill up by itself.
+	if len(w.led.acksOf(vm)) > maxAcksPerVM {
+		w.do("checkpoint-rm", func() error { return w.removeOldest(ctx, vm) })
 		return
 	}
 	switch p := w.rng.Intn(100); {
@@ -291,6 +315,22 @@ func (w *worker) cpAck(ctx context.Context, vm string) error {
 		return fmt.Errorf("checkpointing %s: %w", vm, err)
 	}
 	w.led.addAck(ack{vm: vm, checkpoint: cp.ID, path: "/" + name, content: content})
+	return nil
+}
+
+// removeOldest deletes the checkpoint of vm's oldest acknowledged write
+// (noid checkpoint rm). The write leaves the ledger first: a delete whose
+// answer is lost may or may not have happened.
+func (w *worker) removeOldest(ctx context.Context, vm string) error {
+	a, ok := w.led.takeOldestAck(vm)
+	if !ok {
+		return nil
+	}
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := w.c.DeleteCheckpoint(dctx, vm, a.checkpoint); err != nil && !client.IsNotFound(err) {
+		return fmt.Errorf("deleting checkpoint %s of %s: %w", a.checkpoint, vm, err)
+	}
 	return nil
 }
 

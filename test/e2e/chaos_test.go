@@ -54,7 +54,6 @@ func TestChaosBounded(t *testing.T) {
 		Hostiles:       1,
 		HostileSeconds: 8,
 		GuestTool:      tool,
-		DiskSize:       2 << 30,
 		Clients:        2,
 		MaxGap:         3 * time.Second,
 		SampleEvery:    5,
