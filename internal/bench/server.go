@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/network"
 	"github.com/noid-vm/noid/internal/procfs"
 	"github.com/noid-vm/noid/internal/storage"
 )
@@ -147,7 +147,7 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 		return nil, err
 	}
 	if so.Network {
-		ns, err := newNetNS()
+		ns, err := network.NewNamespace()
 		if err != nil {
 			return nil, fmt.Errorf("creating a network namespace for the network benchmark: %w", err)
 		}
@@ -158,7 +158,7 @@ func (b *Bench) startServer(ctx context.Context, so ServerOpts) (*Server, error)
 	cmd.Stdout = pw
 	cmd.Stderr = pw
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := startInNetNS(s.ns, cmd); err != nil {
+	if err := network.InNamespace(s.ns, cmd.Start); err != nil {
 		return nil, fmt.Errorf("starting noid-server: %w", err)
 	}
 	s.cmd = cmd
@@ -312,79 +312,6 @@ func waitGone(pids []int, d time.Duration) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-}
-
-// newNetNS creates a new, unnamed network namespace and returns a handle to
-// it without moving this process into it. It disappears when the handle is
-// closed and no process uses it any more.
-func newNetNS() (netns.NsHandle, error) {
-	type res struct {
-		h   netns.NsHandle
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- res{err: err}
-			return
-		}
-		defer orig.Close()
-		h, err := netns.New() // unshare(CLONE_NEWNET) on this thread
-		if err != nil {
-			netns.Set(orig)
-			runtime.UnlockOSThread()
-			ch <- res{err: err}
-			return
-		}
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: it dies with this goroutine.
-			ch <- res{h: h, err: fmt.Errorf("returning to the original netns: %w", err)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- res{h: h}
-	}()
-	r := <-ch
-	if r.err != nil && r.h.IsOpen() {
-		r.h.Close()
-		return netns.None(), r.err
-	}
-	return r.h, r.err
-}
-
-// startInNetNS starts cmd in network namespace ns (or in ours when ns is not
-// open): a child inherits the namespace of the thread that forks it.
-func startInNetNS(ns netns.NsHandle, cmd *exec.Cmd) error {
-	if !ns.IsOpen() {
-		return cmd.Start()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering netns: %w", err)
-			return
-		}
-		err = cmd.Start()
-		if serr := netns.Set(orig); serr != nil {
-			errc <- errors.Join(err, fmt.Errorf("leaving netns: %w", serr))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	return <-errc
 }
 
 // vmDir finds a VM's directory on disk by its id.

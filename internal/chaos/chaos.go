@@ -28,7 +28,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/network"
 	"github.com/noid-vm/noid/internal/storage"
 )
 
@@ -57,6 +60,10 @@ type Options struct {
 	// xfs.
 	DiskSize int64
 	DiskFS   string
+	// Network runs the server with networking on, in a network namespace
+	// of the run's own: VMs get TAPs and addresses, and the checks count
+	// TAPs and look for shared addresses.
+	Network bool
 	// Clients is the number of concurrent clients (default 2).
 	Clients int
 	// MaxGap is the longest random wait between faults (default 6s); the
@@ -195,8 +202,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	r := &runner{o: o, rng: mrand.New(mrand.NewSource(o.Seed)), led: &ledger{vms: map[string]*vmRec{}}, start: time.Now(), seen: map[string]bool{}}
 	r.resume = sync.NewCond(&r.heldMu)
 	res := &Result{Seed: o.Seed, Ops: map[string]int{}, Failed: map[string]int{}}
-	fmt.Fprintf(o.Out, "noid-chaos: seed %d (replay with --seed %d): %d server kills, %d VMM kills, %d full-disk and %d hostile-guest phases, %d clients\n",
-		o.Seed, o.Seed, o.ServerKills, o.VMMKills, o.DiskFulls, o.Hostiles, o.Clients)
+	fmt.Fprintf(o.Out, "noid-chaos: seed %d (replay with --seed %d): %d server kills, %d VMM kills, %d full-disk and %d hostile-guest phases, %d clients, networking %v\n",
+		o.Seed, o.Seed, o.ServerKills, o.VMMKills, o.DiskFulls, o.Hostiles, o.Clients, o.Network)
 
 	dir, err := os.MkdirTemp(o.TempDir, "noid-chaos-")
 	if err != nil {
@@ -218,8 +225,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("chaos run: %w", err)
 	}
-	srv, err := newServer(dir, filepath.Join(r.disk.mnt, "data"), o.ServerBin, o.Image, tag, uidBase)
+	ns := netns.None()
+	if o.Network {
+		if ns, err = network.NewNamespace(); err != nil {
+			r.disk.teardown()
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("chaos run: %w", err)
+		}
+	}
+	srv, err := newServer(dir, filepath.Join(r.disk.mnt, "data"), o.ServerBin, o.Image, tag, uidBase, ns)
 	if err != nil {
+		if ns.IsOpen() {
+			ns.Close()
+		}
 		r.disk.teardown()
 		os.RemoveAll(dir)
 		return nil, err
@@ -241,7 +259,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := srv.start(ctx); err != nil {
 		return nil, err
 	}
-	r.logf("noid-server %d on %s (%s, %d MiB, loop-mounted)", srv.pid(), srv.dataDir, o.DiskFS, o.DiskSize>>20)
+	r.logf("noid-server %d on %s (%s, %d MiB, loop-mounted), networking %v", srv.pid(), srv.dataDir, o.DiskFS, o.DiskSize>>20, o.Network)
 
 	wctx, stopWorkers := context.WithCancel(ctx)
 	var wg sync.WaitGroup

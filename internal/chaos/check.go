@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/noid-vm/noid/client"
 	"github.com/noid-vm/noid/internal/sandbox"
 )
@@ -152,8 +154,64 @@ func (r *runner) inspect(ctx context.Context) []string {
 	bad = append(bad, r.checkLeases(runtimeIDs)...)
 	bad = append(bad, r.checkCgroups(runtimeIDs)...)
 	bad = append(bad, r.checkLoops()...)
+	bad = append(bad, r.checkNetwork(vms)...)
 	bad = append(bad, r.syncLedger(byName, cpsOf)...)
 	return bad
+}
+
+// checkNetwork (networking on) finds TAP devices in the run's namespace
+// that no listed VM has, running VMs without a TAP or address, and
+// addresses, MACs or TAPs two VMs share.
+func (r *runner) checkNetwork(vms []*client.VM) []string {
+	if !r.srv.ns.IsOpen() {
+		return nil
+	}
+	var bad []string
+	owner := map[string]string{}
+	for _, v := range vms {
+		if v.State == "running" && (v.Tap == "" || v.IP == "") {
+			bad = append(bad, fmt.Sprintf("VM %s runs without a TAP or address (tap %q, ip %q)", v.Name, v.Tap, v.IP))
+		}
+		for _, id := range []string{"tap " + v.Tap, "ip " + v.IP, "mac " + v.MAC} {
+			if strings.HasSuffix(id, " ") {
+				continue
+			}
+			if o, ok := owner[id]; ok {
+				bad = append(bad, fmt.Sprintf("VMs %s and %s share %s", o, v.Name, id))
+			}
+			owner[id] = v.Name
+		}
+	}
+	taps, err := r.taps()
+	if err != nil {
+		return append(bad, err.Error())
+	}
+	for _, t := range taps {
+		if _, ok := owner["tap "+t]; !ok {
+			bad = append(bad, "TAP "+t+" is left in the run's namespace with no VM")
+		}
+	}
+	return bad
+}
+
+// taps lists the TAP devices in the run's network namespace.
+func (r *runner) taps() ([]string, error) {
+	h, err := netlink.NewHandleAt(r.srv.ns)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in the run's namespace: %w", err)
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links in the run's namespace: %w", err)
+	}
+	var out []string
+	for _, l := range links {
+		if l.Type() == "tuntap" {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out, nil
 }
 
 // checkFiles finds checkpoint and VM directories the server does not list
@@ -503,6 +561,15 @@ func (r *runner) finalCheck(ctx context.Context) {
 		bad = append(bad, r.checkFiles(nil, nil)...)
 		bad = append(bad, r.checkLeases(nil)...)
 		bad = append(bad, r.checkCgroups(nil)...)
+		if r.srv.ns.IsOpen() {
+			taps, err := r.taps()
+			if err != nil {
+				bad = append(bad, err.Error())
+			}
+			for _, t := range taps {
+				bad = append(bad, "TAP "+t+" is left after every VM was destroyed")
+			}
+		}
 		if len(bad) == 0 || time.Now().After(deadline) {
 			break
 		}
@@ -557,6 +624,9 @@ func (r *runner) cleanup(dir string) {
 	}
 	if err := r.disk.teardown(); err != nil {
 		fmt.Fprintf(r.o.Out, "%v\n", err)
+	}
+	if r.srv.ns.IsOpen() {
+		r.srv.ns.Close() // the namespace goes with its last process
 	}
 	if r.o.Keep {
 		fmt.Fprintf(r.o.Out, "kept %s (--keep; the data dir is in the image disk.img)\n", dir)

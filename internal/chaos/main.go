@@ -32,6 +32,7 @@ func Main(args []string) int {
 	var diskMiB int64
 	fset.Int64Var(&diskMiB, "disk-mib", 3072, "size of the run's own loop-mounted filesystem holding the data dir, in MiB")
 	fset.StringVar(&o.DiskFS, "disk-fs", "ext4", "filesystem of the data disk: ext4 or xfs")
+	fset.BoolVar(&o.Network, "network", false, "networking on: the server runs in a network namespace of the run's own, VMs get TAPs")
 	fset.IntVar(&o.Clients, "clients", 2, "concurrent clients")
 	fset.DurationVar(&o.MaxGap, "max-gap", 0, "longest random wait between faults (default 6s)")
 	fset.IntVar(&o.SampleEvery, "sample-every", 1, "restore a sample of checkpoints after every Nth fault (and at the end)")

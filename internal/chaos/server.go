@@ -16,7 +16,10 @@ import (
 	"time"
 
 	"github.com/noid-vm/noid/client"
+	"github.com/vishvananda/netns"
+
 	"github.com/noid-vm/noid/internal/image"
+	"github.com/noid-vm/noid/internal/network"
 )
 
 // server is the one noid-server process a chaos run drives. It is killed
@@ -30,6 +33,10 @@ type server struct {
 	cgroup  string // [sandbox] cgroup_parent, private to this run
 	client  *client.Client
 
+	// ns is the network namespace the server (and so its VMMs) runs in
+	// when networking is on; not open otherwise.
+	ns netns.NsHandle
+
 	cmd     *exec.Cmd
 	exited  chan struct{}
 	logMu   sync.Mutex
@@ -39,18 +46,24 @@ type server struct {
 
 // newServer writes the config of a chaos server in dir, with its data dir
 // at dataDir (on the run's own small filesystem): the tiny image
-// under TCG, no networking, no warm spares (every VMM of the data dir is
+// under TCG, networking only when ns (the run's own network namespace, which
+// the server then runs in) is open, no warm spares (every VMM of the data dir is
 // then a listed VM's), no quotas, a cgroup parent and a uid range of its
 // own so that leaks can be counted without seeing other servers'.
-func newServer(dir, dataDir, bin string, img *image.Image, tag string, uidBase int64) (*server, error) {
+func newServer(dir, dataDir, bin string, img *image.Image, tag string, uidBase int64, ns netns.NsHandle) (*server, error) {
 	s := &server{bin: bin, dir: dir, dataDir: dataDir, socket: filepath.Join(dir, "noid.sock"),
-		config: filepath.Join(dir, "config.toml"), cgroup: "noid-chaos-" + tag}
+		config: filepath.Join(dir, "config.toml"), cgroup: "noid-chaos-" + tag, ns: ns}
 	cfg := fmt.Sprintf("data_dir = %q\nsocket = %q\nkernel = %q\ninitrd = %q\nrootfs = %q\naccel = \"tcg\"\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
 		s.dataDir, s.socket, img.Kernel, img.Initrd, img.Rootfs)
 	cfg += "[quota]\nmax_vms = 0\nmax_vcpus = 0\nmax_memory_mib = 0\nmax_checkpoint_bytes = 0\nmax_disk_size = \"0\"\n"
 	cfg += "[pool]\nspares = 0\n"
 	cfg += fmt.Sprintf("[sandbox]\ncgroup_parent = %q\nuid_base = %d\nuid_count = 4096\n", s.cgroup, uidBase)
-	cfg += "[network]\nenabled = false\n"
+	if ns.IsOpen() {
+		// The namespace is the run's own: the default bridge and pool.
+		cfg += "[network]\nenabled = true\n"
+	} else {
+		cfg += "[network]\nenabled = false\n"
+	}
 	// The full-disk phase runs the data dir's filesystem out of space:
 	// with the default reserve, every checkpoint would be refused up front
 	// and the paths that meet ENOSPC half-way would go untested.
@@ -75,7 +88,7 @@ func (s *server) start(ctx context.Context) error {
 	// Its own process group, so a signal meant for the chaos driver (^C)
 	// does not reach it; VMMs are in groups of their own anyway.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := network.InNamespace(s.ns, cmd.Start); err != nil {
 		return fmt.Errorf("starting noid-server %s: %w", s.bin, err)
 	}
 	s.cmd = cmd

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -34,35 +33,12 @@ func requireRoot(t testing.TB) {
 // reference) when the test ends.
 func newNS(t testing.TB) netns.NsHandle {
 	t.Helper()
-	type res struct {
-		ns  netns.NsHandle
-		err error
+	ns, err := NewNamespace()
+	if err != nil {
+		t.Fatal(err)
 	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- res{err: err}
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.New() // unshare: this thread is now in ns
-		if serr := netns.Set(orig); serr != nil {
-			// Thread stays locked and dies with this goroutine.
-			ch <- res{err: fmt.Errorf("restore netns: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- res{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatalf("new netns: %v", r.err)
-	}
-	t.Cleanup(func() { r.ns.Close() })
-	h := nsHandle(t, r.ns)
+	t.Cleanup(func() { ns.Close() })
+	h := nsHandle(t, ns)
 	lo, err := h.LinkByName("lo")
 	if err != nil {
 		t.Fatal(err)
@@ -70,7 +46,7 @@ func newNS(t testing.TB) netns.NsHandle {
 	if err := h.LinkSetUp(lo); err != nil {
 		t.Fatal(err)
 	}
-	return r.ns
+	return ns
 }
 
 func nsHandle(t testing.TB, ns netns.NsHandle) *netlink.Handle {

@@ -87,3 +87,45 @@ func nsDialer(ns netns.NsHandle) func(ctx context.Context, network, addr string)
 		return c, err
 	}
 }
+
+// InNamespace runs fn on an OS thread switched into ns (directly when ns
+// is not open), as inNS: for a child process to start in ns (a child
+// inherits the namespace of the thread that forks it), pass its Start.
+func InNamespace(ns netns.NsHandle, fn func() error) error { return inNS(ns, fn) }
+
+// NewNamespace creates a new, empty network namespace and returns a handle
+// to it; the namespace lives until the handle is closed and no process is
+// left in it. The calling goroutine's thread stays where it was.
+func NewNamespace() (netns.NsHandle, error) {
+	var h netns.NsHandle
+	err := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, gerr := netns.Get()
+		if gerr != nil {
+			runtime.UnlockOSThread()
+			err <- fmt.Errorf("get current netns: %w", gerr)
+			return
+		}
+		defer orig.Close()
+		var nerr error
+		h, nerr = netns.New() // unshare(CLONE_NEWNET) on this thread
+		if serr := netns.Set(orig); serr != nil {
+			// Stay locked: the thread dies with this goroutine.
+			err <- fmt.Errorf("leave the new netns: %w", serr)
+			return
+		}
+		runtime.UnlockOSThread()
+		if nerr != nil {
+			nerr = fmt.Errorf("new netns: %w", nerr)
+		}
+		err <- nerr
+	}()
+	if e := <-err; e != nil {
+		if h.IsOpen() {
+			h.Close()
+		}
+		return netns.None(), e
+	}
+	return h, nil
+}
