@@ -18,7 +18,9 @@ import (
 // TestChaosBounded is the bounded form of the chaos soak (issue 16): two
 // clients create, exec, checkpoint, rewind, clone, copy files (noid cp),
 // promote golden snapshots and destroy VMs on a real noid-server whose data
-// dir is on a small loop-mounted filesystem of the run's own, while it is
+// dir is on a small loop-mounted filesystem of the run's own, with
+// networking on in a network namespace of the run's own (TAPs are counted
+// and no two VMs may share an address), while it is
 // killed with SIGKILL 30 times (and restarted on the same data dir), random
 // VMMs 4 times, the filesystem runs full once (checkpoints and clones must
 // fail saying so, the VMs must run again once space is freed) and a
@@ -54,6 +56,7 @@ func TestChaosBounded(t *testing.T) {
 		Hostiles:       1,
 		HostileSeconds: 8,
 		GuestTool:      tool,
+		Network:        true,
 		Clients:        2,
 		MaxGap:         3 * time.Second,
 		SampleEvery:    5,
