@@ -297,8 +297,10 @@ func newFDs(pid int, before, after map[string]string) []string {
 }
 
 // unixPeers names, for each unix socket in pid's network namespace that
-// has a connected peer, who holds that peer: "qemu-system-x86[1234]",
-// "noid-server[99]", or "(nobody)" when no process holds it any more. It
+// has or had a connected peer, who holds that peer: "qemu-system-x86[1234]",
+// "noid-server[99]", "(nobody)" when no process holds it any more, or
+// "(closed: …)" when the other end was closed (a connection the holder
+// should have closed too). It
 // reads sock_diag in that namespace and the fds of every process.
 func unixPeers(pid int) map[string]string {
 	ns, err := netns.GetFromPid(pid)
@@ -335,11 +337,14 @@ func unixPeers(pid int) map[string]string {
 	}
 	peers := map[string]string{}
 	for _, s := range socks {
-		if s.DiagMsg == nil || s.Peer == nil || *s.Peer == 0 {
+		if s.DiagMsg == nil || s.Peer == nil {
 			continue
 		}
 		who, ok := holders[strconv.FormatUint(uint64(*s.Peer), 10)]
-		if !ok {
+		switch {
+		case *s.Peer == 0:
+			who = "(closed: the other end is gone)"
+		case !ok:
 			who = "(nobody)"
 		}
 		peers[strconv.FormatUint(uint64(s.DiagMsg.INode), 10)] = who

@@ -347,11 +347,14 @@ func (i *Instance) waitIncoming(ctx context.Context) error {
 	}
 }
 
-// Kill stops QEMU with SIGKILL and waits until it is gone.
+// Kill stops QEMU with SIGKILL and waits until it is gone. It closes the
+// instance's connections too: QMP, and the agent connection made at spawn
+// if nothing took it (a spare discarded unused).
 func (i *Instance) Kill(ctx context.Context) error {
 	if i.qmp != nil {
 		i.qmp.Close()
 	}
+	i.closePreconn()
 	if err := i.alive(); err != nil {
 		i.cleanupSandbox()
 		return nil
@@ -382,13 +385,19 @@ func (i *Instance) Close() error {
 	if i.qmp != nil {
 		i.qmp.Close()
 	}
+	i.closePreconn()
+	return nil
+}
+
+// closePreconn closes the agent connection made at spawn, unless DialAgent
+// handed it out.
+func (i *Instance) closePreconn() {
 	i.preMu.Lock()
+	defer i.preMu.Unlock()
 	if i.preconn != nil {
 		i.preconn.Close()
 		i.preconn = nil
 	}
-	i.preMu.Unlock()
-	return nil
 }
 
 func killPid(pid int) {
