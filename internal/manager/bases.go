@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -39,8 +40,28 @@ func (m *Manager) basesDir() string { return filepath.Join(m.cfg.StorageDir(), "
 // baseMu serialises pinning.
 var baseMu sync.Mutex
 
-// pinBase returns the pinned copy of the rootfs at path.
+// pinBase returns the pinned copy of the rootfs at path. A file that
+// changes while it is copied is copied again, up to three times: its ctime
+// also moves when something merely links it (test processes pin a shared
+// image so), and a file still changing after that is refused.
 func (m *Manager) pinBase(ctx context.Context, path string) (string, error) {
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		var pinned string
+		if pinned, err = m.pinBaseOnce(ctx, path); !errors.Is(err, errChangedWhileCopied) {
+			return pinned, err
+		}
+		m.log.Info("the base image changed while it was copied; copying it again", "image", path)
+	}
+	return "", fmt.Errorf("pinning base image %s: %w: %w", path, errdefs.ErrConflict, err)
+}
+
+// errChangedWhileCopied is pinBaseOnce's error for a file whose stat moved
+// during the copy.
+var errChangedWhileCopied = errors.New("it changed while it was copied")
+
+// pinBaseOnce is one attempt of pinBase.
+func (m *Manager) pinBaseOnce(ctx context.Context, path string) (string, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		return "", fmt.Errorf("base image %s: %w", path, err)
@@ -67,7 +88,7 @@ func (m *Manager) pinBase(ctx context.Context, path string) (string, error) {
 	var after unix.Stat_t
 	if err := unix.Stat(path, &after); err != nil || after.Ctim != st.Ctim || after.Ino != st.Ino {
 		os.Remove(tmp)
-		return "", fmt.Errorf("pinning base image %s: %w: it changed while it was copied", path, errdefs.ErrConflict)
+		return "", errChangedWhileCopied
 	}
 	if err := os.Rename(tmp, pinned); err != nil {
 		os.Remove(tmp)

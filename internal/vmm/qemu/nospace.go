@@ -99,8 +99,16 @@ func (i *Instance) waitSpaceAndResume() {
 		err = i.qmp.Execute(ctx, "cont", nil, nil)
 		i.mu.Unlock()
 		cancel()
-		if err == nil && i.b != nil && i.b.opts.Logger != nil {
+		if err != nil {
+			continue
+		}
+		if i.b != nil && i.b.opts.Logger != nil {
 			i.b.opts.Logger.Info("vm resumed: its disk had been stopped by a full filesystem, which has space again", "vm", i.spec.Name)
 		}
+		// Resumed: no longer waiting (the deferred store says so at once,
+		// not a poll later). Should the retried write fail again, QEMU
+		// stops the guest with another BLOCK_IO_ERROR, which wakes
+		// watchSpace anew.
+		return
 	}
 }
