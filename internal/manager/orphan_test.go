@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/noid-vm/noid/internal/procfs"
+	"github.com/noid-vm/noid/internal/store"
 )
 
 // TestOrphanVMMKilledAtStart: a VMM of this data dir that no VM row owns
@@ -17,19 +18,30 @@ func TestOrphanVMMKilledAtStart(t *testing.T) {
 	ctx := tctx(t)
 	keep := e.create("keep")
 	orphan := e.create("orphan")
+	dead := e.create("dead")
 	// The row goes, the process stays: what a crash before the insert
 	// leaves.
 	if err := e.mgr.Store().DeleteVM(ctx, orphan.ID); err != nil {
 		t.Fatal(err)
 	}
+	// The row says dead, the process runs: what recovery leaves when it
+	// could not adopt a VMM (the long chaos run found one such).
+	if err := e.mgr.Store().SetVMState(ctx, dead.ID, store.StateDead, "test: marked dead", dead.PID); err != nil {
+		t.Fatal(err)
+	}
 	e.close()
 	e.open()
-	deadline := time.Now().Add(30 * time.Second)
-	for syscall.Kill(orphan.PID, 0) == nil && !procfs.Exited(orphan.PID) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the orphaned VMM (pid %d) still runs after the restart\n%s", orphan.PID, lastLines(e.logs.String(), 20))
+	for _, v := range []struct {
+		what string
+		pid  int
+	}{{"the orphaned VMM", orphan.PID}, {"the VMM of a dead VM", dead.PID}} {
+		deadline := time.Now().Add(30 * time.Second)
+		for syscall.Kill(v.pid, 0) == nil && !procfs.Exited(v.pid) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s (pid %d) still runs after the restart\n%s", v.what, v.pid, lastLines(e.logs.String(), 20))
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 	if got := e.mustExec("keep", "echo", "alive"); got != "alive\n" {
 		t.Errorf("the VM the store knows: %q", got)

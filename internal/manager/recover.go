@@ -188,6 +188,12 @@ func (m *Manager) sweepOrphanVMMs(ctx context.Context) {
 	}
 	owned := map[string]bool{}
 	for _, v := range vms {
+		// Only a VM that recovery left running owns a VMM. One it marked
+		// dead (its VMM could not be adopted, say after a server killed in
+		// a rewind) owns none: a VMM still carrying its id is a leftover.
+		if v.State != store.StateRunning && v.State != store.StateRestoring {
+			continue
+		}
 		owned[v.Runtime()] = true
 		owned[v.ID] = true
 	}
