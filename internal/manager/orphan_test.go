@@ -1,11 +1,16 @@
 package manager
 
 import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/noid-vm/noid/internal/procfs"
+	"github.com/noid-vm/noid/internal/sandbox"
 	"github.com/noid-vm/noid/internal/store"
 )
 
@@ -30,11 +35,16 @@ func TestOrphanVMMKilledAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.close()
+	// A VMM the server was still starting when it died: in its cgroup and
+	// holding its uid lease, but its command line still the server's
+	// (between fork and exec). A process that names nothing of the data
+	// dir stands in for it.
+	starting := startInSandbox(t, e, "starting1")
 	e.open()
 	for _, v := range []struct {
 		what string
 		pid  int
-	}{{"the orphaned VMM", orphan.PID}, {"the VMM of a dead VM", dead.PID}} {
+	}{{"the orphaned VMM", orphan.PID}, {"the VMM of a dead VM", dead.PID}, {"the VMM being started", starting}} {
 		deadline := time.Now().Add(30 * time.Second)
 		for syscall.Kill(v.pid, 0) == nil && !procfs.Exited(v.pid) {
 			if time.Now().After(deadline) {
@@ -43,12 +53,78 @@ func TestOrphanVMMKilledAtStart(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+	if _, ok := e.mgr.uids.Lookup("starting1"); ok {
+		t.Errorf("the uid lease of the VMM being started is still held")
+	}
+	if cg := cgroupDir(t, e, "starting1"); cg != "" {
+		t.Errorf("the cgroup of the VMM being started is still there: %s", cg)
+	}
 	if got := e.mustExec("keep", "echo", "alive"); got != "alive\n" {
 		t.Errorf("the VM the store knows: %q", got)
 	}
 	if v, err := e.mgr.GetVM(ctx, e.user, "keep"); err != nil || v.PID != keep.PID {
 		t.Errorf("keep after the restart: %+v %v (pid was %d)", v, err, keep.PID)
 	}
+}
+
+// startInSandbox starts a sleep in a new cgroup named id, holding a uid
+// lease for id in e's data dir, as the server does for a VMM, and returns
+// its pid. The process is killed at the end of the test if still there.
+func startInSandbox(t *testing.T, e *env, id string) int {
+	t.Helper()
+	sb := e.cfg.Sandbox
+	pool, err := sandbox.OpenUIDPool(filepath.Join(e.cfg.DataDir, "sandbox", "uids"), uint32(sb.UIDBase), uint32(sb.UIDCount))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Acquire(id, e.dir); err != nil {
+		t.Fatal(err)
+	}
+	l, err := sandbox.Detect(sandbox.DetectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgs, err := sandbox.NewManager(l, sb.CgroupParent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg, err := cgs.Create(id, sandbox.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "600")
+	if err := cg.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cg.Remove(context.Background())
+	})
+	go cmd.Wait() // reaps it once killed, so that it does not stay a zombie in the cgroup
+	return cmd.Process.Pid
+}
+
+// cgroupDir returns a directory of the cgroup id under e's cgroup parent
+// that still exists, or "".
+func cgroupDir(t *testing.T, e *env, id string) string {
+	l, err := sandbox.Detect(sandbox.DetectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgs, err := sandbox.NewManager(l, e.cfg.Sandbox.CgroupParent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg, err := cgs.Open(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range cg.Dirs() {
+		if _, err := os.Stat(d); err == nil {
+			return d
+		}
+	}
+	return ""
 }
 
 func TestVMMProcessID(t *testing.T) {

@@ -220,6 +220,26 @@ func (m *Manager) sweepOrphanVMMs(ctx context.Context) {
 		if m.net != nil {
 			m.net.RemoveVM(ctx, id)
 		}
+		owned[id] = true // freed
+	}
+	// A VMM the last server was still starting has no QEMU command line
+	// yet: between fork and exec (which includes creating its network
+	// namespace) it shows the server's. It is already in its cgroup,
+	// though, and holds its uid lease, both named by its runtime id, and
+	// the leases are this data dir's own. Removing the cgroup of a lease
+	// no VM owns kills what is in it, at whatever stage it is.
+	if m.uids == nil {
+		return
+	}
+	for _, l := range m.uids.Leases() {
+		if owned[l.ID] {
+			continue
+		}
+		m.log.Warn("freeing the sandbox of a vmm no vm owns (left by a server that stopped while starting it)", "runtime_id", l.ID, "uid", l.UID)
+		m.releaseSandbox(ctx, l.ID)
+		if m.net != nil {
+			m.net.RemoveVM(ctx, l.ID)
+		}
 	}
 }
 
