@@ -2,6 +2,7 @@ package guest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -222,21 +223,51 @@ func (a *Agent) applyIdentity(id proto.Identity, res *proto.SyncResult, fail fun
 // link (LinuxSystem does, with gratuitous ARP).
 type Announcer interface {
 	// AnnounceIPv4 tells the link's neighbours that ip is now at ifname's
-	// MAC address.
+	// MAC address. It returns ErrLinkNotUp, having sent nothing, while the
+	// link has no carrier yet.
 	AnnounceIPv4(ifname, ip string) error
 }
+
+// ErrLinkNotUp is returned by Announcer.AnnounceIPv4 while the link has no
+// carrier.
+var ErrLinkNotUp = errors.New("the link has no carrier yet")
+
+// Announce retries of a link that is not up yet: every announceRetry, for
+// up to announceWait.
+const (
+	announceRetry = 20 * time.Millisecond
+	announceWait  = 2 * time.Second
+)
 
 // announce tells the host and the peer VMs that ip has moved to this
 // guest's MAC. A clone or a new VM often gets the address of a VM that was
 // just destroyed, and without it they would keep sending to that VM's MAC
 // until their ARP entries go stale (seconds). Failing is not an error of
-// the sync: the neighbours then learn the new MAC the slow way.
+// the sync: the neighbours then learn the new MAC the slow way. A link
+// without its carrier yet gets the announcement from the background once
+// it has one, and the sync does not wait for it. The host's own neighbour
+// entry does not depend on it: the server forgets the address's old entry
+// when it hands the address out.
 func (a *Agent) announce(ip string) {
 	an, ok := a.sys.(Announcer)
 	if !ok {
 		return
 	}
-	if err := an.AnnounceIPv4(netIf, ip); err != nil {
+	err := an.AnnounceIPv4(netIf, ip)
+	if errors.Is(err, ErrLinkNotUp) {
+		go func() {
+			deadline := time.Now().Add(announceWait)
+			for errors.Is(err, ErrLinkNotUp) && time.Now().Before(deadline) {
+				time.Sleep(announceRetry)
+				err = an.AnnounceIPv4(netIf, ip)
+			}
+			if err != nil {
+				a.log.Warn("announcing the new address", "ip", ip, "err", err)
+			}
+		}()
+		return
+	}
+	if err != nil {
 		a.log.Warn("announcing the new address", "ip", ip, "err", err)
 	}
 }

@@ -239,21 +239,19 @@ func (s LinuxSystem) SetGateway(ifname, gw string) error {
 
 // AnnounceIPv4 broadcasts gratuitous ARP for ip from ifname (a request and
 // a reply, as arping -U and -A do), so that neighbours holding an entry
-// for ip update it to ifname's MAC at once.
+// for ip update it to ifname's MAC at once. While the link is down or has
+// no carrier, an ARP would be dropped: it sends nothing and returns
+// ErrLinkNotUp. The carrier is what counts (IFF_LOWER_UP), not the
+// operational state: the kernel sets that from a work queue up to a second
+// after a link comes up, and sends meanwhile.
 func (s LinuxSystem) AnnounceIPv4(ifname, ip string) error {
-	// A link just set up may not have its carrier yet, and an ARP sent
-	// before it is dropped: wait for it, briefly.
-	var attrs *netlink.LinkAttrs
-	for deadline := time.Now().Add(time.Second); ; {
-		l, err := s.nl().LinkByName(ifname)
-		if err != nil {
-			return fmt.Errorf("finding link %s: %w", ifname, err)
-		}
-		attrs = l.Attrs()
-		if attrs.OperState == netlink.OperUp || attrs.OperState == netlink.OperUnknown || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
+	l, err := s.nl().LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("finding link %s: %w", ifname, err)
+	}
+	attrs := l.Attrs()
+	if attrs.RawFlags&unix.IFF_UP == 0 || attrs.RawFlags&unix.IFF_LOWER_UP == 0 {
+		return fmt.Errorf("%w: %s is %s, flags %#x", ErrLinkNotUp, ifname, attrs.OperState, attrs.RawFlags)
 	}
 	ip4 := net.ParseIP(ip).To4()
 	if ip4 == nil || len(attrs.HardwareAddr) != 6 {
