@@ -447,6 +447,9 @@ func (c *Client) connErr(err error) error {
 func (c *Client) wait(ctx context.Context, cl *call) (proto.Exit, error) {
 	select {
 	case e := <-cl.exit:
+		// The read loop aborts the stream right after handing over the
+		// EXIT: once wait returns, controls (Signal) fail with ErrExited.
+		<-cl.st.Done()
 		return e, nil
 	case <-cl.st.Done():
 	case <-ctx.Done():
