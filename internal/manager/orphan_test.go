@@ -80,15 +80,7 @@ func startInSandbox(t *testing.T, e *env, id string) int {
 	if _, err := pool.Acquire(id, e.dir); err != nil {
 		t.Fatal(err)
 	}
-	l, err := sandbox.Detect(sandbox.DetectOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cgs, err := sandbox.NewManager(l, sb.CgroupParent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cg, err := cgs.Create(id, sandbox.Limits{})
+	cg, err := testCgroups(t, e).Create(id, sandbox.Limits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,15 +99,7 @@ func startInSandbox(t *testing.T, e *env, id string) int {
 // cgroupDir returns a directory of the cgroup id under e's cgroup parent
 // that still exists, or "".
 func cgroupDir(t *testing.T, e *env, id string) string {
-	l, err := sandbox.Detect(sandbox.DetectOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cgs, err := sandbox.NewManager(l, e.cfg.Sandbox.CgroupParent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cg, err := cgs.Open(id)
+	cg, err := testCgroups(t, e).Open(id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,6 +109,21 @@ func cgroupDir(t *testing.T, e *env, id string) string {
 		}
 	}
 	return ""
+}
+
+// testCgroups returns a cgroup manager for e's cgroup parent, as the
+// server makes one.
+func testCgroups(t *testing.T, e *env) *sandbox.Manager {
+	t.Helper()
+	l, err := sandbox.Detect(sandbox.DetectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgs, err := sandbox.NewManager(l, e.cfg.Sandbox.CgroupParent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cgs
 }
 
 func TestVMMProcessID(t *testing.T) {

@@ -216,10 +216,7 @@ func (m *Manager) sweepOrphanVMMs(ctx context.Context) {
 		m.log.Warn("killing a vmm no vm owns (left by a server that stopped before recording it)", "runtime_id", id, "pid", pid)
 		syscall.Kill(pid, syscall.SIGKILL)
 		waitExit(pid, 5*time.Second)
-		m.releaseSandbox(ctx, id)
-		if m.net != nil {
-			m.net.RemoveVM(ctx, id)
-		}
+		m.freeRuntime(ctx, id)
 		owned[id] = true // freed
 	}
 	// A VMM the last server was still starting has no QEMU command line
@@ -236,10 +233,16 @@ func (m *Manager) sweepOrphanVMMs(ctx context.Context) {
 			continue
 		}
 		m.log.Warn("freeing the sandbox of a vmm no vm owns (left by a server that stopped while starting it)", "runtime_id", l.ID, "uid", l.UID)
-		m.releaseSandbox(ctx, l.ID)
-		if m.net != nil {
-			m.net.RemoveVM(ctx, l.ID)
-		}
+		m.freeRuntime(ctx, l.ID)
+	}
+}
+
+// freeRuntime frees what an orphaned VMM runtime held: its sandbox (the
+// cgroup, killing what is left in it, and the uid lease) and its network.
+func (m *Manager) freeRuntime(ctx context.Context, id string) {
+	m.releaseSandbox(ctx, id)
+	if m.net != nil {
+		m.net.RemoveVM(ctx, id)
 	}
 }
 
